@@ -1,0 +1,53 @@
+"""LoGo: per-request LoRA adapter selection and merging (arXiv 2511.07129) on transformers.
+
+>>> from logo_engine import LoGoEngine
+>>> engine = LoGoEngine.from_pretrained()          # the embedded default model and adapter zoo
+>>> engine.route("Convert 3 km to metres").adapters
+"""
+
+from logo_engine.base import AsyncTextStream, TextStream
+from logo_engine.errors import (
+    AdapterIncompatibleError,
+    AdapterLoadError,
+    AdapterNotFoundError,
+    ContextLengthError,
+    GenerationError,
+    InvalidRequestError,
+    LoGoError,
+    ModelLoadError,
+    RoutingConfigError,
+    UnsafeAdapterError,
+)
+from logo_engine.types import Generation, RoutingConfig, Selection, ToolCall, Usage
+
+__all__ = [
+    "AdapterIncompatibleError",
+    "AdapterLoadError",
+    "AdapterNotFoundError",
+    "AsyncTextStream",
+    "ContextLengthError",
+    "Generation",
+    "GenerationError",
+    "InvalidRequestError",
+    "LoGoEngine",
+    "LoGoError",
+    "ModelLoadError",
+    "RoutingConfig",
+    "RoutingConfigError",
+    "Selection",
+    "TextStream",
+    "ToolCall",
+    "UnsafeAdapterError",
+    "Usage",
+]
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # LoGoEngine pulls in transformers model code; import it on first use.
+    if name == "LoGoEngine":
+        from logo_engine.engine import LoGoEngine
+
+        return LoGoEngine
+    raise AttributeError(f"module 'logo_engine' has no attribute {name!r}")

@@ -1,0 +1,562 @@
+"""The public call surface shared by every engine: validation, runs, streams, async.
+
+:class:`BaseEngine` implements ``route``, ``generate``, ``generate_batch``, ``stream`` and their
+async forms once, on top of three primitives a concrete engine provides:
+
+- ``_prepare``: render and tokenize one prompt into a :class:`Request`;
+- ``_route``: probe a batch of requests and return one :class:`Selection` per row;
+- ``_decode``: generate for a batch with fixed selections, pushing text into one :class:`RowState`
+  per row and yielding once per decoding step.
+
+All per-call state lives in a :class:`_Run` object owned by the caller, never on the engine, so
+calls from several threads or tasks do not see each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from logo_engine.chat import Prompt, ToolChoice, parse_tool_calls
+from logo_engine.errors import ContextLengthError, InvalidRequestError
+from logo_engine.routing import check_top_k, pinned_selection
+from logo_engine.types import FinishReason, Generation, RoutingConfig, Selection, Usage
+
+Mixture = Mapping[str, float]
+# generate_batch(adapters=...): one mixture for every row, or one per row (None = route that row).
+BatchMixture = Union[Mixture, Sequence[Union[Mixture, None]], None]
+Tools = Sequence[Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings of one call, validated on construction."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None  # per-call generator: reproducible and independent of other calls
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidRequestError(f"max_new_tokens must be an int >= 1, got {n!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise InvalidRequestError(f"temperature must be a finite float >= 0, got {t!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InvalidRequestError(f"seed must be an int or None, got {self.seed!r}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise InvalidRequestError(f"stop must hold non-empty strings, got {self.stop!r}")
+
+    @classmethod
+    def build(
+        cls,
+        max_new_tokens: int,
+        temperature: float | None,
+        top_p: float | None,
+        seed: int | None,
+        stop: str | Sequence[str] | None,
+    ) -> SamplingParams:
+        """Normalise user arguments (a single stop string, ``None`` values)."""
+        if stop is None:
+            stops: tuple[str, ...] = ()
+        elif isinstance(stop, str):
+            stops = (stop,)
+        elif isinstance(stop, Sequence):
+            stops = tuple(stop)
+        else:
+            raise InvalidRequestError(f"stop must be a string or a list of strings, got {stop!r}")
+        return cls(
+            max_new_tokens=max_new_tokens,
+            temperature=0.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            seed=seed,
+            stop=stops,
+        )
+
+
+@dataclass
+class Request:
+    """One prompt, rendered for the model. ``input_ids`` is engine-specific (token ids)."""
+
+    text: str
+    n_prompt_tokens: int
+    response_prefix: str = ""
+    has_tools: bool = False
+    input_ids: Any = None
+
+
+@dataclass
+class RowState:
+    """The answer of one row as it is generated: stop strings, held-back text, finish reason.
+
+    Stop strings may span several tokens: after each piece the tail is searched, the text is cut
+    at the first stop, and while a row is running the longest tail that could still start a stop
+    string is held back from streams.
+    """
+
+    stop: tuple[str, ...] = ()
+    text: str = ""
+    emitted: int = 0
+    completion_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    _longest_stop: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self._longest_stop = max((len(s) for s in self.stop), default=0)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, piece: str, n_tokens: int = 1) -> None:
+        """Append newly decoded text; marks the row stopped when a stop string completes."""
+        if self.done:
+            return
+        self.completion_tokens += n_tokens
+        if not piece:
+            return
+        start = max(0, len(self.text) - self._longest_stop + 1)
+        self.text += piece
+        cuts = [i for s in self.stop if (i := self.text.find(s, start)) != -1]
+        if cuts:
+            self.text = self.text[: min(cuts)]
+            self.finish_reason = "stop"
+
+    def finish(self, reason: FinishReason) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+
+    def take_delta(self) -> str:
+        """Text that is safe to show now (nothing that a later token could turn into a stop)."""
+        end = len(self.text)
+        if not self.done:
+            end -= self._held_back()
+        delta = self.text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return delta
+
+    def _held_back(self) -> int:
+        for j in range(min(self._longest_stop - 1, len(self.text)), 0, -1):
+            tail = self.text[-j:]
+            if any(s.startswith(tail) for s in self.stop):
+                return j
+        return 0
+
+
+class _Run:
+    """One call in progress: its requests, selections and rows. Iterate it to decode."""
+
+    def __init__(
+        self,
+        engine: BaseEngine,
+        requests: list[Request],
+        mixtures: list[Mixture | None],
+        params: SamplingParams,
+        routing: RoutingConfig,
+    ) -> None:
+        self.engine = engine
+        self.requests = requests
+        self.mixtures = mixtures
+        self.params = params
+        self.routing = routing
+        self.selections: list[Selection] | None = None
+        self.rows = [RowState(stop=params.stop, text=r.response_prefix) for r in requests]
+        self._steps = self._iterate()
+
+    def _iterate(self) -> Iterator[None]:
+        self.selections = self.engine._select(self.requests, self.mixtures, self.routing)
+        yield  # the selection is known before the first token
+        yield from self.engine._decode(self.requests, self.selections, self.params, self.rows)
+        for row in self.rows:
+            row.finish("length")
+
+    def step(self) -> bool:
+        """Advance by one decoding step; False once the run is over."""
+        return next(self._steps, StopIteration) is not StopIteration
+
+    def run(self) -> list[Generation]:
+        while self.step():
+            pass
+        return self.generations()
+
+    def close(self) -> None:
+        """Stop decoding now (a consumer that stopped early); frees the run's state."""
+        self._steps.close()
+
+    def generations(self) -> list[Generation]:
+        assert self.selections is not None  # set by the first step
+        out = []
+        for request, selection, row in zip(self.requests, self.selections, self.rows, strict=True):
+            tool_calls = parse_tool_calls(row.text)[1] if request.has_tools else []
+            out.append(
+                Generation(
+                    text=row.text,
+                    selection=selection,
+                    usage=Usage(
+                        prompt_tokens=request.n_prompt_tokens,
+                        completion_tokens=row.completion_tokens,
+                    ),
+                    finish_reason=row.finish_reason or "length",
+                    tool_calls=tool_calls,
+                )
+            )
+        return out
+
+
+class TextStream(Iterator[str]):
+    """Text chunks of one generation, from ``engine.stream(...)``.
+
+    ``selection`` is known before the first chunk (reading it runs the probe if iteration has not
+    started). ``generation`` (text, usage, finish reason, tool calls) is set once the stream is
+    exhausted. Breaking out of a loop and dropping the stream, or calling :meth:`close`, ends the
+    generation at once.
+    """
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self._row = run.rows[0]
+        self._started = False
+        self._finished = False
+        self.generation: Generation | None = None
+
+    @property
+    def selection(self) -> Selection:
+        if not self._started:
+            self._started = True
+            self._run.step()
+        assert self._run.selections is not None
+        return self._run.selections[0]
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        if not self._started:
+            _ = self.selection
+        while not self._finished:
+            if not self._run.step():
+                self._finished = True
+                self.generation = self._run.generations()[0]
+            delta = self._row.take_delta()
+            if delta:
+                return delta
+        raise StopIteration
+
+    def close(self) -> None:
+        self._finished = True
+        self._run.close()
+
+    def __del__(self) -> None:
+        self._run.close()
+
+
+class AsyncTextStream(AsyncIterator[str]):
+    """Async form of :class:`TextStream`: each decoding step runs in a worker thread.
+
+    The event loop is never blocked. Cancelling the consuming task, or ``aclose()``, lets the
+    in-flight step finish (one token), then closes the run in the worker; nothing is left running.
+    """
+
+    def __init__(self, stream: TextStream) -> None:
+        self._stream = stream
+        self._pending: asyncio.Future[Any] | None = None
+
+    @property
+    def selection(self) -> Selection | None:
+        """The selection, once the first chunk has arrived (``await aselection()`` to force it)."""
+        return self._stream.selection if self._stream._started else None
+
+    async def aselection(self) -> Selection:
+        return await self._call(lambda: self._stream.selection)
+
+    @property
+    def generation(self) -> Generation | None:
+        return self._stream.generation
+
+    def __aiter__(self) -> AsyncTextStream:
+        return self
+
+    async def __anext__(self) -> str:
+        item = await self._call(lambda: next(self._stream, None))
+        if item is None:
+            raise StopAsyncIteration
+        return item
+
+    async def _call(self, fn: Any) -> Any:
+        if self._pending is not None:  # a previous step was cancelled mid-flight
+            await asyncio.wait([self._pending])
+        self._pending = asyncio.ensure_future(asyncio.to_thread(fn))
+        try:
+            result = await asyncio.shield(self._pending)
+        except asyncio.CancelledError:
+            await self.aclose()
+            raise
+        self._pending = None
+        return result
+
+    async def aclose(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await asyncio.wait([pending])  # let the running step end before closing
+            if not pending.cancelled():
+                pending.exception()  # retrieved: it belongs to a step nobody awaits any more
+        await asyncio.to_thread(self._stream.close)
+
+
+class BaseEngine(ABC):
+    """Everything an engine offers to callers; concrete engines provide the three primitives."""
+
+    routing: RoutingConfig
+
+    # ----------------------------------------------------------------- what engines provide
+    @property
+    @abstractmethod
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters in the library, in slot order."""
+
+    @property
+    @abstractmethod
+    def model_name(self) -> str:
+        """Name of the base model (for metadata and traces)."""
+
+    @property
+    @abstractmethod
+    def context_window(self) -> int:
+        """Most tokens (prompt + answer) the model accepts."""
+
+    @abstractmethod
+    def _prepare(self, prompt: Prompt, tools: Tools | None, tool_choice: ToolChoice) -> Request:
+        """Validate, render and tokenize one prompt."""
+
+    @abstractmethod
+    def _route(self, requests: list[Request], routing: RoutingConfig) -> list[Selection]:
+        """Probe and select for every request (one batched probe)."""
+
+    @abstractmethod
+    def _decode(
+        self,
+        requests: list[Request],
+        selections: list[Selection],
+        params: SamplingParams,
+        rows: list[RowState],
+    ) -> Iterator[None]:
+        """Generate for all rows with their fixed selections; yield after each step."""
+
+    # ----------------------------------------------------------------------- public API
+    def route(
+        self,
+        prompt: Prompt,
+        *,
+        routing: RoutingConfig | None = None,
+        tools: Tools | None = None,
+        tool_choice: ToolChoice = None,
+    ) -> Selection:
+        """Probe only: which adapters would answer ``prompt``, with their weights and scores."""
+        return self.route_batch([prompt], routing=routing, tools=tools, tool_choice=tool_choice)[0]
+
+    def route_batch(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        routing: RoutingConfig | None = None,
+        tools: Tools | None = None,
+        tool_choice: ToolChoice = None,
+    ) -> list[Selection]:
+        """:meth:`route` for several prompts in one batched probe."""
+        requests = [self._prepare(p, tools, tool_choice) for p in _as_prompt_list(prompts)]
+        return self._route(requests, self._routing(routing))
+
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float | None = 0.0,
+        top_p: float | None = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        adapters: Mixture | None = None,
+        routing: RoutingConfig | None = None,
+        tools: Tools | None = None,
+        tool_choice: ToolChoice = None,
+    ) -> Generation:
+        """Route ``prompt`` (or use the pinned ``adapters`` mixture; ``{}`` = base model) and generate.
+
+        The selection is fixed for the whole generation. ``temperature=0`` decodes greedily;
+        otherwise samples with ``seed`` (a per-call generator, so concurrent calls stay
+        reproducible). Generation ends at an end-of-turn token, at a ``stop`` string (cut from the
+        text) or after ``max_new_tokens``.
+        """
+        _check_mixture_arg(adapters)
+        return self._start(
+            [prompt], [adapters], max_new_tokens, temperature, top_p, seed, stop, routing, tools,
+            tool_choice,
+        ).run()[0]
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float | None = 0.0,
+        top_p: float | None = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        adapters: BatchMixture = None,
+        routing: RoutingConfig | None = None,
+        tools: Tools | None = None,
+        tool_choice: ToolChoice = None,
+    ) -> list[Generation]:
+        """:meth:`generate` for several prompts in one batch; every row has its own selection.
+
+        ``adapters`` is one pinned mixture for all rows, or a list with one entry per row (a
+        mixture, or ``None`` to route that row).
+        """
+        prompts = _as_prompt_list(prompts)
+        mixtures = _per_row_mixtures(adapters, len(prompts))
+        return self._start(
+            prompts, mixtures, max_new_tokens, temperature, top_p, seed, stop, routing, tools,
+            tool_choice,
+        ).run()
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float | None = 0.0,
+        top_p: float | None = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        adapters: Mixture | None = None,
+        routing: RoutingConfig | None = None,
+        tools: Tools | None = None,
+        tool_choice: ToolChoice = None,
+    ) -> TextStream:
+        """:meth:`generate`, as a :class:`TextStream` of text chunks (no thread involved)."""
+        _check_mixture_arg(adapters)
+        return TextStream(
+            self._start(
+                [prompt], [adapters], max_new_tokens, temperature, top_p, seed, stop, routing,
+                tools, tool_choice,
+            )
+        )
+
+    async def agenerate(self, prompt: Prompt, **kwargs: Any) -> Generation:
+        """:meth:`generate` in a worker thread; the event loop keeps running."""
+        return await asyncio.to_thread(lambda: self.generate(prompt, **kwargs))
+
+    async def agenerate_batch(self, prompts: Sequence[Prompt], **kwargs: Any) -> list[Generation]:
+        """:meth:`generate_batch` in a worker thread."""
+        return await asyncio.to_thread(lambda: self.generate_batch(prompts, **kwargs))
+
+    async def aroute(self, prompt: Prompt, **kwargs: Any) -> Selection:
+        """:meth:`route` in a worker thread."""
+        return await asyncio.to_thread(lambda: self.route(prompt, **kwargs))
+
+    def astream(self, prompt: Prompt, **kwargs: Any) -> AsyncTextStream:
+        """:meth:`stream` for ``async for``; each step runs in a worker thread.
+
+        Arguments are validated here, before the first ``await``.
+        """
+        return AsyncTextStream(self.stream(prompt, **kwargs))
+
+    def count_tokens(self, prompt: Prompt, *, tools: Tools | None = None) -> int:
+        """Number of tokens the model sees for ``prompt``."""
+        return self._prepare(prompt, tools, None).n_prompt_tokens
+
+    # --------------------------------------------------------------------- internals
+    def _routing(self, routing: RoutingConfig | None) -> RoutingConfig:
+        if routing is None:
+            return self.routing
+        if not isinstance(routing, RoutingConfig):
+            raise InvalidRequestError(f"routing must be a RoutingConfig, got {type(routing).__name__}")
+        return routing
+
+    def _start(
+        self,
+        prompts: Sequence[Prompt],
+        mixtures: list[Mixture | None],
+        max_new_tokens: int,
+        temperature: float | None,
+        top_p: float | None,
+        seed: int | None,
+        stop: str | Sequence[str] | None,
+        routing: RoutingConfig | None,
+        tools: Tools | None,
+        tool_choice: ToolChoice,
+    ) -> _Run:
+        params = SamplingParams.build(max_new_tokens, temperature, top_p, seed, stop)
+        routing = self._routing(routing)
+        requests = [self._prepare(p, tools, tool_choice) for p in prompts]
+        for i, request in enumerate(requests):
+            needed = request.n_prompt_tokens + params.max_new_tokens
+            if needed > self.context_window:
+                row = f" (row {i})" if len(requests) > 1 else ""
+                raise ContextLengthError(
+                    f"prompt{row} has {request.n_prompt_tokens} tokens; with max_new_tokens="
+                    f"{params.max_new_tokens} that is {needed} > the context window "
+                    f"({self.context_window})"
+                )
+        # Validate pinned mixtures now, so a bad call fails before any work.
+        for mixture in mixtures:
+            if mixture is not None:
+                pinned_selection(mixture, self.adapter_names)
+            else:
+                check_top_k(routing, len(self.adapter_names))
+        return _Run(self, requests, mixtures, params, routing)
+
+    def _select(
+        self, requests: list[Request], mixtures: list[Mixture | None], routing: RoutingConfig
+    ) -> list[Selection]:
+        """Pinned rows keep their mixture; the other rows share one batched probe."""
+        selections: list[Selection | None] = [
+            None if m is None else pinned_selection(m, self.adapter_names) for m in mixtures
+        ]
+        routed = [i for i, s in enumerate(selections) if s is None]
+        if routed:
+            for i, s in zip(routed, self._route([requests[i] for i in routed], routing), strict=True):
+                selections[i] = s
+        return [s for s in selections if s is not None]
+
+
+def _as_prompt_list(prompts: Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise InvalidRequestError(
+            f"prompts must be a list of prompts, got {type(prompts).__name__}"
+        )
+    if not prompts:
+        raise InvalidRequestError("prompts is empty")
+    return list(prompts)
+
+
+def _check_mixture_arg(adapters: Any) -> None:
+    if adapters is not None and not isinstance(adapters, Mapping):
+        raise InvalidRequestError(
+            f"adapters must be a mapping {{name: weight}} or None, got {type(adapters).__name__}"
+        )
+
+
+def _per_row_mixtures(adapters: BatchMixture, n_rows: int) -> list[Mixture | None]:
+    if adapters is None or isinstance(adapters, Mapping):
+        return [adapters] * n_rows
+    if isinstance(adapters, (str, bytes)) or not isinstance(adapters, Sequence):
+        raise InvalidRequestError(
+            f"adapters must be a mapping, a list of mappings (one per row) or None, got {adapters!r}"
+        )
+    if len(adapters) != n_rows:
+        raise InvalidRequestError(f"adapters has {len(adapters)} entries for {n_rows} prompts")
+    for a in adapters:
+        _check_mixture_arg(a)
+    return list(adapters)

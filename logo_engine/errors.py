@@ -1,0 +1,51 @@
+"""Errors raised by LoGo.
+
+Every error is a :class:`LoGoError`; each subclass also inherits the builtin that a caller would
+naturally catch (``KeyError`` for an unknown adapter name, ``ValueError`` for a bad value,
+``OSError`` for a file that cannot be read), following peft and the standard library.
+"""
+
+from __future__ import annotations
+
+
+class LoGoError(Exception):
+    """Base class of every error raised by LoGo."""
+
+
+class ModelLoadError(LoGoError, OSError):
+    """The base model or its tokenizer could not be loaded."""
+
+
+class AdapterLoadError(LoGoError, OSError):
+    """An adapter's files are missing, unreadable, truncated or in a refused format."""
+
+
+class UnsafeAdapterError(AdapterLoadError):
+    """An adapter ships pickle (``.bin``) weights and the caller did not opt in with ``allow_pickle``."""
+
+
+class AdapterIncompatibleError(LoGoError, ValueError):
+    """An adapter is not a plain LoRA adapter, or does not fit the base model (modules, shapes)."""
+
+
+class AdapterNotFoundError(LoGoError, KeyError):
+    """An adapter name that the library does not hold."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class RoutingConfigError(LoGoError, ValueError):
+    """A :class:`~logo_engine.RoutingConfig` value is out of range or does not fit the model."""
+
+
+class InvalidRequestError(LoGoError, ValueError):
+    """A request is malformed: empty prompt, unknown role, bad mixture weights, bad sampling values."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """The prompt (plus ``max_new_tokens``) does not fit the model's context window."""
+
+
+class GenerationError(LoGoError, RuntimeError):
+    """Generation failed inside the model; the engine is left usable."""

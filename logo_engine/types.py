@@ -1,0 +1,138 @@
+"""Public value types: the routing configuration and what a call returns.
+
+``RoutingConfig`` is a frozen dataclass validated on construction; ``Selection``, ``Usage``,
+``ToolCall`` and ``Generation`` are frozen pydantic models, so they serialise to JSON as they are
+(callbacks, response metadata, traces).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from logo_engine.errors import RoutingConfigError
+
+Signal = Literal["norm", "entropy"]
+# A scorer maps the probed low-rank outputs o (batch, n_adapters, out_features) to scores
+# (batch, n_adapters); higher means more relevant. Its __name__ is recorded as the signal.
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+Weighting = Literal["proportional", "softmax", "uniform"]
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How LoGo picks and weighs adapters for a request (DESIGN.md section 1).
+
+    The defaults reproduce the paper's method, with two documented differences: k = 3 (small
+    libraries) and the probe reads the probed module's real input in a pass with no adapter active.
+    """
+
+    top_k: int = 3  # adapters kept per request (paper's code: 20 of 260)
+    signal: Signal | Scorer = "norm"  # "norm": ||o_i||_2; "entropy": 1 / (H(softmax(o_i)) + 1e-6)
+    probe_layer: int = -1  # decoder block to read; negative counts from the end
+    probe_module: str = "q_proj"  # adapted Linear inside that block, by (suffix of) its name
+    probe_input: Literal["module", "residual"] = "module"  # "residual": the paper code's pre-norm input
+    probe_tokens: Literal["last", "mean"] = "last"  # last prompt token, or the mean over the prompt
+    weighting: Weighting = "proportional"  # w_i = s_i / sum(s_topk); "softmax" uses `temperature`
+    temperature: float = 1.0  # softmax temperature over the kept scores
+    min_score: float | None = None  # drop kept adapters scoring below this (may leave the base model)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise RoutingConfigError(f"top_k must be an int >= 1, got {self.top_k!r}")
+        if not callable(self.signal) and self.signal not in ("norm", "entropy"):
+            raise RoutingConfigError(
+                f"signal must be 'norm', 'entropy' or a callable scorer, got {self.signal!r}"
+            )
+        if isinstance(self.probe_layer, bool) or not isinstance(self.probe_layer, int):
+            raise RoutingConfigError(f"probe_layer must be an int, got {self.probe_layer!r}")
+        if not isinstance(self.probe_module, str) or not self.probe_module.strip():
+            raise RoutingConfigError(f"probe_module must be a module name, got {self.probe_module!r}")
+        if self.probe_input not in ("module", "residual"):
+            raise RoutingConfigError(f"probe_input must be 'module' or 'residual', got {self.probe_input!r}")
+        if self.probe_tokens not in ("last", "mean"):
+            raise RoutingConfigError(f"probe_tokens must be 'last' or 'mean', got {self.probe_tokens!r}")
+        if self.weighting not in ("proportional", "softmax", "uniform"):
+            raise RoutingConfigError(
+                f"weighting must be 'proportional', 'softmax' or 'uniform', got {self.weighting!r}"
+            )
+        if not _finite(self.temperature) or self.temperature <= 0:
+            raise RoutingConfigError(f"temperature must be a finite float > 0, got {self.temperature!r}")
+        if self.min_score is not None and not _finite(self.min_score):
+            raise RoutingConfigError(f"min_score must be a finite float or None, got {self.min_score!r}")
+
+    @property
+    def signal_name(self) -> str:
+        """The signal as recorded in a :class:`Selection`."""
+        if isinstance(self.signal, str):
+            return self.signal
+        return getattr(self.signal, "__name__", type(self.signal).__name__)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Selection(_Frozen):
+    """Which adapters answered a request, with what weights, and why.
+
+    ``adapters`` are ordered by weight, descending; ``weights`` sum to 1 (both empty for the base
+    model). ``scores`` holds every adapter's probe score (empty for a pinned mixture).
+    """
+
+    adapters: list[str] = Field(default_factory=list)
+    weights: list[float] = Field(default_factory=list)
+    scores: dict[str, float] = Field(default_factory=dict)
+    signal: str | None = None
+    top_k: int | None = None
+    probe_layer: int | None = None
+    probe_module: str | None = None
+    probe_ms: float = 0.0
+    pinned: bool = False
+
+    @property
+    def mixture(self) -> dict[str, float]:
+        """``{adapter: weight}``, in weight order."""
+        return dict(zip(self.adapters, self.weights, strict=True))
+
+
+class Usage(_Frozen):
+    """Token counts of one call."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def total_tokens(self) -> int:
+        """prompt_tokens + completion_tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+class ToolCall(_Frozen):
+    """A tool call parsed from the model's output (OpenAI-style: a name and JSON arguments)."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class Generation(_Frozen):
+    """The result of one generation: new text only (special tokens skipped, not stripped)."""
+
+    text: str
+    selection: Selection
+    usage: Usage
+    finish_reason: FinishReason
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    """Tool calls parsed from ``text``; filled only when the request passed ``tools``."""

@@ -1,0 +1,173 @@
+"""Tiny real models and adapters for tests: built in the test session, offline, in seconds.
+
+- ``tiny_tokenizer()``: a byte-level BPE trained here, with a ChatML chat template.
+- ``tiny_model(arch="llama"|"qwen2", seed=0)``: a 2-layer, hidden-64 causal LM, random weights.
+- ``random_adapter(model, folder, r=4, targets=("q_proj", "v_proj"), ...)``: a peft LoRA adapter
+  with random (non-zero) A and B, saved as safetensors; for exactness tests.
+- ``train_adapter(model, tokenizer, task, folder, steps=...)``: a peft LoRA adapter trained on one
+  of ``TASKS`` (a fixed answer to a family of prompts), so that adapters really differ.
+- ``tiny_engine(tmp_path)``: a ready LoGoEngine over the tiny model and three trained adapters.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """Prompts drawn from one alphabet, always answered with the same text."""
+
+    words: str  # characters the prompt's words are made of
+    answer: str
+
+    def prompts(self, n: int, seed: int = 0) -> list[str]:
+        rng = random.Random(seed)
+        return [
+            " ".join("".join(rng.choice(self.words) for _ in range(rng.randint(2, 5)))
+                     for _ in range(rng.randint(3, 8)))
+            for _ in range(n)
+        ]
+
+
+TASKS = {
+    "letters": Task(words="abcdefgh", answer="yes yes"),
+    "digits": Task(words="0123456789", answer="no no"),
+    "symbols": Task(words="+-*/=<>", answer="ok ok"),
+}
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    corpus = [p for t in TASKS.values() for p in t.prompts(200)] + [
+        "system user assistant tool yes no ok hello world the answer is",
+        "ijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ {}[]\":,.!? _",
+    ]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token="<|im_start|>",
+    )
+    fast.chat_template = CHATML
+    fast.padding_side = "left"
+    return fast
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 400) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def random_adapter(
+    model: PreTrainedModel,
+    folder: Path,
+    *,
+    r: int = 4,
+    alpha: float = 8.0,
+    targets: Sequence[str] = ("q_proj", "v_proj"),
+    seed: int = 0,
+    use_rslora: bool = False,
+    layers: Sequence[int] | None = None,
+) -> Path:
+    """A LoRA adapter with random A and B (peft init_lora_weights=False), saved to ``folder``."""
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False,
+        use_rslora=use_rslora, layers_to_transform=list(layers) if layers is not None else None,
+    )
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def train_adapter(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    task: str,
+    folder: Path,
+    *,
+    steps: int = 120,
+    r: int = 8,
+    seed: int = 0,
+) -> Path:
+    """Train a LoRA on TASKS[task] (answer tokens only) and save it to ``folder``."""
+    torch.manual_seed(seed)
+    spec = TASKS[task]
+    peft_model = get_peft_model(
+        copy.deepcopy(model),
+        LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    peft_model.train()
+    optim = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    prompts = spec.prompts(64, seed=seed + 1)
+    rows = []
+    for p in prompts:
+        prefix = tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                               add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(spec.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        rows.append((prompt_ids, answer_ids))
+    rng = random.Random(seed)
+    for _ in range(steps):
+        batch = rng.sample(rows, 8)
+        width = max(len(p) + len(a) for p, a in batch)
+        ids = torch.zeros(8, width, dtype=torch.long)
+        labels = torch.full((8, width), -100, dtype=torch.long)
+        mask = torch.zeros(8, width, dtype=torch.long)
+        for i, (p, a) in enumerate(batch):
+            seq = p + a
+            ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, len(p) : len(seq)] = torch.tensor(a)
+            mask[i, : len(seq)] = 1
+        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+    peft_model.eval()
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def tiny_engine(folder: Path, **kwargs):  # noqa: ANN201 - LoGoEngine, imported lazily
+    """A LoGoEngine over a fresh tiny model with one trained adapter per task in TASKS."""
+    from logo_engine import LoGoEngine
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model()
+    for task in TASKS:
+        if not (folder / task / "adapter_config.json").exists():
+            train_adapter(model, tokenizer, task, folder / task)
+    return LoGoEngine(model, tokenizer, adapters=folder, name="tiny-llama", **kwargs)
