@@ -509,13 +509,17 @@ class BaseEngine(ABC):
                     f"{params.max_new_tokens} that is {needed} > the context window "
                     f"({self.context_window})"
                 )
-        # Validate pinned mixtures now, so a bad call fails before any work.
+        # Validate mixtures and routing now, so a bad call (or stream) fails before any work.
         for mixture in mixtures:
             if mixture is not None:
                 pinned_selection(mixture, self.adapter_names)
-            else:
-                check_top_k(routing, len(self.adapter_names))
+        if any(m is None for m in mixtures):
+            self._validate_routing(routing)
         return _Run(self, requests, mixtures, params, routing)
+
+    def _validate_routing(self, routing: RoutingConfig) -> None:
+        """Refuse a routing config that cannot run on this engine (engines add their checks)."""
+        check_top_k(routing, len(self.adapter_names))
 
     def _select(
         self, requests: list[Request], mixtures: list[Mixture | None], routing: RoutingConfig

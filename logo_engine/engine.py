@@ -255,14 +255,19 @@ class LoGoEngine(BaseEngine):
             input_ids=ids,
         )
 
-    def _route(self, requests: list[Request], routing: RoutingConfig) -> list[Selection]:
-        library = self._library
+    def _validate_routing(self, routing: RoutingConfig, library: AdapterLibrary | None = None) -> None:
+        library = library or self._library
         if len(library) == 0:
             raise RoutingConfigError(
                 "no adapters are loaded, so there is nothing to route to; load adapters or pass "
                 "adapters={} for the base model"
             )
         check_top_k(routing, len(library))
+        self._probe_target(routing, library)
+
+    def _route(self, requests: list[Request], routing: RoutingConfig) -> list[Selection]:
+        library = self._library
+        self._validate_routing(routing, library)
         layer, module = self._probe_target(routing, library)
         start = time.perf_counter()
         input_ids, mask = self._left_pad([r.input_ids for r in requests])

@@ -1,0 +1,274 @@
+"""Engine behaviour on a tiny real model: batching, streaming, async, stop strings, safety."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import tiny
+from logo_engine import (
+    ContextLengthError,
+    GenerationError,
+    InvalidRequestError,
+    RoutingConfig,
+    RoutingConfigError,
+)
+from logo_engine.errors import AdapterNotFoundError
+from logo_engine.mixture import _CURRENT
+
+PROMPTS = ["hello abc", "12 34 + 5", [{"role": "system", "content": "be brief"},
+                                     {"role": "user", "content": "+-*/ ok"}], "yes no ok"]
+
+
+def test_batch_equals_one_by_one(engine):
+    routing = RoutingConfig(top_k=2)
+    solo = [engine.generate(p, max_new_tokens=10, routing=routing) for p in PROMPTS]
+    batch = engine.generate_batch(PROMPTS, max_new_tokens=10, routing=routing)
+    assert len({tuple(g.selection.weights) for g in solo}) == len(PROMPTS), "rows route alike"
+    for s, b in zip(solo, batch, strict=True):
+        assert b.text == s.text
+        assert b.selection.adapters == s.selection.adapters
+        assert b.selection.weights == pytest.approx(s.selection.weights, rel=1e-5)
+        assert b.usage == s.usage and b.finish_reason == s.finish_reason
+
+
+def test_batch_mixed_pinned_routed_and_base(engine):
+    mixtures = [None, {"a": 1.0}, {}, {"b": 0.5, "c": 0.5}]
+    batch = engine.generate_batch(PROMPTS, adapters=mixtures, max_new_tokens=8)
+    for prompt, mixture, out in zip(PROMPTS, mixtures, batch, strict=True):
+        solo = engine.generate(prompt, adapters=mixture, max_new_tokens=8)
+        assert out.text == solo.text
+        assert out.selection.pinned == (mixture is not None)
+    assert batch[2].selection.adapters == []
+
+
+def test_sampling_is_seeded_and_row_independent(engine):
+    kw = dict(max_new_tokens=12, temperature=1.5, seed=7)
+    a = engine.generate("hello abc", **kw)
+    assert engine.generate("hello abc", **kw).text == a.text
+    assert engine.generate_batch(["12 34", "hello abc"], **kw)[1].text == a.text
+    others = {engine.generate("hello abc", max_new_tokens=12, temperature=1.5, seed=s).text
+              for s in range(5)}
+    assert len(others) > 1
+
+
+def test_stream_matches_generate_and_exposes_selection(engine):
+    full = engine.generate("hello abc", max_new_tokens=15)
+    stream = engine.stream("hello abc", max_new_tokens=15)
+    selection = stream.selection  # known before the first chunk
+    chunks = list(stream)
+    assert "".join(chunks) == full.text
+    assert selection == stream.generation.selection
+    assert stream.generation.usage == full.usage
+
+
+def _stop_after(engine, prompt, n_chars):
+    text = engine.generate(prompt, adapters={}, max_new_tokens=30).text
+    assert len(text) > n_chars + 4, text
+    return text, text[n_chars : n_chars + 4]  # a stop string that spans several tokens
+
+
+def test_stop_string_spanning_tokens(engine):
+    text, stop = _stop_after(engine, "hello", 3)
+    out = engine.generate("hello", adapters={}, max_new_tokens=30, stop=[stop, "\x00never"])
+    assert out.text == text[: text.index(stop)]
+    assert out.finish_reason == "stop"
+    streamed = engine.stream("hello", adapters={}, max_new_tokens=30, stop=stop)
+    assert "".join(streamed) == out.text  # no part of the stop string leaks into the stream
+
+
+def test_stream_early_break_ends_generation(engine):
+    steps = []
+    handle = engine.model.lm_head.register_forward_hook(lambda *a: steps.append(1))
+    try:
+        stream = engine.stream("hello", adapters={"a": 1.0}, max_new_tokens=50)
+        for _ in stream:
+            break
+        stream.close()
+        assert len(steps) <= 3
+        assert _CURRENT.get() is None
+    finally:
+        handle.remove()
+    assert engine.generate("hello", max_new_tokens=3).usage.completion_tokens >= 1
+
+
+async def test_async_does_not_block_the_loop(engine):
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    try:
+        out = await engine.agenerate("hello abc", max_new_tokens=20)
+        chunks = [c async for c in engine.astream("hello abc", max_new_tokens=20)]
+    finally:
+        task.cancel()
+    assert "".join(chunks) == out.text
+    assert ticks > 5
+
+
+async def test_astream_cancel_frees_state(engine):
+    stream = engine.astream("hello", adapters={"b": 1.0}, max_new_tokens=200)
+
+    async def consume():
+        async for _ in stream:
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert stream.generation is None
+    out = await engine.agenerate("hello", adapters={"b": 1.0}, max_new_tokens=5)
+    assert out.usage.completion_tokens >= 1
+
+
+def test_concurrent_threads_equal_sequential(engine):
+    calls = [
+        dict(prompt=p, adapters=m, max_new_tokens=8)
+        for p in PROMPTS for m in (None, {"a": 0.3, "c": 0.7}, {})
+    ]
+    expected = [engine.generate(c["prompt"], adapters=c["adapters"], max_new_tokens=8) for c in calls]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda c: engine.generate(c["prompt"], adapters=c["adapters"],
+                                                       max_new_tokens=8), calls * 2))
+    for e, g in zip(expected * 2, got, strict=True):
+        assert g.text == e.text and g.selection.adapters == e.selection.adapters
+
+
+def test_exception_mid_generation_leaves_no_mixture(engine):
+    base_text = engine.generate("hello", adapters={}, max_new_tokens=6).text
+    calls = 0
+
+    def explode(module, args, output):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("injected fault")
+
+    handle = engine.model.model.layers[1].mlp.register_forward_hook(explode)
+    try:
+        with pytest.raises(GenerationError, match="injected fault"):
+            engine.generate("hello", adapters={"a": 1.0}, max_new_tokens=6)
+    finally:
+        handle.remove()
+    assert _CURRENT.get() is None
+    assert engine.generate("hello", adapters={}, max_new_tokens=6).text == base_text
+
+
+def test_concurrent_generation_does_not_see_other_mixture(engine):
+    """A base-only call running while a mixed call is in flight gets base output."""
+    base = engine.generate("hello", adapters={}, max_new_tokens=20).text
+    start = threading.Event()
+
+    def mixed():
+        start.set()
+        for _ in range(3):
+            engine.generate("hello", adapters={"b": 1.0}, max_new_tokens=20)
+
+    t = threading.Thread(target=mixed)
+    t.start()
+    start.wait()
+    outs = [engine.generate("hello", adapters={}, max_new_tokens=20).text for _ in range(3)]
+    t.join()
+    assert outs == [base] * 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(prompt=""), InvalidRequestError, "empty"),
+        (dict(prompt=[]), InvalidRequestError, "empty"),
+        (dict(prompt=123), InvalidRequestError, "string or a list"),
+        (dict(prompt=[{"role": "wizard", "content": "x"}]), InvalidRequestError, "role"),
+        (dict(prompt=[{"role": "user", "content": 5}]), InvalidRequestError, "content"),
+        (dict(max_new_tokens=0), InvalidRequestError, "max_new_tokens"),
+        (dict(temperature=-1), InvalidRequestError, "temperature"),
+        (dict(top_p=0), InvalidRequestError, "top_p"),
+        (dict(stop=[""]), InvalidRequestError, "stop"),
+        (dict(adapters={"nope": 1.0}), AdapterNotFoundError, "nope"),
+        (dict(adapters={"a": -1.0}), InvalidRequestError, ">= 0"),
+        (dict(adapters={"a": float("nan")}), InvalidRequestError, "finite"),
+        (dict(adapters={"a": 0.0}), InvalidRequestError, "sum"),
+        (dict(adapters=["a"]), InvalidRequestError, "mapping"),
+        (dict(routing=RoutingConfig(top_k=4)), RoutingConfigError, "top_k"),
+        (dict(routing=RoutingConfig(probe_layer=5)), RoutingConfigError, "probe_layer"),
+        (dict(routing=RoutingConfig(probe_module="gate_proj")), RoutingConfigError, "probe_module"),
+        (dict(max_new_tokens=1000), ContextLengthError, "context window"),
+    ],
+)
+def test_bad_requests(engine, kwargs, error, match):
+    prompt = kwargs.pop("prompt", "hello")
+    with pytest.raises(error, match=match):
+        engine.generate(prompt, **kwargs)
+    with pytest.raises(error, match=match):
+        engine.stream(prompt, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(top_k=0), dict(top_k=1.5), dict(signal="cosine"), dict(probe_input="x"),
+     dict(weighting="max"), dict(temperature=0), dict(probe_layer="last"), dict(min_score=float("nan"))],
+)
+def test_bad_routing_config(kwargs):
+    with pytest.raises(RoutingConfigError):
+        RoutingConfig(**kwargs)
+
+
+def test_message_lists_need_a_template(tokenizer, adapter_dir):
+    from logo_engine import LoGoEngine
+
+    plain = tiny.tiny_tokenizer()
+    plain.chat_template = None
+    engine = LoGoEngine(tiny.tiny_model(), plain, adapters=adapter_dir)
+    out = engine.generate("hello", max_new_tokens=3)  # a string is tokenized as it is
+    assert engine._prepare("hello", None, None).input_ids == plain("hello")["input_ids"]
+    assert out.usage.prompt_tokens == len(plain("hello")["input_ids"])
+    with pytest.raises(InvalidRequestError, match="chat template"):
+        engine.generate([{"role": "user", "content": "hi"}])
+
+
+def test_weights_and_selection_shape(engine):
+    sel = engine.route("hello abc", routing=RoutingConfig(top_k=3))
+    assert sum(sel.weights) == pytest.approx(1.0)
+    assert sel.weights == sorted(sel.weights, reverse=True)
+    assert set(sel.scores) == {"a", "b", "c"} and sel.probe_ms > 0
+    assert sel.model_dump_json()  # JSON-serialisable
+    for weighting in ("softmax", "uniform"):
+        s = engine.route("hello abc", routing=RoutingConfig(top_k=2, weighting=weighting))
+        assert sum(s.weights) == pytest.approx(1.0)
+    capped = engine.route("hello abc", routing=RoutingConfig(top_k=3, min_score=1e9))
+    assert capped.adapters == [] and capped.weights == []
+
+
+def test_custom_scorer(engine):
+    def negative_norm(outputs: torch.Tensor) -> torch.Tensor:
+        return -outputs.norm(dim=-1)
+
+    sel = engine.route("hello", routing=RoutingConfig(top_k=1, signal=negative_norm, weighting="uniform"))
+    assert sel.signal == "negative_norm"
+    assert sel.adapters == [min(sel.scores, key=lambda n: -sel.scores[n])]
+
+
+def test_usage_and_finish_reason(engine):
+    out = engine.generate("hello", max_new_tokens=2, adapters={})
+    assert out.usage.completion_tokens <= 2 and out.usage.total_tokens == (
+        out.usage.prompt_tokens + out.usage.completion_tokens)
+    assert out.finish_reason in ("stop", "length")
+
+
+def test_route_batch_timing_is_one_probe(engine):
+    t = time.perf_counter()
+    sels = engine.route_batch(["hello"] * 8)
+    assert len(sels) == 8 and len({tuple(s.adapters) for s in sels}) == 1
+    assert time.perf_counter() - t < 5
