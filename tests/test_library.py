@@ -1,0 +1,162 @@
+"""Adapter loading: formats, validation errors, and an unchanged engine after any error."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import tiny
+from logo_engine import (
+    AdapterIncompatibleError,
+    AdapterLoadError,
+    LoGoEngine,
+    UnsafeAdapterError,
+)
+from logo_engine.library import resolve_sources
+
+
+def _copy(src, dst, edit_config=None, edit_state=None):
+    shutil.copytree(src, dst)
+    if edit_config:
+        path = dst / "adapter_config.json"
+        config = json.loads(path.read_text())
+        edit_config(config)
+        path.write_text(json.dumps(config))
+    if edit_state:
+        path = dst / "adapter_model.safetensors"
+        state = load_file(path)
+        edit_state(state)
+        save_file(state, path)
+    return dst
+
+
+def _bad_adapters(adapter_dir, root):
+    a = adapter_dir / "a"
+    other = tiny.tiny_model()
+    other_root = root / "other"
+    wide = tiny.tiny_model(vocab_size=400)
+    wide.model.layers[0].self_attn.q_proj = torch.nn.Linear(64, 96, bias=False)
+    tiny.random_adapter(wide, other_root / "wide", targets=("q_proj",))
+    del other
+
+    def truncate(dst):
+        path = dst / "adapter_model.safetensors"
+        path.write_bytes(path.read_bytes()[:200])
+
+    def nan(state):
+        key = next(iter(state))
+        state[key][0, 0] = float("nan")
+
+    def to_pickle(dst):
+        state = load_file(dst / "adapter_model.safetensors")
+        (dst / "adapter_model.safetensors").unlink()
+        torch.save(state, dst / "adapter_model.bin")
+
+    cases = {
+        "missing_dir": (root / "nowhere", AdapterLoadError, "no adapter_config.json"),
+        "no_weights": (None, AdapterLoadError, "no adapter_model.safetensors"),
+        "truncated": (None, AdapterLoadError, "truncated or corrupt"),
+        "not_lora": (_copy(a, root / "not_lora", lambda c: c.update(peft_type="IA3")),
+                     AdapterIncompatibleError, "not a LoRA adapter"),
+        "dora": (_copy(a, root / "dora", lambda c: c.update(use_dora=True)),
+                 AdapterIncompatibleError, "DoRA"),
+        "nan": (_copy(a, root / "nan", edit_state=nan), AdapterIncompatibleError, "NaN"),
+        "pickle": (None, UnsafeAdapterError, "pickle"),
+        "bad_json": (None, AdapterLoadError, "cannot parse"),
+        "shape": (other_root / "wide", AdapterIncompatibleError, "(out, in)"),
+        "rank": (_copy(a, root / "rank", lambda c: c.update(r=16)), AdapterIncompatibleError, "rank"),
+        "module": (_copy(a, root / "module", edit_state=lambda s: s.update(
+            {"base_model.model.model.layers.0.self_attn.nope.lora_A.weight": torch.zeros(4, 64),
+             "base_model.model.model.layers.0.self_attn.nope.lora_B.weight": torch.zeros(64, 4)})),
+            AdapterIncompatibleError, "not a Linear layer"),
+    }
+    no_weights = _copy(a, root / "no_weights")
+    (no_weights / "adapter_model.safetensors").unlink()
+    cases["no_weights"] = (no_weights, *cases["no_weights"][1:])
+    cases["truncated"] = (_copy(a, root / "truncated"), *cases["truncated"][1:])
+    truncate(cases["truncated"][0])
+    cases["pickle"] = (_copy(a, root / "pickle"), *cases["pickle"][1:])
+    to_pickle(cases["pickle"][0])
+    cases["bad_json"] = (_copy(a, root / "bad_json"), *cases["bad_json"][1:])
+    (cases["bad_json"][0] / "adapter_config.json").write_text("{not json")
+    return cases
+
+
+@pytest.fixture(scope="module")
+def bad(adapter_dir, tmp_path_factory):
+    return _bad_adapters(adapter_dir, tmp_path_factory.mktemp("bad"))
+
+
+CASES = ["missing_dir", "no_weights", "truncated", "not_lora", "dora", "nan", "pickle", "bad_json",
+         "shape", "rank", "module"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_adapter_gives_typed_error_and_leaves_engine_unchanged(engine, bad, case):
+    path, error, match = bad[case]
+    before = engine.adapter_names
+    scores = engine.route("hello").scores
+    with pytest.raises(error, match=match) as info:
+        engine.load_adapters({"newcomer": path})
+    assert "newcomer" in str(info.value) or case in ("missing_dir", "shape", "module")
+    assert engine.adapter_names == before
+    assert engine.route("hello").scores == scores
+
+
+def test_pickle_loads_only_on_opt_in(engine, bad, adapter_dir):
+    path = bad["pickle"][0]
+    engine.load_adapters({"pickled": path}, allow_pickle=True)
+    a = engine.generate("hello", adapters={"a": 1.0}, max_new_tokens=5).text
+    assert engine.generate("hello", adapters={"pickled": 1.0}, max_new_tokens=5).text == a
+
+
+def test_mixed_ranks_alphas_rslora_and_targets(engine):
+    lib = engine.library
+    q = lib.stacks["model.layers.1.self_attn.q_proj"]
+    assert q.lora_a.shape == (4, 8, 64)  # 3 adapters + zero row, ranks padded to 8
+    k = lib.stacks["model.layers.0.self_attn.k_proj"]
+    assert k.row_of.tolist() == [1, 0, 1]  # only "b" adapts k_proj; the others point at zeros
+    assert "model.layers.0.mlp.up_proj" not in lib.stacks  # "c" only adapts layer 1
+
+
+def test_one_bad_adapter_in_a_library_loads_none(tokenizer, adapter_dir, bad, tmp_path):
+    lib = tmp_path / "lib"
+    shutil.copytree(adapter_dir / "a", lib / "good")
+    shutil.copytree(bad["dora"][0], lib / "zz_dora")
+    with pytest.raises(AdapterIncompatibleError, match="zz_dora"):
+        LoGoEngine(tiny.tiny_model(), tokenizer, adapters=lib)
+
+
+def test_library_folder_refuses_links_outside(tmp_path, adapter_dir):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    shutil.copytree(adapter_dir / "a", lib / "a")
+    os.symlink(adapter_dir / "b", lib / "b")
+    with pytest.raises(AdapterLoadError, match="outside the library"):
+        resolve_sources(lib)
+
+
+def test_sources_forms(adapter_dir):
+    assert resolve_sources(adapter_dir) == {n: adapter_dir / n for n in ("a", "b", "c")}
+    assert resolve_sources(adapter_dir / "a") == {"a": adapter_dir / "a"}
+    assert resolve_sources([adapter_dir / "a", adapter_dir / "b"]) == {
+        "a": adapter_dir / "a", "b": adapter_dir / "b"}
+    with pytest.raises(AdapterLoadError, match="two adapters"):
+        resolve_sources([adapter_dir / "a", adapter_dir / "a"])
+
+
+def test_duplicate_names_refused(engine, adapter_dir):
+    with pytest.raises(AdapterLoadError, match="already loaded"):
+        engine.load_adapters({"a": adapter_dir / "b"})
+
+
+def test_progress_bar_for_many_adapters(tokenizer, adapter_dir, capsys):
+    engine = LoGoEngine(tiny.tiny_model(), tokenizer)
+    engine.load_adapters({f"x{i}": adapter_dir / "abc"[i % 3] for i in range(9)})
+    assert "loading adapters" in capsys.readouterr().err
+    assert len(engine.adapter_names) == 9
