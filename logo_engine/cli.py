@@ -1,0 +1,138 @@
+"""The ``logo`` command: route, generate and list adapters from a terminal.
+
+    logo route "Convert 5 km to metres"          # every adapter's score, the chosen ones, weights
+    logo generate "Convert 5 km to metres"       # the answer and its selection
+    logo adapters                                # the library
+    logo route "..." --json                      # machine-readable output
+
+Defaults: the embedded SmolLM2-135M-Instruct and the shipped adapter zoo; ``--base-model`` and
+``--adapters DIR`` for your own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from logo_engine.errors import LoGoError
+from logo_engine.types import RoutingConfig, Selection
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--base-model", help="HF folder or hub id (default: embedded SmolLM2-135M)")
+    common.add_argument("--gguf-file", help="GGUF file name inside --base-model")
+    common.add_argument("--adapters", help="folder with one peft adapter folder per adapter "
+                                           "(default: the shipped zoo)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    routing = argparse.ArgumentParser(add_help=False)
+    routing.add_argument("--top-k", type=int, default=3, help="adapters kept (default 3)")
+    routing.add_argument("--signal", choices=("norm", "entropy"), default="norm")
+    routing.add_argument("--probe-layer", type=int, default=-1)
+    routing.add_argument("--probe-module", default="q_proj")
+
+    parser = argparse.ArgumentParser(prog="logo", description="LoGo: per-request LoRA selection.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    route = sub.add_parser("route", parents=[common, routing], help="probe a prompt: scores, choice")
+    route.add_argument("prompt")
+    gen = sub.add_parser("generate", parents=[common, routing], help="answer a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--pin", action="append", metavar="NAME=WEIGHT",
+                     help="pin a mixture instead of routing (repeatable); --pin none = base model")
+    sub.add_parser("adapters", parents=[common], help="list the adapter library")
+    return parser
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from logo_engine.engine import LoGoEngine
+
+    routing = None
+    if hasattr(args, "top_k"):
+        routing = RoutingConfig(top_k=args.top_k, signal=args.signal,
+                                probe_layer=args.probe_layer, probe_module=args.probe_module)
+    return LoGoEngine.from_pretrained(args.base_model, adapters=args.adapters, routing=routing,
+                                      gguf_file=args.gguf_file)
+
+
+def _pins(values: list[str] | None) -> dict[str, float] | None:
+    if not values:
+        return None
+    if values == ["none"]:
+        return {}
+    mixture = {}
+    for value in values:
+        name, sep, weight = value.partition("=")
+        try:
+            mixture[name] = float(weight) if sep else 1.0
+        except ValueError:
+            raise LoGoError(f"--pin expects NAME=WEIGHT, got {value!r}") from None
+    return mixture
+
+
+def selection_table(selection: Selection) -> str:
+    """Every adapter's score, best first, with the chosen ones and their weights marked."""
+    weights = selection.mixture
+    lines = []
+    if selection.pinned:
+        lines.append("pinned mixture (no probe)")
+    else:
+        lines.append(f"probe: {selection.probe_module} ({selection.signal}, top-{selection.top_k}, "
+                     f"{selection.probe_ms:.1f} ms)")
+    lines.append(f"{'adapter':24s} {'score':>10s} {'weight':>8s}")
+    names = sorted(selection.scores, key=lambda n: -selection.scores[n]) or list(weights)
+    for name in names:
+        score = f"{selection.scores[name]:10.4f}" if name in selection.scores else " " * 10
+        weight = f"{weights[name]:8.3f}" if name in weights else ""
+        lines.append(f"{'* ' if name in weights else '  '}{name:22s} {score} {weight}".rstrip())
+    if not weights:
+        lines.append("(base model: no adapter)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``logo`` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LOGO_LOG_LEVEL", "WARNING"), format="%(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep the terminal for the answer
+    try:
+        engine = _engine(args)
+        if args.command == "adapters":
+            names = engine.adapter_names
+            if args.json:
+                print(json.dumps({"base_model": engine.model_name, "adapters": names}))
+            else:
+                print(f"base model: {engine.model_name}\n{len(names)} adapters:")
+                print("\n".join(f"  {n}" for n in names))
+        elif args.command == "route":
+            selection = engine.route(args.prompt)
+            print(selection.model_dump_json() if args.json else selection_table(selection))
+        else:
+            out = engine.generate(
+                args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                seed=args.seed, stop=args.stop, adapters=_pins(args.pin),
+            )
+            if args.json:
+                print(out.model_dump_json())
+            else:
+                print(out.text.strip())
+                print()
+                print(selection_table(out.selection))
+    except LoGoError as exc:
+        print(f"logo: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
