@@ -35,10 +35,20 @@ from logo_engine.library import Adapter, LoraFactors
 from logo_engine.models import default_model_dir
 
 SIZES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2),
-    "mid": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                num_key_value_heads=4),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "mid": dict(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    ),
 }
 QV = ("q_proj", "v_proj")
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -51,11 +61,16 @@ def random_model(size: str, vocab: int) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def random_adapters(model: torch.nn.Module, n: int, targets: tuple[str, ...], r: int = 8) -> list[Adapter]:
+def random_adapters(
+    model: torch.nn.Module, n: int, targets: tuple[str, ...], r: int = 8
+) -> list[Adapter]:
     """n adapters with random factors (scaled like trained LoRAs), built in memory."""
     g = torch.Generator().manual_seed(1)
-    linears = {name: m for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets}
+    linears = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    }
     adapters = []
     for i in range(n):
         modules = {
@@ -100,12 +115,14 @@ def logo_decode(engine: LoGoEngine, prompt: str, mixture: dict[str, float], n_to
     return ((t2 - t1) - (t1 - t0)) / n_tokens
 
 
-def measure(size: str, n_adapters: int, targets: tuple[str, ...], tokenizer, repeats: int,
-            n_tokens: int) -> dict[str, float]:
+def measure(
+    size: str, n_adapters: int, targets: tuple[str, ...], tokenizer, repeats: int, n_tokens: int
+) -> dict[str, float]:
     model = random_model(size, len(tokenizer))
     plain = copy.deepcopy(model)  # no LoGo hooks at all
-    engine = LoGoEngine(model, tokenizer, name=f"random-{size}", routing=RoutingConfig(top_k=3),
-                        progress=False)
+    engine = LoGoEngine(
+        model, tokenizer, name=f"random-{size}", routing=RoutingConfig(top_k=3), progress=False
+    )
     engine.load_adapters(random_adapters(model, n_adapters, targets))
     request = engine._prepare(PROMPT, None, None)
     ids = torch.tensor([request.input_ids])
@@ -120,10 +137,15 @@ def measure(size: str, n_adapters: int, targets: tuple[str, ...], tokenizer, rep
         dec_logo.append(logo_decode(engine, PROMPT, mixture, n_tokens))
     med = statistics.median
     return {
-        "size": size, "adapters": n_adapters, "targets": "+".join(targets), "prompt_tokens": ids.shape[1],
-        "prefill_ms": med(prefill) * 1e3, "probe_ms": med(probe) * 1e3,
+        "size": size,
+        "adapters": n_adapters,
+        "targets": "+".join(targets),
+        "prompt_tokens": ids.shape[1],
+        "prefill_ms": med(prefill) * 1e3,
+        "probe_ms": med(probe) * 1e3,
         "probe_over_prefill": med(probe) / med(prefill),
-        "base_tok_s": 1 / med(dec_base), "logo_k3_tok_s": 1 / med(dec_logo),
+        "base_tok_s": 1 / med(dec_base),
+        "logo_k3_tok_s": 1 / med(dec_logo),
         "decode_ratio": med(dec_base) / med(dec_logo),
     }
 
@@ -141,19 +163,38 @@ def main() -> None:
         for size, n, targets in runs:
             row = measure(size, n, targets, tokenizer, repeats, n_tokens)
             rows.append(row)
-            print(f"{size:4s} {n:4d} adapters {row['targets']:>55s}  prefill {row['prefill_ms']:7.2f} ms"
-                  f"  probe {row['probe_ms']:7.2f} ms ({row['probe_over_prefill']:.2f}x)  decode base"
-                  f" {row['base_tok_s']:7.1f} tok/s  LoGo k=3 {row['logo_k3_tok_s']:7.1f} tok/s"
-                  f" ({row['decode_ratio']:.2f}x)", flush=True)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+            print(
+                f"{size:4s} {n:4d} adapters {row['targets']:>55s}"
+                f"  prefill {row['prefill_ms']:7.2f} ms"
+                f"  probe {row['probe_ms']:7.2f} ms ({row['probe_over_prefill']:.2f}x)  decode base"
+                f" {row['base_tok_s']:7.1f} tok/s  LoGo k=3 {row['logo_k3_tok_s']:7.1f} tok/s"
+                f" ({row['decode_ratio']:.2f}x)",
+                flush=True,
+            )
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    )
     Path("docs").mkdir(exist_ok=True)
-    headline = next(r for r in rows if r["size"] == "mid" and r["adapters"] == 32 and r["targets"] == "+".join(QV))
-    print(json.dumps({
-        "benchmark": "overhead", "machine": machine, "torch": torch.__version__,
-        "mid_32_probe_over_prefill": round(headline["probe_over_prefill"], 3),
-        "mid_32_decode_ratio": round(headline["decode_ratio"], 3),
-        "rows": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
-    }))
+    headline = next(
+        r
+        for r in rows
+        if r["size"] == "mid" and r["adapters"] == 32 and r["targets"] == "+".join(QV)
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "overhead",
+                "machine": machine,
+                "torch": torch.__version__,
+                "mid_32_probe_over_prefill": round(headline["probe_over_prefill"], 3),
+                "mid_32_decode_ratio": round(headline["decode_ratio"], 3),
+                "rows": [
+                    {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+                    for r in rows
+                ],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

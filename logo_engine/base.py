@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -52,7 +52,9 @@ class SamplingParams:
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
             raise InvalidRequestError(f"seed must be an int or None, got {self.seed!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
@@ -172,9 +174,9 @@ class _Run:
         self.routing = routing
         self.selections: list[Selection] | None = None
         self.rows = [RowState(stop=params.stop, text=r.response_prefix) for r in requests]
-        self._steps = self._iterate()
+        self._steps: Generator[None, None, None] = self._iterate()
 
-    def _iterate(self) -> Iterator[None]:
+    def _iterate(self) -> Generator[None, None, None]:
         self.selections = self.engine._select(self.requests, self.mixtures, self.routing)
         yield  # the selection is known before the first token
         yield from self.engine._decode(self.requests, self.selections, self.params, self.rows)
@@ -391,7 +393,7 @@ class BaseEngine(ABC):
         tools: Tools | None = None,
         tool_choice: ToolChoice = None,
     ) -> Generation:
-        """Route ``prompt`` (or use the pinned ``adapters`` mixture; ``{}`` = base model) and generate.
+        """Route ``prompt`` (or use the pinned ``adapters``; ``{}`` = base model) and generate.
 
         The selection is fixed for the whole generation. ``temperature=0`` decodes greedily;
         otherwise samples with ``seed`` (a per-call generator, so concurrent calls stay
@@ -400,7 +402,15 @@ class BaseEngine(ABC):
         """
         _check_mixture_arg(adapters)
         return self._start(
-            [prompt], [adapters], max_new_tokens, temperature, top_p, seed, stop, routing, tools,
+            [prompt],
+            [adapters],
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            stop,
+            routing,
+            tools,
             tool_choice,
         ).run()[0]
 
@@ -426,7 +436,15 @@ class BaseEngine(ABC):
         prompts = _as_prompt_list(prompts)
         mixtures = _per_row_mixtures(adapters, len(prompts))
         return self._start(
-            prompts, mixtures, max_new_tokens, temperature, top_p, seed, stop, routing, tools,
+            prompts,
+            mixtures,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            stop,
+            routing,
+            tools,
             tool_choice,
         ).run()
 
@@ -448,8 +466,16 @@ class BaseEngine(ABC):
         _check_mixture_arg(adapters)
         return TextStream(
             self._start(
-                [prompt], [adapters], max_new_tokens, temperature, top_p, seed, stop, routing,
-                tools, tool_choice,
+                [prompt],
+                [adapters],
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+                stop,
+                routing,
+                tools,
+                tool_choice,
             )
         )
 
@@ -481,7 +507,9 @@ class BaseEngine(ABC):
         if routing is None:
             return self.routing
         if not isinstance(routing, RoutingConfig):
-            raise InvalidRequestError(f"routing must be a RoutingConfig, got {type(routing).__name__}")
+            raise InvalidRequestError(
+                f"routing must be a RoutingConfig, got {type(routing).__name__}"
+            )
         return routing
 
     def _start(
@@ -530,7 +558,9 @@ class BaseEngine(ABC):
         ]
         routed = [i for i, s in enumerate(selections) if s is None]
         if routed:
-            for i, s in zip(routed, self._route([requests[i] for i in routed], routing), strict=True):
+            for i, s in zip(
+                routed, self._route([requests[i] for i in routed], routing), strict=True
+            ):
                 selections[i] = s
         return [s for s in selections if s is not None]
 
@@ -557,7 +587,8 @@ def _per_row_mixtures(adapters: BatchMixture, n_rows: int) -> list[Mixture | Non
         return [adapters] * n_rows
     if isinstance(adapters, (str, bytes)) or not isinstance(adapters, Sequence):
         raise InvalidRequestError(
-            f"adapters must be a mapping, a list of mappings (one per row) or None, got {adapters!r}"
+            f"adapters must be a mapping, a list of mappings (one per row) or None, "
+            f"got {adapters!r}"
         )
     if len(adapters) != n_rows:
         raise InvalidRequestError(f"adapters has {len(adapters)} entries for {n_rows} prompts")

@@ -56,7 +56,9 @@ def normalize_messages(prompt: Prompt) -> list[dict[str, Any]]:
     messages = []
     for i, message in enumerate(prompt):
         if not isinstance(message, Mapping):
-            raise InvalidRequestError(f"message {i} must be a mapping, got {type(message).__name__}")
+            raise InvalidRequestError(
+                f"message {i} must be a mapping, got {type(message).__name__}"
+            )
         role = message.get("role")
         if role not in ROLES:
             raise InvalidRequestError(f"message {i} has role {role!r}; expected one of {ROLES}")
@@ -130,7 +132,10 @@ def render_prompt(
         prefix = tool_call_prefix(tools, tool_choice)
         return RenderedPrompt(str(text) + prefix, prefix)
     text = tokenizer.apply_chat_template(
-        messages, tools=tools or None, add_generation_prompt=True, tokenize=False
+        messages,
+        tools=[dict(t) for t in tools] or None,
+        add_generation_prompt=True,
+        tokenize=False,
     )
     return RenderedPrompt(str(text))
 
@@ -195,7 +200,9 @@ def _tool_name(tool: Mapping[str, Any]) -> str:
     function = tool.get("function", tool) if isinstance(tool, Mapping) else None
     name = function.get("name") if isinstance(function, Mapping) else None
     if not isinstance(name, str) or not name:
-        raise InvalidRequestError(f"a tool must be an OpenAI function schema with a name, got {tool!r}")
+        raise InvalidRequestError(
+            f"a tool must be an OpenAI function schema with a name, got {tool!r}"
+        )
     return name
 
 

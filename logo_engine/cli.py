@@ -27,8 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--base-model", help="HF folder or hub id (default: embedded SmolLM2-135M)")
     common.add_argument("--gguf-file", help="GGUF file name inside --base-model")
-    common.add_argument("--adapters", help="folder with one peft adapter folder per adapter "
-                                           "(default: the shipped zoo)")
+    common.add_argument(
+        "--adapters",
+        help="folder with one peft adapter folder per adapter (default: the shipped zoo)",
+    )
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
     routing = argparse.ArgumentParser(add_help=False)
     routing.add_argument("--top-k", type=int, default=3, help="adapters kept (default 3)")
@@ -38,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="logo", description="LoGo: per-request LoRA selection.")
     sub = parser.add_subparsers(dest="command", required=True)
-    route = sub.add_parser("route", parents=[common, routing], help="probe a prompt: scores, choice")
+    route = sub.add_parser(
+        "route", parents=[common, routing], help="probe a prompt: scores, choice"
+    )
     route.add_argument("prompt")
     gen = sub.add_parser("generate", parents=[common, routing], help="answer a prompt")
     gen.add_argument("prompt")
@@ -46,8 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
-    gen.add_argument("--pin", action="append", metavar="NAME=WEIGHT",
-                     help="pin a mixture instead of routing (repeatable); --pin none = base model")
+    gen.add_argument(
+        "--pin",
+        action="append",
+        metavar="NAME=WEIGHT",
+        help="pin a mixture instead of routing (repeatable); --pin none = base model",
+    )
     sub.add_parser("adapters", parents=[common], help="list the adapter library")
     return parser
 
@@ -57,10 +65,15 @@ def _engine(args: argparse.Namespace) -> Any:
 
     routing = None
     if hasattr(args, "top_k"):
-        routing = RoutingConfig(top_k=args.top_k, signal=args.signal,
-                                probe_layer=args.probe_layer, probe_module=args.probe_module)
-    return LoGoEngine.from_pretrained(args.base_model, adapters=args.adapters, routing=routing,
-                                      gguf_file=args.gguf_file)
+        routing = RoutingConfig(
+            top_k=args.top_k,
+            signal=args.signal,
+            probe_layer=args.probe_layer,
+            probe_module=args.probe_module,
+        )
+    return LoGoEngine.from_pretrained(
+        args.base_model, adapters=args.adapters, routing=routing, gguf_file=args.gguf_file
+    )
 
 
 def _pins(values: list[str] | None) -> dict[str, float] | None:
@@ -85,8 +98,10 @@ def selection_table(selection: Selection) -> str:
     if selection.pinned:
         lines.append("pinned mixture (no probe)")
     else:
-        lines.append(f"probe: {selection.probe_module} ({selection.signal}, top-{selection.top_k}, "
-                     f"{selection.probe_ms:.1f} ms)")
+        lines.append(
+            f"probe: {selection.probe_module} ({selection.signal}, top-{selection.top_k}, "
+            f"{selection.probe_ms:.1f} ms)"
+        )
     lines.append(f"{'adapter':24s} {'score':>10s} {'weight':>8s}")
     names = sorted(selection.scores, key=lambda n: -selection.scores[n]) or list(weights)
     for name in names:
@@ -119,8 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(selection.model_dump_json() if args.json else selection_table(selection))
         else:
             out = engine.generate(
-                args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                seed=args.seed, stop=args.stop, adapters=_pins(args.pin),
+                args.prompt,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                seed=args.seed,
+                stop=args.stop,
+                adapters=_pins(args.pin),
             )
             if args.json:
                 print(out.model_dump_json())

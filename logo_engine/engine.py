@@ -8,6 +8,7 @@ seeded sampling, stop strings) → :class:`Generation`.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -59,6 +60,7 @@ class LoGoEngine(BaseEngine):
         allow_pickle: accept ``adapter_model.bin`` (pickle) weights. Off: pickle can run code.
         name: model name for metadata (default: the model config's ``_name_or_path``).
         progress: show a progress bar while loading adapters (default: when loading >= 8).
+
     """
 
     _shared: ClassVar[dict[tuple[Any, ...], LoGoEngine]] = {}
@@ -168,8 +170,12 @@ class LoGoEngine(BaseEngine):
             engine = cls._shared.get(key)
             if engine is None:
                 engine = cls.from_pretrained(
-                    base_model, adapters=adapters, routing=routing, device=device,
-                    dtype=dtype or torch.float32, gguf_file=gguf_file,
+                    base_model,
+                    adapters=adapters,
+                    routing=routing,
+                    device=device,
+                    dtype=dtype or torch.float32,
+                    gguf_file=gguf_file,
                 )
                 cls._shared[key] = engine
             return engine
@@ -186,8 +192,9 @@ class LoGoEngine(BaseEngine):
         All of them are read and checked against the base model first: on any error nothing is
         added and the engine is unchanged.
         """
+        loaded: list[Adapter]
         if isinstance(adapters, Sequence) and adapters and isinstance(adapters[0], Adapter):
-            loaded = list(adapters)  # already in memory
+            loaded = [a for a in adapters if isinstance(a, Adapter)]  # already in memory
         else:
             sources = resolve_sources(adapters)  # type: ignore[arg-type]
             show = progress if progress is not None else len(sources) >= PROGRESS_MIN_ADAPTERS
@@ -204,7 +211,9 @@ class LoGoEngine(BaseEngine):
                 if adapter.base_model_name and adapter.base_model_name != self._name:
                     logger.debug(
                         "adapter %r was trained on %r; loading it on %r (shapes match)",
-                        adapter.name, adapter.base_model_name, self._name,
+                        adapter.name,
+                        adapter.base_model_name,
+                        self._name,
                     )
             library = AdapterLibrary(
                 [*self._library.adapters, *loaded], dtype=self._dtype, device=self._device
@@ -255,8 +264,10 @@ class LoGoEngine(BaseEngine):
             input_ids=ids,
         )
 
-    def _validate_routing(self, routing: RoutingConfig, library: AdapterLibrary | None = None) -> None:
-        library = library or self._library
+    def _validate_routing(
+        self, routing: RoutingConfig, library: AdapterLibrary | None = None
+    ) -> None:
+        library = self._library if library is None else library
         if len(library) == 0:
             raise RoutingConfigError(
                 "no adapters are loaded, so there is nothing to route to; load adapters or pass "
@@ -278,8 +289,12 @@ class LoGoEngine(BaseEngine):
             ctx.probe_module = module
         try:
             with torch.inference_mode(), forward_context(ctx):
-                self.model(input_ids=input_ids, attention_mask=mask,
-                           position_ids=_positions(mask), use_cache=False)
+                self.model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    position_ids=_positions(mask),
+                    use_cache=False,
+                )
         except ProbeDone:
             pass
         except Exception as exc:
@@ -297,8 +312,14 @@ class LoGoEngine(BaseEngine):
             scores = score(outputs, routing)  # (B, N)
             scores[:, ~library.has_module(module).to(scores.device)] = 0.0
         probe_ms = (time.perf_counter() - start) * 1e3
-        return select(scores, library.names, routing, probe_layer=layer, probe_module=module,
-                      probe_ms=probe_ms)
+        return select(
+            scores,
+            library.names,
+            routing,
+            probe_layer=layer,
+            probe_module=module,
+            probe_ms=probe_ms,
+        )
 
     def _decode(
         self,
@@ -362,8 +383,12 @@ class LoGoEngine(BaseEngine):
         """Token ids (B, T) left-padded to the longest row, and the attention mask (B, T)."""
         width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in ids], device=self._device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self._device)
+        input_ids = torch.tensor(
+            [[pad] * (width - len(x)) + list(x) for x in ids], device=self._device
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self._device
+        )
         return input_ids, mask
 
     def _probe_target(self, routing: RoutingConfig, library: AdapterLibrary) -> tuple[int, str]:
@@ -377,11 +402,12 @@ class LoGoEngine(BaseEngine):
         prefix = self._layer_prefix + f".{layer}."
         suffix = routing.probe_module
         candidates = [
-            m for m in library.stacks
+            m
+            for m in library.stacks
             if m.startswith(prefix) and (m == prefix + suffix or m.endswith("." + suffix))
         ]
         if len(candidates) != 1:
-            adapted = sorted(m[len(prefix):] for m in library.stacks if m.startswith(prefix))
+            adapted = sorted(m[len(prefix) :] for m in library.stacks if m.startswith(prefix))
             what = "matches several" if candidates else "matches no"
             raise RoutingConfigError(
                 f"probe_module={suffix!r} {what} adapted module of layer {layer}; "
@@ -401,12 +427,10 @@ class LoGoEngine(BaseEngine):
         self, routing: RoutingConfig, *, library: AdapterLibrary | None = None, default: bool
     ) -> None:
         """Validate the default routing against the library (a default top_k shrinks to fit)."""
-        library = library or self._library
+        library = self._library if library is None else library
         if len(library) == 0:
             return
         if default and routing.top_k > len(library):
-            import dataclasses
-
             self.routing = routing = dataclasses.replace(routing, top_k=len(library))
         check_top_k(routing, len(library))
         self._probe_target(routing, library)
@@ -425,8 +449,8 @@ class _Detokenizer:
     def add(self, token: int) -> str:
         self.ids.append(token)
         decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
-        after = decode(self.ids[self.prefix :], skip_special_tokens=True)
+        before = str(decode(self.ids[self.prefix : self.read], skip_special_tokens=True))
+        after = str(decode(self.ids[self.prefix :], skip_special_tokens=True))
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
             return after[len(before) :]
@@ -460,7 +484,9 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _generators(params: SamplingParams, n_rows: int, device: torch.device) -> list[torch.Generator] | None:
+def _generators(
+    params: SamplingParams, n_rows: int, device: torch.device
+) -> list[torch.Generator] | None:
     """One generator per row, all seeded alike: a row samples as it would alone."""
     if params.temperature == 0:
         return None

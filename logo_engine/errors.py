@@ -21,7 +21,7 @@ class AdapterLoadError(LoGoError, OSError):
 
 
 class UnsafeAdapterError(AdapterLoadError):
-    """An adapter ships pickle (``.bin``) weights and the caller did not opt in with ``allow_pickle``."""
+    """An adapter ships pickle (``.bin``) weights and the caller did not pass ``allow_pickle``."""
 
 
 class AdapterIncompatibleError(LoGoError, ValueError):
@@ -40,7 +40,7 @@ class RoutingConfigError(LoGoError, ValueError):
 
 
 class InvalidRequestError(LoGoError, ValueError):
-    """A request is malformed: empty prompt, unknown role, bad mixture weights, bad sampling values."""
+    """A malformed request: empty prompt, unknown role, bad mixture weights or sampling values."""
 
 
 class ContextLengthError(InvalidRequestError):

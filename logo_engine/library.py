@@ -39,9 +39,13 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 # peft state-dict keys: "base_model.model.<module>.lora_A[.<adapter>].weight"
-_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_KEY_RE = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$"
+)
 
-AdapterSource = Union[str, os.PathLike, Mapping[str, Union[str, os.PathLike]], Sequence[Union[str, os.PathLike]]]
+AdapterSource = Union[
+    str, os.PathLike, Mapping[str, Union[str, os.PathLike]], Sequence[Union[str, os.PathLike]]
+]
 
 
 @dataclass(frozen=True)
@@ -102,10 +106,14 @@ def resolve_sources(adapters: AdapterSource) -> dict[str, Path]:
         for path in adapters:
             p = Path(path)
             if p.name in out:
-                raise AdapterLoadError(f"two adapters are named {p.name!r}; pass a {{name: path}} dict")
+                raise AdapterLoadError(
+                    f"two adapters are named {p.name!r}; pass a {{name: path}} dict"
+                )
             out[p.name] = p
         return out
-    raise AdapterLoadError(f"adapters must be a folder, a list of folders or a dict, got {adapters!r}")
+    raise AdapterLoadError(
+        f"adapters must be a folder, a list of folders or a dict, got {adapters!r}"
+    )
 
 
 def read_adapter(name: str, path: str | os.PathLike, *, allow_pickle: bool = False) -> Adapter:
@@ -118,7 +126,8 @@ def read_adapter(name: str, path: str | os.PathLike, *, allow_pickle: bool = Fal
             state = load_file(str(weights_file), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
             raise AdapterLoadError(
-                f"adapter {name!r}: cannot read {str(weights_file)!r} (truncated or corrupt?): {exc}"
+                f"adapter {name!r}: cannot read {str(weights_file)!r} "
+                f"(truncated or corrupt?): {exc}"
             ) from exc
     elif (path / PICKLE_NAME).is_file():
         if not allow_pickle:
@@ -147,7 +156,9 @@ def _read_config(name: str, path: Path) -> dict[str, Any]:
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise AdapterLoadError(f"adapter {name!r}: cannot parse {str(config_file)!r}: {exc}") from exc
+        raise AdapterLoadError(
+            f"adapter {name!r}: cannot parse {str(config_file)!r}: {exc}"
+        ) from exc
     if not isinstance(config, dict):
         raise AdapterLoadError(f"adapter {name!r}: {CONFIG_NAME} is not a JSON object")
     peft_type = str(config.get("peft_type", "")).upper()
@@ -165,7 +176,9 @@ def _read_config(name: str, path: Path) -> dict[str, Any]:
         if config.get(key):
             raise AdapterIncompatibleError(f"adapter {name!r}: {why} ({key}={config[key]!r})")
     if config.get("bias", "none") != "none":
-        raise AdapterIncompatibleError(f"adapter {name!r}: bias={config['bias']!r} is not supported")
+        raise AdapterIncompatibleError(
+            f"adapter {name!r}: bias={config['bias']!r} is not supported"
+        )
     return config
 
 
@@ -177,7 +190,9 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
     return default
 
 
-def _factors(name: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> dict[str, LoraFactors]:
+def _factors(
+    name: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
+) -> dict[str, LoraFactors]:
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         match = _KEY_RE.match(key)
@@ -195,7 +210,9 @@ def _factors(name: str, config: Mapping[str, Any], state: Mapping[str, torch.Ten
     for module, pair in sorted(halves.items()):
         if set(pair) != {"A", "B"}:
             missing = ({"A", "B"} - set(pair)).pop()
-            raise AdapterIncompatibleError(f"adapter {name!r}: module {module!r} lacks lora_{missing}")
+            raise AdapterIncompatibleError(
+                f"adapter {name!r}: module {module!r} lacks lora_{missing}"
+            )
         a, b = pair["A"], pair["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise AdapterIncompatibleError(
@@ -203,7 +220,9 @@ def _factors(name: str, config: Mapping[str, Any], state: Mapping[str, torch.Ten
                 f"{tuple(b.shape)}; expected (r, in) and (out, r)"
             )
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterIncompatibleError(f"adapter {name!r}: module {module!r} has NaN or Inf weights")
+            raise AdapterIncompatibleError(
+                f"adapter {name!r}: module {module!r} has NaN or Inf weights"
+            )
         r = int(a.shape[0])
         expected_r = int(_pattern_value(rank_pattern, module, config.get("r", r)))
         if expected_r != r:
@@ -261,7 +280,9 @@ class ModuleStack:
 class AdapterLibrary:
     """An immutable set of adapters, stacked per module. ``slot`` = position in ``names``."""
 
-    def __init__(self, adapters: Sequence[Adapter], *, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self, adapters: Sequence[Adapter], *, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
         names = [a.name for a in adapters]
         if len(set(names)) != len(names):
             dupes = sorted({n for n in names if names.count(n) > 1})
@@ -291,7 +312,9 @@ class AdapterLibrary:
         return stack.row_of != stack.absent_row
 
 
-def _stack(module: str, adapters: Iterable[Adapter], *, dtype: torch.dtype, device: torch.device | str) -> ModuleStack:
+def _stack(
+    module: str, adapters: Iterable[Adapter], *, dtype: torch.dtype, device: torch.device | str
+) -> ModuleStack:
     adapters = list(adapters)
     present = [a.modules[module] for a in adapters if module in a.modules]
     r = max(f.lora_a.shape[0] for f in present)

@@ -15,7 +15,7 @@ request and reused at every decoding step:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -81,7 +81,9 @@ def _module_mixture(
     stack: ModuleStack, slots: torch.Tensor, weights: torch.Tensor, *, shared: bool
 ) -> ModuleMixture | None:
     device = stack.lora_a.device
-    rows = torch.where(slots >= 0, stack.row_of[slots.clamp(min=0).to(device)], stack.absent_row)  # (B, k)
+    rows = torch.where(
+        slots >= 0, stack.row_of[slots.clamp(min=0).to(device)], stack.absent_row
+    )  # (B, k)
     present = rows != stack.absent_row  # (B, k)
     keep = present.any(dim=0)  # drop columns no row uses at this module
     if not keep.any():
@@ -99,7 +101,7 @@ def _module_mixture(
     return ModuleMixture(a_cat.contiguous(), b_cat.contiguous())
 
 
-class ProbeDone(Exception):  # noqa: N818 - control flow, never escapes the engine
+class ProbeDone(Exception):
     """Raised by a hook to stop the probe forward once the probed input is captured."""
 
 
@@ -153,16 +155,18 @@ class HookSet:
     def __init__(self) -> None:
         self._handles: dict[str, RemovableHandle] = {}
 
-    def attach_linears(self, linears: dict[str, nn.Module], names: Sequence[str]) -> None:
+    def attach_linears(self, linears: Mapping[str, nn.Module], names: Sequence[str]) -> None:
         for name in names:
             if name not in self._handles:
                 self._handles[name] = linears[name].register_forward_hook(_linear_hook(name))
 
-    def attach_layers(self, layers: Sequence[nn.Module]) -> None:
+    def attach_layers(self, layers: Iterable[nn.Module]) -> None:
         for i, layer in enumerate(layers):
             key = f"layer:{i}"
             if key not in self._handles:
-                self._handles[key] = layer.register_forward_pre_hook(_layer_pre_hook, with_kwargs=True)
+                self._handles[key] = layer.register_forward_pre_hook(
+                    _layer_pre_hook, with_kwargs=True
+                )
 
     def remove(self) -> None:
         for handle in self._handles.values():

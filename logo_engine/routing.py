@@ -79,7 +79,9 @@ def select(
             Selection(
                 adapters=[kept[i][0] for i in order],
                 weights=[weights[i] for i in order],
-                scores={name: float(s) for name, s in zip(names, scores[row].tolist(), strict=True)},
+                scores={
+                    name: float(s) for name, s in zip(names, scores[row].tolist(), strict=True)
+                },
                 signal=config.signal_name,
                 top_k=config.top_k,
                 probe_layer=probe_layer,
@@ -97,7 +99,9 @@ def _weights(kept_scores: list[float], config: RoutingConfig) -> list[float]:
     if config.weighting == "uniform":
         return [1.0 / len(kept_scores)] * len(kept_scores)
     if config.weighting == "softmax":
-        probs = torch.softmax(torch.tensor(kept_scores, dtype=torch.float64) / config.temperature, 0)
+        probs = torch.softmax(
+            torch.tensor(kept_scores, dtype=torch.float64) / config.temperature, 0
+        )
         return probs.tolist()
     total = sum(kept_scores)
     if not math.isfinite(total) or total <= 0:
@@ -122,13 +126,21 @@ def pinned_selection(mixture: Mapping[str, float], names: Sequence[str]) -> Sele
             raise AdapterNotFoundError(
                 f"unknown adapter {name!r} in the pinned mixture; the library holds {sorted(known)}"
             )
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise InvalidRequestError(f"weight of adapter {name!r} must be a finite number, got {weight!r}")
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+        ):
+            raise InvalidRequestError(
+                f"weight of adapter {name!r} must be a finite number, got {weight!r}"
+            )
         if weight < 0:
             raise InvalidRequestError(f"weight of adapter {name!r} must be >= 0, got {weight!r}")
     total = float(sum(mixture.values()))
     if mixture and total <= 0:
-        raise InvalidRequestError(f"the pinned mixture's weights sum to {total}; they must sum to > 0")
+        raise InvalidRequestError(
+            f"the pinned mixture's weights sum to {total}; they must sum to > 0"
+        )
     kept = sorted(((n, float(w) / total) for n, w in mixture.items() if w > 0), key=lambda p: -p[1])
     return Selection(
         adapters=[n for n, _ in kept],

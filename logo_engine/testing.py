@@ -36,13 +36,14 @@ class ScriptedEngine(BaseEngine):
     """An engine whose answers are scripted; for fast, deterministic tests.
 
     Args:
-        script: a list of answers used in turn (cycling), or a callable ``(messages, tools) -> str``.
+        script: answers used in turn (cycling), or a callable ``(messages, tools) -> str``.
             Default: echo the last user message.
         adapter_names: the pretend library.
         routing: routing defaults (``top_k``, weighting...; the signal is keyword counting).
         model_name: reported base model name.
         context_window: pretend context window, in words.
         words_per_chunk: words per decoding step (1: one chunk per word).
+
     """
 
     def __init__(
@@ -95,11 +96,14 @@ class ScriptedEngine(BaseEngine):
     def _route(self, requests: list[Request], routing: RoutingConfig) -> list[Selection]:
         # Score = 1 + how often the adapter's name occurs in the prompt (case-insensitive).
         scores = torch.tensor(
-            [[1.0 + len(re.findall(re.escape(n), r.text, re.IGNORECASE)) for n in self._names]
-             for r in requests]
+            [
+                [1.0 + len(re.findall(re.escape(n), r.text, re.IGNORECASE)) for n in self._names]
+                for r in requests
+            ]
         )  # (B, N)
-        return select(scores, self._names, routing, probe_layer=-1, probe_module="scripted",
-                      probe_ms=0.0)
+        return select(
+            scores, self._names, routing, probe_layer=-1, probe_module="scripted", probe_ms=0.0
+        )
 
     def _decode(
         self,

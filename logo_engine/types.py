@@ -37,11 +37,15 @@ class RoutingConfig:
     signal: Signal | Scorer = "norm"  # "norm": ||o_i||_2; "entropy": 1 / (H(softmax(o_i)) + 1e-6)
     probe_layer: int = -1  # decoder block to read; negative counts from the end
     probe_module: str = "q_proj"  # adapted Linear inside that block, by (suffix of) its name
-    probe_input: Literal["module", "residual"] = "module"  # "residual": the paper code's pre-norm input
+    probe_input: Literal["module", "residual"] = (
+        "module"  # "residual": the paper code's pre-norm input
+    )
     probe_tokens: Literal["last", "mean"] = "last"  # last prompt token, or the mean over the prompt
     weighting: Weighting = "proportional"  # w_i = s_i / sum(s_topk); "softmax" uses `temperature`
     temperature: float = 1.0  # softmax temperature over the kept scores
-    min_score: float | None = None  # drop kept adapters scoring below this (may leave the base model)
+    min_score: float | None = (
+        None  # drop kept adapters scoring below this (may leave the base model)
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
@@ -53,19 +57,29 @@ class RoutingConfig:
         if isinstance(self.probe_layer, bool) or not isinstance(self.probe_layer, int):
             raise RoutingConfigError(f"probe_layer must be an int, got {self.probe_layer!r}")
         if not isinstance(self.probe_module, str) or not self.probe_module.strip():
-            raise RoutingConfigError(f"probe_module must be a module name, got {self.probe_module!r}")
+            raise RoutingConfigError(
+                f"probe_module must be a module name, got {self.probe_module!r}"
+            )
         if self.probe_input not in ("module", "residual"):
-            raise RoutingConfigError(f"probe_input must be 'module' or 'residual', got {self.probe_input!r}")
+            raise RoutingConfigError(
+                f"probe_input must be 'module' or 'residual', got {self.probe_input!r}"
+            )
         if self.probe_tokens not in ("last", "mean"):
-            raise RoutingConfigError(f"probe_tokens must be 'last' or 'mean', got {self.probe_tokens!r}")
+            raise RoutingConfigError(
+                f"probe_tokens must be 'last' or 'mean', got {self.probe_tokens!r}"
+            )
         if self.weighting not in ("proportional", "softmax", "uniform"):
             raise RoutingConfigError(
                 f"weighting must be 'proportional', 'softmax' or 'uniform', got {self.weighting!r}"
             )
         if not _finite(self.temperature) or self.temperature <= 0:
-            raise RoutingConfigError(f"temperature must be a finite float > 0, got {self.temperature!r}")
+            raise RoutingConfigError(
+                f"temperature must be a finite float > 0, got {self.temperature!r}"
+            )
         if self.min_score is not None and not _finite(self.min_score):
-            raise RoutingConfigError(f"min_score must be a finite float or None, got {self.min_score!r}")
+            raise RoutingConfigError(
+                f"min_score must be a finite float or None, got {self.min_score!r}"
+            )
 
     @property
     def signal_name(self) -> str:

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
-import tiny  # noqa: E402
+import tiny
 
 
 @pytest.fixture(scope="session")
@@ -24,10 +24,19 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("adapters")
     model = tiny.tiny_model()
     tiny.random_adapter(model, root / "a", r=4, alpha=8, targets=("q_proj", "v_proj"), seed=1)
-    tiny.random_adapter(model, root / "b", r=8, alpha=4, targets=("q_proj", "k_proj", "o_proj",
-                                                                  "down_proj"), seed=2)
-    tiny.random_adapter(model, root / "c", r=2, alpha=2, targets=("q_proj", "up_proj"), seed=3,
-                        use_rslora=True, layers=[1])
+    tiny.random_adapter(
+        model, root / "b", r=8, alpha=4, targets=("q_proj", "k_proj", "o_proj", "down_proj"), seed=2
+    )
+    tiny.random_adapter(
+        model,
+        root / "c",
+        r=2,
+        alpha=2,
+        targets=("q_proj", "up_proj"),
+        seed=3,
+        use_rslora=True,
+        layers=[1],
+    )
     return root
 
 

@@ -8,9 +8,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import tiny
 import torch
 
-import tiny
 from logo_engine import (
     ContextLengthError,
     GenerationError,
@@ -21,8 +21,12 @@ from logo_engine import (
 from logo_engine.errors import AdapterNotFoundError
 from logo_engine.mixture import _CURRENT
 
-PROMPTS = ["hello abc", "12 34 + 5", [{"role": "system", "content": "be brief"},
-                                     {"role": "user", "content": "+-*/ ok"}], "yes no ok"]
+PROMPTS = [
+    "hello abc",
+    "12 34 + 5",
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "+-*/ ok"}],
+    "yes no ok",
+]
 
 
 def test_batch_equals_one_by_one(engine):
@@ -52,8 +56,10 @@ def test_sampling_is_seeded_and_row_independent(engine):
     a = engine.generate("hello abc", **kw)
     assert engine.generate("hello abc", **kw).text == a.text
     assert engine.generate_batch(["12 34", "hello abc"], **kw)[1].text == a.text
-    others = {engine.generate("hello abc", max_new_tokens=12, temperature=1.5, seed=s).text
-              for s in range(5)}
+    others = {
+        engine.generate("hello abc", max_new_tokens=12, temperature=1.5, seed=s).text
+        for s in range(5)
+    }
     assert len(others) > 1
 
 
@@ -136,12 +142,19 @@ async def test_astream_cancel_frees_state(engine):
 def test_concurrent_threads_equal_sequential(engine):
     calls = [
         dict(prompt=p, adapters=m, max_new_tokens=8)
-        for p in PROMPTS for m in (None, {"a": 0.3, "c": 0.7}, {})
+        for p in PROMPTS
+        for m in (None, {"a": 0.3, "c": 0.7}, {})
     ]
-    expected = [engine.generate(c["prompt"], adapters=c["adapters"], max_new_tokens=8) for c in calls]
+    expected = [
+        engine.generate(c["prompt"], adapters=c["adapters"], max_new_tokens=8) for c in calls
+    ]
     with ThreadPoolExecutor(8) as pool:
-        got = list(pool.map(lambda c: engine.generate(c["prompt"], adapters=c["adapters"],
-                                                       max_new_tokens=8), calls * 2))
+        got = list(
+            pool.map(
+                lambda c: engine.generate(c["prompt"], adapters=c["adapters"], max_new_tokens=8),
+                calls * 2,
+            )
+        )
     for e, g in zip(expected * 2, got, strict=True):
         assert g.text == e.text and g.selection.adapters == e.selection.adapters
 
@@ -217,8 +230,16 @@ def test_bad_requests(engine, kwargs, error, match):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(top_k=0), dict(top_k=1.5), dict(signal="cosine"), dict(probe_input="x"),
-     dict(weighting="max"), dict(temperature=0), dict(probe_layer="last"), dict(min_score=float("nan"))],
+    [
+        dict(top_k=0),
+        dict(top_k=1.5),
+        dict(signal="cosine"),
+        dict(probe_input="x"),
+        dict(weighting="max"),
+        dict(temperature=0),
+        dict(probe_layer="last"),
+        dict(min_score=float("nan")),
+    ],
 )
 def test_bad_routing_config(kwargs):
     with pytest.raises(RoutingConfigError):
@@ -255,7 +276,9 @@ def test_custom_scorer(engine):
     def negative_norm(outputs: torch.Tensor) -> torch.Tensor:
         return -outputs.norm(dim=-1)
 
-    sel = engine.route("hello", routing=RoutingConfig(top_k=1, signal=negative_norm, weighting="uniform"))
+    sel = engine.route(
+        "hello", routing=RoutingConfig(top_k=1, signal=negative_norm, weighting="uniform")
+    )
     assert sel.signal == "negative_norm"
     assert sel.adapters == [min(sel.scores, key=lambda n: -sel.scores[n])]
 
@@ -263,7 +286,8 @@ def test_custom_scorer(engine):
 def test_usage_and_finish_reason(engine):
     out = engine.generate("hello", max_new_tokens=2, adapters={})
     assert out.usage.completion_tokens <= 2 and out.usage.total_tokens == (
-        out.usage.prompt_tokens + out.usage.completion_tokens)
+        out.usage.prompt_tokens + out.usage.completion_tokens
+    )
     assert out.finish_reason in ("stop", "length")
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-import tiny
 from logo_engine import LoGoEngine, RoutingConfig
 from logo_engine.mixture import ForwardContext, MixturePlan, forward_context
 from logo_engine.routing import pinned_selection
@@ -17,7 +17,9 @@ from logo_engine.routing import pinned_selection
 
 def _peft_model(adapter_dir, names, weights):
     """peft with ``names`` active (summed) and each adapter's scaling multiplied by its weight."""
-    model = PeftModel.from_pretrained(tiny.tiny_model(), adapter_dir / names[0], adapter_name=names[0])
+    model = PeftModel.from_pretrained(
+        tiny.tiny_model(), adapter_dir / names[0], adapter_name=names[0]
+    )
     for name in names[1:]:
         model.load_adapter(adapter_dir / name, adapter_name=name)
     model.base_model.set_adapter(list(names), inference_mode=True)
@@ -49,7 +51,10 @@ def test_pinned_mixture_matches_peft(engine, adapter_dir, mixture):
     got = _engine_logits(engine, ids, mixture)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # the same mixture through the per-row (batched) path
-    rows = [pinned_selection(mixture, engine.adapter_names), pinned_selection({}, engine.adapter_names)]
+    rows = [
+        pinned_selection(mixture, engine.adapter_names),
+        pinned_selection({}, engine.adapter_names),
+    ]
     plan = MixturePlan.build(engine.library, rows)
     with torch.inference_mode(), forward_context(ForwardContext(plan=plan)):
         batched = engine.model(input_ids=ids).logits
@@ -108,7 +113,9 @@ def test_probe_scores_match_hooks(engine, adapter_dir, signal, probe_input, laye
         base(input_ids=torch.tensor([ids]))
     h = captured["h"][0, -1]
     n_layer = layer % 2
-    expected = _hand_scores(adapter_dir, ["a", "b", "c"], h, f"model.layers.{n_layer}.self_attn.q_proj", signal)
+    expected = _hand_scores(
+        adapter_dir, ["a", "b", "c"], h, f"model.layers.{n_layer}.self_attn.q_proj", signal
+    )
     assert selection.probe_module == f"model.layers.{n_layer}.self_attn.q_proj"
     assert selection.scores.keys() == expected.keys()
     for name in expected:
@@ -122,12 +129,16 @@ def test_probe_mean_tokens_is_mean_of_outputs(engine, adapter_dir):
     sel = engine.route(prompt, routing=RoutingConfig(top_k=1, probe_tokens="mean"))
     base = tiny.tiny_model()
     captured = {}
-    base.model.layers[-1].self_attn.q_proj.register_forward_hook(lambda m, a, o: captured.setdefault("h", a[0]))
+    base.model.layers[-1].self_attn.q_proj.register_forward_hook(
+        lambda m, a, o: captured.setdefault("h", a[0])
+    )
     ids = engine._prepare(prompt, None, None).input_ids
     with torch.inference_mode():
         base(input_ids=torch.tensor([ids]))
     h = captured["h"][0].mean(0)
-    expected = _hand_scores(adapter_dir, ["a", "b", "c"], h, "model.layers.1.self_attn.q_proj", "norm")
+    expected = _hand_scores(
+        adapter_dir, ["a", "b", "c"], h, "model.layers.1.self_attn.q_proj", "norm"
+    )
     for name in expected:
         assert sel.scores[name] == pytest.approx(expected[name], rel=1e-4)
 
@@ -143,9 +154,11 @@ def test_probe_ignores_earlier_requests(engine):
 def test_probe_stops_at_probe_module(engine):
     """No full forward: nothing after the probe module runs (no later layers, no lm_head)."""
     calls = []
-    handles = [engine.model.lm_head.register_forward_hook(lambda *a: calls.append("lm_head")),
-               engine.model.model.layers[1].mlp.register_forward_hook(lambda *a: calls.append("mlp1")),
-               engine.model.model.layers[0].mlp.register_forward_hook(lambda *a: calls.append("mlp0"))]
+    handles = [
+        engine.model.lm_head.register_forward_hook(lambda *a: calls.append("lm_head")),
+        engine.model.model.layers[1].mlp.register_forward_hook(lambda *a: calls.append("mlp1")),
+        engine.model.model.layers[0].mlp.register_forward_hook(lambda *a: calls.append("mlp0")),
+    ]
     try:
         engine.route("hello world")
     finally:
@@ -161,10 +174,15 @@ def test_routed_generation_matches_peft_generate(engine, adapter_dir, tokenizer)
     oracle = _peft_model(adapter_dir, gen.selection.adapters, gen.selection.weights)
     ids = torch.tensor([engine._prepare(prompt, None, None).input_ids])
     with torch.inference_mode():
-        out = oracle.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                              do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id)
-    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = oracle.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert gen.text == expected
 
 
@@ -172,13 +190,20 @@ def test_generate_text_equals_full_decode(engine, tokenizer):
     """Incremental detokenization gives exactly tokenizer.decode(new ids, skip_special_tokens)."""
     gen = engine.generate("12 ab +", adapters={"a": 0.5, "b": 0.5}, max_new_tokens=20)
     ids = torch.tensor([engine._prepare("12 ab +", None, None).input_ids])
-    oracle = _peft_model(engine_dir := engine.library.adapters[0].path.parent, ["a", "b"], [0.5, 0.5])
+    oracle = _peft_model(
+        engine_dir := engine.library.adapters[0].path.parent, ["a", "b"], [0.5, 0.5]
+    )
     assert engine_dir
     with torch.inference_mode():
-        out = oracle.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20,
-                              do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id)
-    assert gen.text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = oracle.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    assert gen.text == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert gen.usage.completion_tokens == out.shape[1] - ids.shape[1]
 
 

@@ -7,10 +7,10 @@ import os
 import shutil
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file, save_file
 
-import tiny
 from logo_engine import (
     AdapterIncompatibleError,
     AdapterLoadError,
@@ -61,19 +61,43 @@ def _bad_adapters(adapter_dir, root):
         "missing_dir": (root / "nowhere", AdapterLoadError, "no adapter_config.json"),
         "no_weights": (None, AdapterLoadError, "no adapter_model.safetensors"),
         "truncated": (None, AdapterLoadError, "truncated or corrupt"),
-        "not_lora": (_copy(a, root / "not_lora", lambda c: c.update(peft_type="IA3")),
-                     AdapterIncompatibleError, "not a LoRA adapter"),
-        "dora": (_copy(a, root / "dora", lambda c: c.update(use_dora=True)),
-                 AdapterIncompatibleError, "DoRA"),
+        "not_lora": (
+            _copy(a, root / "not_lora", lambda c: c.update(peft_type="IA3")),
+            AdapterIncompatibleError,
+            "not a LoRA adapter",
+        ),
+        "dora": (
+            _copy(a, root / "dora", lambda c: c.update(use_dora=True)),
+            AdapterIncompatibleError,
+            "DoRA",
+        ),
         "nan": (_copy(a, root / "nan", edit_state=nan), AdapterIncompatibleError, "NaN"),
         "pickle": (None, UnsafeAdapterError, "pickle"),
         "bad_json": (None, AdapterLoadError, "cannot parse"),
         "shape": (other_root / "wide", AdapterIncompatibleError, "(out, in)"),
-        "rank": (_copy(a, root / "rank", lambda c: c.update(r=16)), AdapterIncompatibleError, "rank"),
-        "module": (_copy(a, root / "module", edit_state=lambda s: s.update(
-            {"base_model.model.model.layers.0.self_attn.nope.lora_A.weight": torch.zeros(4, 64),
-             "base_model.model.model.layers.0.self_attn.nope.lora_B.weight": torch.zeros(64, 4)})),
-            AdapterIncompatibleError, "not a Linear layer"),
+        "rank": (
+            _copy(a, root / "rank", lambda c: c.update(r=16)),
+            AdapterIncompatibleError,
+            "rank",
+        ),
+        "module": (
+            _copy(
+                a,
+                root / "module",
+                edit_state=lambda s: s.update(
+                    {
+                        "base_model.model.model.layers.0.self_attn.nope.lora_A.weight": torch.zeros(
+                            4, 64
+                        ),
+                        "base_model.model.model.layers.0.self_attn.nope.lora_B.weight": torch.zeros(
+                            64, 4
+                        ),
+                    }
+                ),
+            ),
+            AdapterIncompatibleError,
+            "not a Linear layer",
+        ),
     }
     no_weights = _copy(a, root / "no_weights")
     (no_weights / "adapter_model.safetensors").unlink()
@@ -92,8 +116,19 @@ def bad(adapter_dir, tmp_path_factory):
     return _bad_adapters(adapter_dir, tmp_path_factory.mktemp("bad"))
 
 
-CASES = ["missing_dir", "no_weights", "truncated", "not_lora", "dora", "nan", "pickle", "bad_json",
-         "shape", "rank", "module"]
+CASES = [
+    "missing_dir",
+    "no_weights",
+    "truncated",
+    "not_lora",
+    "dora",
+    "nan",
+    "pickle",
+    "bad_json",
+    "shape",
+    "rank",
+    "module",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -145,7 +180,9 @@ def test_sources_forms(adapter_dir):
     assert resolve_sources(adapter_dir) == {n: adapter_dir / n for n in ("a", "b", "c")}
     assert resolve_sources(adapter_dir / "a") == {"a": adapter_dir / "a"}
     assert resolve_sources([adapter_dir / "a", adapter_dir / "b"]) == {
-        "a": adapter_dir / "a", "b": adapter_dir / "b"}
+        "a": adapter_dir / "a",
+        "b": adapter_dir / "b",
+    }
     with pytest.raises(AdapterLoadError, match="two adapters"):
         resolve_sources([adapter_dir / "a", adapter_dir / "a"])
 

@@ -46,8 +46,10 @@ class Task:
     def prompts(self, n: int, seed: int = 0) -> list[str]:
         rng = random.Random(seed)
         return [
-            " ".join("".join(rng.choice(self.words) for _ in range(rng.randint(2, 5)))
-                     for _ in range(rng.randint(3, 8)))
+            " ".join(
+                "".join(rng.choice(self.words) for _ in range(rng.randint(2, 5)))
+                for _ in range(rng.randint(3, 8))
+            )
             for _ in range(n)
         ]
 
@@ -62,18 +64,22 @@ TASKS = {
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     corpus = [p for t in TASKS.values() for p in t.prompts(200)] + [
         "system user assistant tool yes no ok hello world the answer is",
-        "ijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ {}[]\":,.!? _",
+        'ijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ {}[]":,.!? _',
     ]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS,
+        vocab_size=400,
+        special_tokens=SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token="<|im_start|>",
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
     )
     fast.chat_template = CHATML
     fast.padding_side = "left"
@@ -83,9 +89,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 400) -> PreTrainedModel:
     torch.manual_seed(seed)
     common = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
     )
     config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -105,8 +119,12 @@ def random_adapter(
     """A LoRA adapter with random A and B (peft init_lora_weights=False), saved to ``folder``."""
     torch.manual_seed(seed)
     config = LoraConfig(
-        r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False,
-        use_rslora=use_rslora, layers_to_transform=list(layers) if layers is not None else None,
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        init_lora_weights=False,
+        use_rslora=use_rslora,
+        layers_to_transform=list(layers) if layers is not None else None,
     )
     peft_model = get_peft_model(copy.deepcopy(model), config)
     peft_model.save_pretrained(folder)
@@ -135,8 +153,9 @@ def train_adapter(
     prompts = spec.prompts(64, seed=seed + 1)
     rows = []
     for p in prompts:
-        prefix = tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                               add_generation_prompt=True, tokenize=False)
+        prefix = tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
         prompt_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(spec.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
         rows.append((prompt_ids, answer_ids))
@@ -161,7 +180,7 @@ def train_adapter(
     return folder
 
 
-def tiny_engine(folder: Path, **kwargs):  # noqa: ANN201 - LoGoEngine, imported lazily
+def tiny_engine(folder: Path, **kwargs):
     """A LoGoEngine over a fresh tiny model with one trained adapter per task in TASKS."""
     from logo_engine import LoGoEngine
 
