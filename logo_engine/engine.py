@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -208,11 +209,13 @@ class LoGoEngine(BaseEngine):
                 raise AdapterLoadError(f"adapters already loaded under these names: {clash}")
             for adapter in loaded:
                 check_fits(adapter, self._linears)
-                if adapter.base_model_name and adapter.base_model_name != self._name:
-                    logger.debug(
-                        "adapter %r was trained on %r; loading it on %r (shapes match)",
+                trained_on = adapter.base_model_name
+                if trained_on and Path(trained_on).name != Path(self._name).name:
+                    logger.warning(
+                        "adapter %r says it was trained on %r, not %r; its shapes fit, so it is "
+                        "loaded, but its outputs may not mean what they meant on its own model",
                         adapter.name,
-                        adapter.base_model_name,
+                        trained_on,
                         self._name,
                     )
             library = AdapterLibrary(
