@@ -43,7 +43,9 @@ def test_any_prompt_routes_or_fails_cleanly(eng, prompt):
         return
     assert sum(first.weights) == pytest.approx(1.0)
     again = eng.route(prompt)
-    assert again.model_copy(update={"probe_ms": first.probe_ms}) == first
+    assert again.adapters == first.adapters
+    assert again.weights == pytest.approx(first.weights, rel=1e-5)
+    assert again.scores == pytest.approx(first.scores, rel=1e-5)
 
 
 @SETTINGS
