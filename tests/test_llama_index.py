@@ -1,0 +1,773 @@
+"""LoGoLLM (LlamaIndex integration) on a scripted engine: calls, streams, events, tools."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import sys
+import time
+import types
+from typing import Any
+
+import pytest
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ImageBlock,
+    MessageRole,
+    TextBlock,
+    ToolCallBlock,
+)
+from llama_index.core.bridge.pydantic import Field
+from llama_index.core.callbacks import (
+    CallbackManager,
+    CBEventType,
+    EventPayload,
+    LlamaDebugHandler,
+    TokenCountingHandler,
+)
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events import BaseEvent
+from llama_index.core.instrumentation.events.llm import (
+    LLMChatEndEvent,
+    LLMChatStartEvent,
+    LLMCompletionEndEvent,
+    LLMCompletionStartEvent,
+)
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.tools import FunctionTool
+
+import logo_integrations
+from logo_engine import AdapterNotFoundError, InvalidRequestError, RoutingConfig
+from logo_engine.testing import ScriptedEngine, tool_call_text
+from logo_integrations.llama_index import (
+    SELECTION_KEY,
+    LoGoLLM,
+    LoGoSelectionEvent,
+    message_tool_calls,
+    normalize_tool_choice,
+    record_selections,
+    to_engine_message,
+    tool_selection,
+    visible_text,
+)
+
+ADAPTERS = ("math", "sql", "code")
+
+
+# ------------------------------------------------------------------------------ helpers
+class EventCollector(BaseEventHandler):
+    """Every instrumentation event, in order."""
+
+    events: list[BaseEvent] = Field(default_factory=list)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "EventCollector"
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        self.events.append(event)
+
+    def of(self, *kinds: type) -> list[BaseEvent]:
+        return [e for e in self.events if isinstance(e, kinds)]
+
+
+@pytest.fixture()
+def events():
+    collector = EventCollector(events=[])
+    root = get_dispatcher()
+    root.add_event_handler(collector)
+    yield collector
+    root.event_handlers = [h for h in root.event_handlers if h is not collector]
+
+
+@pytest.fixture()
+def debug():
+    return LlamaDebugHandler()
+
+
+def make_llm(script: Any = None, debug: LlamaDebugHandler | None = None, **kwargs: Any) -> LoGoLLM:
+    engine = ScriptedEngine(script, adapter_names=ADAPTERS)
+    handlers = [debug] if debug is not None else []
+    return LoGoLLM(engine=engine, callback_manager=CallbackManager(handlers), **kwargs)
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers."""
+    return a * b
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def tool_script(messages: list[dict[str, Any]], tools: Any) -> str:
+    """Call multiply when tools are offered and no result came back yet; else answer."""
+    if messages[-1]["role"] == "tool":
+        return f"The result is {messages[-1]['content']}."
+    if tools:
+        return tool_call_text("multiply", {"a": 6, "b": 7})
+    return "no tools"
+
+
+async def drain(agen: Any) -> list[Any]:
+    return [x async for x in agen]
+
+
+USER = [ChatMessage(role="user", content="what is the sql for this table")]
+
+
+# ----------------------------------------------------------------------- class and metadata
+def test_is_a_function_calling_llm():
+    assert FunctionCallingLLM in LoGoLLM.__mro__
+    assert LoGoLLM.class_name() == "LoGoLLM"
+    assert logo_integrations.LoGoLLM is LoGoLLM
+
+
+def test_metadata_comes_from_the_engine():
+    engine = ScriptedEngine(model_name="base-x", context_window=1234, adapter_names=ADAPTERS)
+    llm = LoGoLLM(engine=engine, max_new_tokens=77)
+    meta = llm.metadata
+    assert meta.context_window == 1234
+    assert meta.num_output == 77
+    assert meta.is_chat_model and meta.is_function_calling_model
+    assert meta.model_name == "base-x"
+    payload = llm.to_payload()
+    assert payload["adapter_names"] == list(ADAPTERS)
+    assert payload["class_name"] == "LoGoLLM"
+    json.dumps(payload)
+
+
+class _NoTemplateTokenizer:
+    chat_template = None
+
+
+class NoTemplateEngine(ScriptedEngine):
+    tokenizer = _NoTemplateTokenizer()
+
+
+def test_model_without_chat_template_is_a_completion_model():
+    engine = NoTemplateEngine(adapter_names=ADAPTERS)
+    llm = LoGoLLM(engine=engine)
+    assert not llm.metadata.is_chat_model
+    assert not llm.metadata.is_function_calling_model
+    llm.chat([ChatMessage(role="system", content="be brief"),
+              ChatMessage(role="user", content="hi")])
+    # Messages were joined by messages_to_prompt into one string prompt.
+    (call,) = engine.calls
+    assert len(call["messages"]) == 1
+    assert "be brief" in call["messages"][0]["content"]
+
+
+def test_engine_is_loaded_lazily_through_shared(monkeypatch):
+    import torch
+
+    calls: list[tuple[Any, dict[str, Any]]] = []
+
+    class FakeLoGoEngine:
+        @staticmethod
+        def shared(base_model: Any = None, **kwargs: Any) -> ScriptedEngine:
+            calls.append((base_model, kwargs))
+            return ScriptedEngine(adapter_names=ADAPTERS)
+
+    module = types.ModuleType("logo_engine.engine")
+    module.LoGoEngine = FakeLoGoEngine  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "logo_engine.engine", module)
+    routing = RoutingConfig(top_k=2)
+    llm = LoGoLLM(base_model="some/dir", adapters={"sql": "x/sql"}, routing=routing,
+                  dtype="bfloat16")
+    assert calls == []  # nothing loaded in __init__
+    assert llm.complete("hello").text == "hello"
+    llm.complete("again")
+    assert calls == [("some/dir", {"adapters": {"sql": "x/sql"}, "routing": routing,
+                                   "device": "cpu", "dtype": torch.bfloat16, "gguf_file": None})]
+
+
+async def test_lazy_loading_in_async_call_uses_a_worker_thread(monkeypatch):
+    import threading
+
+    threads: list[str] = []
+
+    class FakeLoGoEngine:
+        @staticmethod
+        def shared(base_model: Any = None, **kwargs: Any) -> ScriptedEngine:
+            threads.append(threading.current_thread().name)
+            return ScriptedEngine(adapter_names=ADAPTERS)
+
+    module = types.ModuleType("logo_engine.engine")
+    module.LoGoEngine = FakeLoGoEngine  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "logo_engine.engine", module)
+    llm = LoGoLLM(callback_manager=CallbackManager([]))
+    llm._engine = None
+    # The callback decorator reads to_payload() (hence the engine) first: load it async-first.
+    engine = await llm._aengine()
+    assert threads and threads[0] != threading.main_thread().name
+    assert llm.engine is engine
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError):
+        LoGoLLM(engine="not an engine")
+    with pytest.raises(ValueError):
+        LoGoLLM(routing={"top_k": 2})
+    with pytest.raises(ValueError):
+        LoGoLLM(max_new_tokens=0)
+
+
+# ------------------------------------------------------------------------- completion / chat
+def test_complete_returns_text_selection_and_usage():
+    llm = make_llm(["SELECT * FROM t"])
+    response = llm.complete("write sql for this sql table")
+    assert response.text == "SELECT * FROM t"
+    selection = response.additional_kwargs[SELECTION_KEY]
+    assert selection["adapters"][0] == "sql"
+    assert abs(sum(selection["weights"]) - 1) < 1e-6
+    assert set(selection["scores"]) == set(ADAPTERS)
+    assert response.additional_kwargs["completion_tokens"] == 4
+    assert response.additional_kwargs["finish_reason"] == "stop"
+    assert response.raw["usage"] == {
+        "prompt_tokens": response.additional_kwargs["prompt_tokens"],
+        "completion_tokens": 4,
+        "total_tokens": response.additional_kwargs["total_tokens"],
+    }
+    assert response.raw[SELECTION_KEY] == selection
+    json.dumps(response.raw)
+    json.dumps(response.additional_kwargs)
+
+
+def test_chat_and_complete_share_one_code_path():
+    engine = ScriptedEngine(adapter_names=ADAPTERS)
+    llm = LoGoLLM(engine=engine)
+    a = llm.complete("hello math")
+    b = llm.chat([ChatMessage(role="user", content="hello math")])
+    list(llm.stream_complete("hello math"))
+    list(llm.stream_chat([ChatMessage(role="user", content="hello math")]))
+    prompts = [c["messages"] for c in engine.calls]
+    assert all(p == [{"role": "user", "content": "hello math"}] for p in prompts)
+    assert a.text == b.message.content == "hello math"
+    assert a.additional_kwargs[SELECTION_KEY] == b.additional_kwargs[SELECTION_KEY]
+    # The selection is not put in the message (it would be sent back to models as history).
+    assert SELECTION_KEY not in b.message.additional_kwargs
+
+
+def test_chat_response_fields():
+    llm = make_llm(["an answer"])
+    response = llm.chat(USER)
+    assert response.message.role == MessageRole.ASSISTANT
+    assert response.message.content == "an answer"
+    assert response.additional_kwargs[SELECTION_KEY]["adapters"][0] == "sql"
+    assert response.raw["usage"]["completion_tokens"] == 2
+    assert response.raw["model"] == "scripted-model"
+
+
+def test_pinned_mixture_per_call_and_as_default():
+    llm = make_llm(["ok"])
+    pinned = llm.complete("x", adapters={"code": 3, "math": 1}).additional_kwargs[SELECTION_KEY]
+    assert pinned["pinned"] and pinned["adapters"] == ["code", "math"]
+    assert pinned["weights"] == pytest.approx([0.75, 0.25])
+    base = llm.chat(USER, adapters={}).additional_kwargs[SELECTION_KEY]
+    assert base["adapters"] == [] and base["pinned"]
+
+    llm = make_llm(["ok"], mixture={"math": 1.0})
+    assert llm.complete("sql sql").additional_kwargs[SELECTION_KEY]["adapters"] == ["math"]
+    routed = llm.complete("sql sql", adapters=None).additional_kwargs[SELECTION_KEY]
+    assert not routed["pinned"] and routed["adapters"][0] == "sql"
+
+
+def test_unknown_adapter_raises():
+    llm = make_llm(["ok"])
+    with pytest.raises(AdapterNotFoundError):
+        llm.complete("x", adapters={"nope": 1.0})
+
+
+def test_routing_and_top_k_per_call():
+    llm = make_llm(["ok"])
+    sel = llm.complete("sql math", top_k=1).additional_kwargs[SELECTION_KEY]
+    assert sel["top_k"] == 1 and len(sel["adapters"]) == 1
+    sel = llm.complete("sql math", routing=RoutingConfig(top_k=2)).additional_kwargs[SELECTION_KEY]
+    assert len(sel["adapters"]) == 2
+    llm = make_llm(["ok"], routing=RoutingConfig(top_k=2, weighting="uniform"))
+    sel = llm.complete("sql math").additional_kwargs[SELECTION_KEY]
+    assert sel["weights"] == [0.5, 0.5]
+
+
+def test_sampling_arguments_reach_the_engine():
+    llm = make_llm(["one two three four five"])
+    short = llm.complete("x", max_tokens=2)
+    assert short.text == "one two " and short.additional_kwargs["finish_reason"] == "length"
+    assert llm.complete("x", max_new_tokens=3).text == "one two three "
+    assert llm.complete("x", stop=["three"]).text == "one two "
+    assert llm.complete("x", stop="four").text == "one two three "
+    assert make_llm(["a b"], max_new_tokens=1).complete("x").text == "a "
+    assert make_llm(["a b c"], stop=["b"]).chat(USER).message.content == "a "
+    with pytest.raises(InvalidRequestError):
+        llm.complete("x", temperature=-1)
+
+
+def test_unknown_keyword_arguments_are_ignored_with_a_warning(caplog):
+    llm = make_llm(["ok"])
+    with caplog.at_level("WARNING", logger="logo_integrations.llama_index"):
+        assert llm.complete("x", frequency_penalty=0.5).text == "ok"
+    assert "frequency_penalty" in caplog.text
+
+
+# ------------------------------------------------------------------------------- streaming
+def test_stream_complete_chunks_and_final_metadata():
+    llm = make_llm(["alpha beta gamma"])
+    chunks = list(llm.stream_complete("sql please"))
+    deltas = [c.delta for c in chunks]
+    assert deltas == ["alpha ", "beta ", "gamma", ""]
+    assert [c.text for c in chunks] == ["alpha ", "alpha beta ", "alpha beta gamma"] * 1 + [
+        "alpha beta gamma"
+    ]
+    assert all(c.additional_kwargs[SELECTION_KEY]["adapters"][0] == "sql" for c in chunks)
+    assert "usage" not in chunks[0].raw
+    assert chunks[-1].raw["usage"]["completion_tokens"] == 3
+    assert chunks[-1].additional_kwargs["finish_reason"] == "stop"
+
+
+def test_stream_chat_chunks():
+    llm = make_llm(["alpha beta"])
+    chunks = list(llm.stream_chat(USER))
+    assert "".join(c.delta for c in chunks) == "alpha beta"
+    assert [c.message.content for c in chunks] == ["alpha ", "alpha beta", "alpha beta"]
+    assert chunks[-1].raw["usage"]["total_tokens"] > 2
+    assert all(SELECTION_KEY in c.additional_kwargs for c in chunks)
+
+
+async def test_async_forms_match_sync():
+    llm = make_llm(["alpha beta"])
+    assert (await llm.acomplete("x")).text == llm.complete("x").text
+    assert (await llm.achat(USER)).message.content == "alpha beta"
+    chunks = await drain(await llm.astream_complete("x"))
+    assert [c.delta for c in chunks] == ["alpha ", "beta", ""]
+    assert chunks[-1].raw["usage"]["completion_tokens"] == 2
+    chunks = await drain(await llm.astream_chat(USER))
+    assert "".join(c.delta for c in chunks) == "alpha beta"
+    assert chunks[-1].additional_kwargs[SELECTION_KEY]["adapters"][0] == "sql"
+
+
+def test_stream_stopped_early_closes_cleanly():
+    llm = make_llm(["a b c d e f"])
+    stream = llm.stream_chat(USER)
+    first = next(stream)
+    assert first.delta == "a "
+    stream.close()  # the engine stream is closed in the generator's finally
+
+
+@pytest.mark.parametrize("method", ["acomplete", "achat", "astream_complete", "astream_chat"])
+async def test_async_calls_do_not_block_the_event_loop(method):
+    def slow(messages: Any, tools: Any) -> str:
+        time.sleep(0.3)
+        return "done"
+
+    llm = make_llm(slow)
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(ticker())
+    arg: Any = "x" if "complete" in method else USER
+    result = await getattr(llm, method)(arg)
+    if method.startswith("astream"):
+        await drain(result)
+    stop.set()
+    await task
+    assert ticks >= 10
+
+
+# ------------------------------------------------------------------ events and callbacks
+SQL = "write the sql"
+CALLS = [
+    ("complete", SQL, False),
+    ("stream_complete", SQL, False),
+    ("chat", USER, False),
+    ("stream_chat", USER, False),
+    ("acomplete", SQL, True),
+    ("astream_complete", SQL, True),
+    ("achat", USER, True),
+    ("astream_chat", USER, True),
+]
+
+
+async def _call(llm: LoGoLLM, method: str, arg: Any, is_async: bool) -> Any:
+    result = getattr(llm, method)(arg)
+    if is_async:
+        result = await result
+    if "stream" in method:
+        chunks = await drain(result) if is_async else list(result)
+        return chunks[-1]
+    return result
+
+
+@pytest.mark.parametrize(("method", "arg", "is_async"), CALLS)
+async def test_exactly_one_llm_event_per_call_with_the_selection(method, arg, is_async, debug,
+                                                                  events):
+    llm = make_llm(["sql answer"], debug=debug)
+    last = await _call(llm, method, arg, is_async)
+
+    pairs = debug.get_event_pairs(CBEventType.LLM)
+    assert len(pairs) == 1
+    end = pairs[0][1].payload
+    response = end[EventPayload.COMPLETION if "complete" in method else EventPayload.RESPONSE]
+    assert response.additional_kwargs[SELECTION_KEY]["adapters"][0] == "sql"
+    assert response.raw["usage"]["completion_tokens"] == 2
+    assert response is last
+
+    start_kind = LLMCompletionStartEvent if "complete" in method else LLMChatStartEvent
+    end_kind = LLMCompletionEndEvent if "complete" in method else LLMChatEndEvent
+    assert len(events.of(LLMCompletionStartEvent, LLMChatStartEvent)) == 1
+    (start,) = events.of(start_kind)
+    (selected,) = events.of(LoGoSelectionEvent)
+    (finished,) = events.of(end_kind)
+    # The selection event sits inside the LLM call's span, between start and end.
+    assert selected.span_id == start.span_id
+    assert selected.span_id.startswith(f"LoGoLLM.{method}-")
+    order = events.events
+    assert order.index(start) < order.index(selected) < order.index(finished)
+    assert selected.adapters == response.additional_kwargs[SELECTION_KEY]["adapters"]
+    assert selected.weights == response.additional_kwargs[SELECTION_KEY]["weights"]
+    assert selected.scores == response.additional_kwargs[SELECTION_KEY]["scores"]
+    assert selected.base_model == "scripted-model"
+    assert not selected.pinned
+    json.dumps(selected.model_dump(mode="json"))
+
+
+def test_record_selections_context_manager():
+    llm = make_llm(["ok"])
+    with record_selections() as recorder:
+        llm.complete("math math")
+        llm.chat(USER, adapters={"code": 1.0})
+    llm.complete("after")  # not recorded: the recorder is detached
+    assert [s.adapters[0] for s in recorder.selections] == ["math", "code"]
+    assert recorder.selections[1].pinned
+    assert all(h is not recorder for h in get_dispatcher().event_handlers)
+
+
+def test_failed_call_ends_its_event_with_the_exception(debug):
+    llm = make_llm(["ok"], debug=debug)
+    with pytest.raises(AdapterNotFoundError):
+        llm.chat(USER, adapters={"nope": 1.0})
+    pairs = debug.get_event_pairs(CBEventType.LLM)
+    assert len(pairs) == 1
+    assert isinstance(pairs[0][1].payload[EventPayload.EXCEPTION], AdapterNotFoundError)
+
+
+@pytest.mark.parametrize(("method", "arg", "is_async"), CALLS)
+async def test_token_counting_handler_reads_engine_usage(method, arg, is_async):
+    counter = TokenCountingHandler(tokenizer=lambda text: [])  # usage must come from raw
+    llm = LoGoLLM(engine=ScriptedEngine(["one two three"], adapter_names=ADAPTERS),
+                  callback_manager=CallbackManager([counter]))
+    last = await _call(llm, method, arg, is_async)
+    usage = last.raw["usage"]
+    assert counter.prompt_llm_token_count == usage["prompt_tokens"] > 0
+    assert counter.completion_llm_token_count == usage["completion_tokens"] == 3
+    assert counter.total_llm_token_count == usage["total_tokens"]
+
+
+# ---------------------------------------------------------------------- message conversion
+TOOL_CALL = {"id": "c1", "type": "function",
+             "function": {"name": "multiply", "arguments": '{"a": 2, "b": 3}'}}
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (ChatMessage(role="user", content="hi"), {"role": "user", "content": "hi"}),
+        (ChatMessage(role="system", content="s"), {"role": "system", "content": "s"}),
+        (ChatMessage(role="developer", content="d"), {"role": "system", "content": "d"}),
+        (ChatMessage(role="assistant", content=None), {"role": "assistant", "content": ""}),
+        (ChatMessage(role="chatbot", content="c"), {"role": "assistant", "content": "c"}),
+        (ChatMessage(role="user", blocks=[TextBlock(text="a"), TextBlock(text="b")]),
+         {"role": "user", "content": "a\nb"}),
+        (ChatMessage(role="assistant", content="", additional_kwargs={"tool_calls": [TOOL_CALL]}),
+         {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]}),
+        (ChatMessage(role="assistant", additional_kwargs={"tool_calls": [
+            {"id": "c1", "name": "multiply", "arguments": {"a": 2, "b": 3}}]}),
+         {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]}),
+        (ChatMessage(role="assistant", additional_kwargs={"tool_calls": [
+            ToolSelection(tool_id="c1", tool_name="multiply", tool_kwargs={"a": 2, "b": 3})]}),
+         {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]}),
+        (ChatMessage(role="assistant", blocks=[
+            ToolCallBlock(tool_call_id="c1", tool_name="multiply", tool_kwargs={"a": 2, "b": 3})]),
+         {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]}),
+        (ChatMessage(role="assistant", blocks=[
+            ToolCallBlock(tool_call_id="c1", tool_name="multiply",
+                          tool_kwargs='{"a": 2, "b": 3}')]),
+         {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]}),
+        (ChatMessage(role="assistant", additional_kwargs={"tool_calls": [
+            types.SimpleNamespace(id="c1", function=types.SimpleNamespace(
+                name="multiply", arguments='{"a": 2, "b": 3}'))]}),
+         {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]}),
+        (ChatMessage(role="tool", content="6", additional_kwargs={"tool_call_id": "c1"}),
+         {"role": "tool", "content": "6", "tool_call_id": "c1"}),
+        (ChatMessage(role="tool", content="6",
+                     additional_kwargs={"tool_call_id": "c1", "name": "multiply"}),
+         {"role": "tool", "content": "6", "tool_call_id": "c1", "name": "multiply"}),
+        (ChatMessage(role="function", content="6"), {"role": "tool", "content": "6"}),
+        # Tool calls are only read from assistant messages.
+        (ChatMessage(role="user", content="u", additional_kwargs={"tool_calls": [TOOL_CALL]}),
+         {"role": "user", "content": "u"}),
+    ],
+)
+def test_to_engine_message(message, expected):
+    assert to_engine_message(message) == expected
+
+
+def test_non_text_blocks_are_refused():
+    message = ChatMessage(role="user", blocks=[ImageBlock(url="http://x/y.png")])
+    with pytest.raises(InvalidRequestError, match="text only"):
+        to_engine_message(message)
+
+
+def test_tool_call_without_name_is_refused():
+    message = ChatMessage(role="assistant", additional_kwargs={"tool_calls": [{"id": "x"}]})
+    with pytest.raises(InvalidRequestError):
+        message_tool_calls(message)
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        (TOOL_CALL,
+         ToolSelection(tool_id="c1", tool_name="multiply", tool_kwargs={"a": 2, "b": 3})),
+        ({"id": "c2", "function": {"name": "f", "arguments": ""}},
+         ToolSelection(tool_id="c2", tool_name="f", tool_kwargs={})),
+        ({"id": "c3", "function": {"name": "f", "arguments": "{not json"}},
+         ToolSelection(tool_id="c3", tool_name="f", tool_kwargs={})),
+        ({"id": "c4", "function": {"name": "f", "arguments": {"x": 1}}},
+         ToolSelection(tool_id="c4", tool_name="f", tool_kwargs={"x": 1})),
+    ],
+)
+def test_tool_selection(call, expected):
+    assert tool_selection(call) == expected
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [
+        (None, None),
+        ("auto", "auto"),
+        ("none", "none"),
+        ("required", "required"),
+        ("any", "required"),
+        ("multiply", "multiply"),
+        ({"type": "function", "function": {"name": "multiply"}}, "multiply"),
+        ({"name": "multiply"}, "multiply"),
+    ],
+)
+def test_normalize_tool_choice(choice, expected):
+    assert normalize_tool_choice(choice) == expected
+
+
+@pytest.mark.parametrize("choice", [3, {"type": "function"}, ""])
+def test_normalize_tool_choice_refuses(choice):
+    with pytest.raises(InvalidRequestError):
+        normalize_tool_choice(choice)
+
+
+@pytest.mark.parametrize(
+    ("text", "visible"),
+    [
+        ("", ""),
+        ("   ", ""),
+        ("Hello", "Hello"),
+        ("Hello <", "Hello "),
+        ("Hello <tool", "Hello "),
+        ("Hello <tool_call", "Hello "),
+        ("Hello <tool_call>\n{", "Hello "),
+        ("a < b", "a < b"),
+        ("a <b>", "a <b>"),
+        ("<tool_call>", ""),
+        ('{"name": "f"', ""),
+        ('  {"name"', ""),
+        ("Sure. <tool_call>{} </tool_call> more", "Sure. "),
+    ],
+)
+def test_visible_text(text, visible):
+    assert visible_text(text) == visible
+
+
+def test_visible_text_only_grows():
+    answer = 'Let me check <b> then <tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    shown = [visible_text(answer[:i]) for i in range(len(answer) + 1)]
+    assert all(b.startswith(a) for a, b in itertools.pairwise(shown))
+    assert shown[-1] == "Let me check <b> then "
+
+
+# ------------------------------------------------------------------------- function calling
+TOOLS = [FunctionTool.from_defaults(fn=multiply), FunctionTool.from_defaults(fn=add)]
+
+
+def test_chat_with_tools_parses_tool_calls():
+    engine = ScriptedEngine(tool_script, adapter_names=ADAPTERS)
+    llm = LoGoLLM(engine=engine)
+    response = llm.chat_with_tools(TOOLS, user_msg="What is 6 times 7?")
+    assert response.message.content == ""
+    (raw_call,) = response.message.additional_kwargs["tool_calls"]
+    assert raw_call["type"] == "function"
+    assert json.loads(raw_call["function"]["arguments"]) == {"a": 6, "b": 7}
+    (selection,) = llm.get_tool_calls_from_response(response)
+    assert selection.tool_name == "multiply" and selection.tool_kwargs == {"a": 6, "b": 7}
+    assert selection.tool_id == raw_call["id"]
+    # The tools reached the engine as OpenAI function schemas.
+    tools = engine.calls[0]["tools"]
+    assert [t["function"]["name"] for t in tools] == ["multiply", "add"]
+    assert tools[0]["function"]["parameters"]["properties"].keys() == {"a", "b"}
+    assert response.additional_kwargs[SELECTION_KEY]["adapters"]
+
+
+def test_tool_call_with_text_before_it():
+    def script(messages: Any, tools: Any) -> str:
+        return "Let me compute. " + tool_call_text("add", {"a": 1, "b": 2})
+
+    llm = make_llm(script)
+    response = llm.chat_with_tools(TOOLS, user_msg="1 + 2?")
+    assert response.message.content == "Let me compute."
+    assert [t.tool_name for t in llm.get_tool_calls_from_response(response)] == ["add"]
+
+
+def test_no_tool_call():
+    llm = make_llm(["just text"])
+    response = llm.chat_with_tools(TOOLS, user_msg="hi")
+    assert response.message.content == "just text"
+    assert "tool_calls" not in response.message.additional_kwargs
+    assert llm.get_tool_calls_from_response(response, error_on_no_tool_call=False) == []
+    with pytest.raises(ValueError, match="0 tool calls"):
+        llm.get_tool_calls_from_response(response)
+
+
+def test_parallel_tool_calls_kept_only_when_allowed():
+    def script(messages: Any, tools: Any) -> str:
+        return tool_call_text("add", {"a": 1, "b": 2}) + "\n" + tool_call_text("multiply",
+                                                                               {"a": 3, "b": 4})
+
+    llm = make_llm(script)
+    one = llm.chat_with_tools(TOOLS, user_msg="x")
+    assert [t.tool_name for t in llm.get_tool_calls_from_response(one)] == ["add"]
+    both = llm.chat_with_tools(TOOLS, user_msg="x", allow_parallel_tool_calls=True)
+    assert [t.tool_name for t in llm.get_tool_calls_from_response(both)] == ["add", "multiply"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected_prefix"),
+    [
+        ({}, ""),
+        ({"tool_required": True}, '<tool_call>\n{"name": "'),
+        ({"tool_choice": "add"}, '<tool_call>\n{"name": "add", "arguments": '),
+        ({"tool_choice": {"type": "function", "function": {"name": "add"}}},
+         '<tool_call>\n{"name": "add", "arguments": '),
+    ],
+)
+def test_tool_choice_reaches_the_engine(kwargs, expected_prefix, monkeypatch):
+    engine = ScriptedEngine(tool_script, adapter_names=ADAPTERS)
+    prefixes: list[str] = []
+    prepare = engine._prepare
+
+    def spy(prompt: Any, tools: Any, tool_choice: Any) -> Any:
+        request = prepare(prompt, tools, tool_choice)
+        prefixes.append(request.response_prefix)
+        return request
+
+    monkeypatch.setattr(engine, "_prepare", spy)
+    llm = LoGoLLM(engine=engine)
+    llm.chat_with_tools(TOOLS, user_msg="x", **kwargs)
+    assert prefixes == [expected_prefix]
+
+
+def test_tool_choice_none_sends_no_tools():
+    engine = ScriptedEngine(tool_script, adapter_names=ADAPTERS)
+    llm = LoGoLLM(engine=engine)
+    response = llm.chat_with_tools(TOOLS, user_msg="x", tool_choice="none")
+    assert response.message.content == "no tools"
+
+
+def test_tool_history_round_trips_to_the_engine():
+    engine = ScriptedEngine(tool_script, adapter_names=ADAPTERS)
+    llm = LoGoLLM(engine=engine)
+    first = llm.chat_with_tools(TOOLS, user_msg="6 times 7?")
+    (call,) = llm.get_tool_calls_from_response(first)
+    history = [
+        ChatMessage(role="user", content="6 times 7?"),
+        first.message,
+        ChatMessage(role="tool", content="42", additional_kwargs={"tool_call_id": call.tool_id}),
+    ]
+    second = llm.chat_with_tools(TOOLS, chat_history=history)
+    assert second.message.content == "The result is 42."
+    sent = engine.calls[1]["messages"]
+    assert sent[1]["role"] == "assistant"
+    assert sent[1]["tool_calls"][0]["function"]["name"] == "multiply"
+    assert sent[2] == {"role": "tool", "content": "42", "tool_call_id": call.tool_id}
+
+
+def test_stream_with_tools_does_not_leak_tool_call_text():
+    def script(messages: Any, tools: Any) -> str:
+        return "Let me compute. " + tool_call_text("add", {"a": 1, "b": 2})
+
+    llm = make_llm(script)
+    chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg="1 + 2?"))
+    assert all("<tool" not in (c.delta or "") for c in chunks)
+    assert all("<tool" not in (c.message.content or "") for c in chunks)
+    assert "".join(c.delta for c in chunks) == "Let me compute. "
+    final = chunks[-1]
+    assert final.message.content == "Let me compute."
+    assert [t.tool_name for t in llm.get_tool_calls_from_response(final)] == ["add"]
+    # Intermediate chunks carry no tool calls (an agent reads every chunk).
+    assert all(not llm.get_tool_calls_from_response(c, error_on_no_tool_call=False)
+               for c in chunks[:-1])
+
+
+async def test_astream_with_forced_tool_call_yields_only_the_final_chunk():
+    llm = make_llm(tool_script)
+    stream = await llm.astream_chat_with_tools(TOOLS, user_msg="x", tool_required=True)
+    chunks = await drain(stream)
+    assert [c.delta for c in chunks] == [""]
+    assert [t.tool_kwargs for t in llm.get_tool_calls_from_response(chunks[0])] == [
+        {"a": 6, "b": 7}
+    ]
+    assert chunks[0].raw["usage"]["completion_tokens"] > 0
+
+
+def test_stream_with_tools_but_no_call_streams_text():
+    llm = make_llm(["plain answer here"])
+    chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg="hi"))
+    assert [c.delta for c in chunks] == ["plain ", "answer ", "here", ""]
+
+
+def test_stream_with_tools_bare_json_answer_is_held_back():
+    llm = make_llm(['{"name": "add", "arguments": {"a": 1, "b": 2}}'])
+    chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg="x"))
+    assert [c.delta for c in chunks] == [""]
+    assert [t.tool_name for t in llm.get_tool_calls_from_response(chunks[0])] == ["add"]
+
+
+def test_predict_and_call_runs_the_tool():
+    llm = make_llm(tool_script)
+    output = llm.predict_and_call(TOOLS, user_msg="6 times 7?")
+    assert output.response == "42"
+
+
+def test_structured_predict_through_a_forced_tool_call():
+    from llama_index.core.bridge.pydantic import BaseModel
+    from llama_index.core.prompts import PromptTemplate
+
+    class Song(BaseModel):
+        """A song."""
+
+        title: str
+        length_s: int
+
+    def script(messages: Any, tools: Any) -> str:
+        return tool_call_text(tools[0]["function"]["name"], {"title": "Hey", "length_s": 180})
+
+    llm = make_llm(script)
+    song = llm.structured_predict(Song, PromptTemplate("Write a song about {topic}"), topic="cats")
+    assert song == Song(title="Hey", length_s=180)
