@@ -18,13 +18,14 @@ from logo_engine.errors import (
     RoutingConfigError,
     UnsafeAdapterError,
 )
-from logo_engine.types import Generation, RoutingConfig, Selection, ToolCall, Usage
+from logo_engine.types import Calibration, Generation, RoutingConfig, Selection, ToolCall, Usage
 
 __all__ = [
     "AdapterIncompatibleError",
     "AdapterLoadError",
     "AdapterNotFoundError",
     "AsyncTextStream",
+    "Calibration",
     "ContextLengthError",
     "Generation",
     "GenerationError",

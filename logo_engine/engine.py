@@ -42,7 +42,7 @@ from logo_engine.library import (
 )
 from logo_engine.mixture import ForwardContext, HookSet, MixturePlan, ProbeDone, forward_context
 from logo_engine.routing import check_top_k, score, select
-from logo_engine.types import RoutingConfig, Selection
+from logo_engine.types import Calibration, RoutingConfig, Selection
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class LoGoEngine(BaseEngine):
         self._eos_ids = _eos_ids(model, tokenizer)
         self._library = AdapterLibrary([], dtype=self._dtype, device=self._device)
         self._load_lock = threading.Lock()
+        self._calibrations: dict[tuple[Any, ...], Calibration] = {}
         self._hooks = HookSet()
         self._hooks.attach_layers(self._layers)
         self._explicit_routing = routing is not None
@@ -224,6 +225,7 @@ class LoGoEngine(BaseEngine):
             self._check_routing(self.routing, library=library, default=not self._explicit_routing)
             self._hooks.attach_linears(self._linears, list(library.stacks))
             self._library = library  # one reference swap: calls in flight keep their library
+            self._calibrations = {}  # statistics were for the old library
         return [a.name for a in loaded]
 
     def close(self) -> None:
@@ -278,6 +280,62 @@ class LoGoEngine(BaseEngine):
             )
         check_top_k(routing, len(library))
         self._probe_target(routing, library)
+        if routing.calibrated:
+            self._calibration(routing, library)
+
+    def _calibration(self, routing: RoutingConfig, library: AdapterLibrary) -> Calibration:
+        key = self._calibration_key(routing, library)
+        calibration = self._calibrations.get(key)
+        if calibration is None:
+            raise RoutingConfigError(
+                "calibrated=True needs per-adapter statistics for this probe setting "
+                f"({key[0]}, layer {key[1]}, {key[2]}, input={key[3]}, tokens={key[4]}): call "
+                "engine.calibrate(reference_prompts, routing=...) first"
+            )
+        return calibration
+
+    def _calibration_key(self, routing: RoutingConfig, library: AdapterLibrary) -> tuple[Any, ...]:
+        layer, module = self._probe_target(routing, library)
+        return (routing.signal_name, layer, module, routing.probe_input, routing.probe_tokens)
+
+    def calibrate(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        routing: RoutingConfig | None = None,
+        batch_size: int = 16,
+    ) -> Calibration:
+        """Measure each adapter's raw-score mean and std over reference prompts.
+
+        Afterwards ``RoutingConfig(calibrated=True)`` (with the same probe setting) ranks
+        adapters by z-scores. Use prompts like the traffic you expect, e.g. a few per task; the
+        statistics are dropped when adapters are added.
+        """
+        routing = dataclasses.replace(self._routing(routing), calibrated=False)
+        prompts = list(prompts)
+        if len(prompts) < 2:
+            raise InvalidRequestError("calibrate needs at least 2 reference prompts")
+        library = self._library
+        rows = []
+        for i in range(0, len(prompts), batch_size):
+            for sel in self.route_batch(prompts[i : i + batch_size], routing=routing):
+                rows.append([sel.scores[n] for n in library.names])
+        scores = torch.tensor(rows, dtype=torch.float64)  # (P, N)
+        key = self._calibration_key(routing, library)
+        calibration = Calibration(
+            signal=key[0],
+            probe_layer=key[1],
+            probe_module=key[2],
+            probe_input=key[3],
+            probe_tokens=key[4],
+            mean=dict(zip(library.names, scores.mean(0).tolist(), strict=True)),
+            std=dict(zip(library.names, scores.std(0).tolist(), strict=True)),
+            n_prompts=len(prompts),
+        )
+        with self._load_lock:
+            if self._library is library:
+                self._calibrations = {**self._calibrations, key: calibration}
+        return calibration
 
     def _route(self, requests: list[Request], routing: RoutingConfig) -> list[Selection]:
         library = self._library
@@ -322,6 +380,7 @@ class LoGoEngine(BaseEngine):
             probe_layer=layer,
             probe_module=module,
             probe_ms=probe_ms,
+            calibration=self._calibration(routing, library) if routing.calibrated else None,
         )
 
     def _decode(

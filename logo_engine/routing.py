@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from logo_engine.errors import AdapterNotFoundError, InvalidRequestError, RoutingConfigError
-from logo_engine.types import RoutingConfig, Scorer, Selection
+from logo_engine.types import Calibration, RoutingConfig, Scorer, Selection
 
 ENTROPY_EPS = 1e-6  # as in the paper's code: 1 / (H + 1e-6)
 
@@ -61,17 +61,27 @@ def select(
     probe_layer: int,
     probe_module: str,
     probe_ms: float,
+    calibration: Calibration | None = None,
 ) -> list[Selection]:
-    """Top-k and weights for every row. scores (B, N) over ``names``."""
+    """Top-k and weights for every row. scores (B, N) over ``names``.
+
+    With a ``calibration``, adapters are ranked by their z-scores; weights still come from the
+    kept adapters' raw scores.
+    """
     check_top_k(config, len(names))
     scores = scores.detach().float().cpu()
-    top_scores, top_slots = torch.topk(scores, k=config.top_k, dim=-1)  # (B, k) each
+    rank = scores
+    if calibration is not None:
+        mean = torch.tensor([calibration.mean[n] for n in names])  # (N,)
+        std = torch.tensor([calibration.std[n] for n in names]).clamp(min=1e-12)  # (N,)
+        rank = (scores - mean) / std  # (B, N)
+    top_slots = torch.topk(rank, k=config.top_k, dim=-1).indices  # (B, k)
     selections = []
     for row in range(scores.shape[0]):
         kept = [
-            (names[int(slot)], float(s))
-            for s, slot in zip(top_scores[row], top_slots[row], strict=True)
-            if config.min_score is None or float(s) >= config.min_score
+            (names[int(slot)], float(scores[row, slot]))
+            for slot in top_slots[row]
+            if config.min_score is None or float(scores[row, slot]) >= config.min_score
         ]
         weights = _weights([s for _, s in kept], config)
         order = sorted(range(len(kept)), key=lambda i: -weights[i])  # stable: ties keep score order
@@ -88,6 +98,7 @@ def select(
                 probe_module=probe_module,
                 probe_ms=probe_ms,
                 pinned=False,
+                calibrated=calibration is not None,
             )
         )
     return selections

@@ -43,9 +43,8 @@ class RoutingConfig:
     probe_tokens: Literal["last", "mean"] = "last"  # last prompt token, or the mean over the prompt
     weighting: Weighting = "proportional"  # w_i = s_i / sum(s_topk); "softmax" uses `temperature`
     temperature: float = 1.0  # softmax temperature over the kept scores
-    min_score: float | None = (
-        None  # drop kept adapters scoring below this (may leave the base model)
-    )
+    min_score: float | None = None  # drop kept adapters scoring below this (raw score)
+    calibrated: bool = False  # rank by per-adapter z-scores; needs engine.calibrate(prompts)
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
@@ -76,6 +75,8 @@ class RoutingConfig:
             raise RoutingConfigError(
                 f"temperature must be a finite float > 0, got {self.temperature!r}"
             )
+        if not isinstance(self.calibrated, bool):
+            raise RoutingConfigError(f"calibrated must be a bool, got {self.calibrated!r}")
         if self.min_score is not None and not _finite(self.min_score):
             raise RoutingConfigError(
                 f"min_score must be a finite float or None, got {self.min_score!r}"
@@ -113,11 +114,31 @@ class Selection(_Frozen):
     probe_module: str | None = None
     probe_ms: float = 0.0
     pinned: bool = False
+    calibrated: bool = False
 
     @property
     def mixture(self) -> dict[str, float]:
         """``{adapter: weight}``, in weight order."""
         return dict(zip(self.adapters, self.weights, strict=True))
+
+
+class Calibration(_Frozen):
+    """Per-adapter statistics of raw probe scores over reference prompts.
+
+    Raw norms are not comparable across adapters (an adapter with a large B scores high on every
+    prompt). With ``RoutingConfig(calibrated=True)`` adapters are ranked by
+    z_i = (score_i - mean_i) / std_i; the weights of the kept adapters still come from their raw
+    scores, as in the paper. Made by ``engine.calibrate(prompts)``, for one probe setting.
+    """
+
+    signal: str
+    probe_layer: int
+    probe_module: str
+    probe_input: str
+    probe_tokens: str
+    mean: dict[str, float]
+    std: dict[str, float]
+    n_prompts: int
 
 
 class Usage(_Frozen):

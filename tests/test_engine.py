@@ -296,3 +296,19 @@ def test_route_batch_timing_is_one_probe(engine):
     sels = engine.route_batch(["hello"] * 8)
     assert len(sels) == 8 and len({tuple(s.adapters) for s in sels}) == 1
     assert time.perf_counter() - t < 5
+
+
+def test_calibrated_routing_ranks_by_z_scores(engine):
+    reference = ["hello abc", "12 34 + 5", "yes no ok", "+-*/ =", "abc 12 +", "zz top"]
+    routing = RoutingConfig(top_k=1, calibrated=True)
+    with pytest.raises(RoutingConfigError, match="calibrate"):
+        engine.route("hello", routing=routing)
+    cal = engine.calibrate(reference, routing=routing)
+    raw = engine.route("hello", routing=RoutingConfig(top_k=1))
+    sel = engine.route("hello", routing=routing)
+    z = {n: (raw.scores[n] - cal.mean[n]) / cal.std[n] for n in raw.scores}
+    assert sel.adapters == [max(z, key=z.get)] and sel.calibrated
+    assert sel.scores == pytest.approx(raw.scores)  # raw scores are still reported
+    engine.load_adapters({"again": engine.library.adapters[0].path})
+    with pytest.raises(RoutingConfigError, match="calibrate"):  # stale after the library changed
+        engine.route("hello", routing=routing)
