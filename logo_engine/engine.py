@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import logging
 import os
 import threading
@@ -47,6 +48,7 @@ from logo_engine.types import Calibration, RoutingConfig, Selection
 logger = logging.getLogger(__name__)
 
 PROGRESS_MIN_ADAPTERS = 8  # show a progress bar when loading at least this many adapters
+CALIBRATION_NAME = "calibration.json"  # optional, in a library folder: a list of Calibration
 
 
 class LoGoEngine(BaseEngine):
@@ -135,7 +137,7 @@ class LoGoEngine(BaseEngine):
         if base_model is None and adapters is None:
             adapters = default_adapters_dir()
         name = DEFAULT_MODEL_NAME if base_model is None else str(base_model)
-        return cls(
+        engine = cls(
             model,
             tokenizer,
             adapters=adapters,
@@ -144,6 +146,9 @@ class LoGoEngine(BaseEngine):
             name=name,
             progress=progress,
         )
+        if isinstance(adapters, (str, os.PathLike)):
+            engine.load_calibrations(Path(adapters) / CALIBRATION_NAME, missing_ok=True)
+        return engine
 
     @classmethod
     def shared(
@@ -332,10 +337,58 @@ class LoGoEngine(BaseEngine):
             std=dict(zip(library.names, scores.std(0).tolist(), strict=True)),
             n_prompts=len(prompts),
         )
+        self.add_calibration(calibration)
+        return calibration
+
+    @property
+    def calibrations(self) -> list[Calibration]:
+        """The per-adapter statistics held for calibrated routing, one per probe setting."""
+        return list(self._calibrations.values())
+
+    def add_calibration(self, calibration: Calibration) -> None:
+        """Use saved statistics (e.g. from :meth:`calibrate` on another run) for this library."""
+        library = self._library
+        if set(calibration.mean) != set(library.names):
+            raise RoutingConfigError(
+                f"this calibration covers adapters {sorted(calibration.mean)}, but the library "
+                f"holds {sorted(library.names)}"
+            )
+        n_layers = len(self._layers)
+        if not 0 <= calibration.probe_layer < n_layers or calibration.probe_module not in (
+            library.stacks
+        ):
+            raise RoutingConfigError(
+                f"this calibration probes {calibration.probe_module!r} (layer "
+                f"{calibration.probe_layer}), which this model/library does not adapt"
+            )
+        key = (
+            calibration.signal,
+            calibration.probe_layer,
+            calibration.probe_module,
+            calibration.probe_input,
+            calibration.probe_tokens,
+        )
         with self._load_lock:
             if self._library is library:
                 self._calibrations = {**self._calibrations, key: calibration}
-        return calibration
+
+    def save_calibrations(self, path: str | os.PathLike) -> None:
+        """Write the held calibrations as JSON (loaded by :meth:`load_calibrations`)."""
+        data = [c.model_dump(mode="json") for c in self.calibrations]
+        Path(path).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+    def load_calibrations(self, path: str | os.PathLike, *, missing_ok: bool = False) -> None:
+        """Read calibrations saved by :meth:`save_calibrations` (a library's calibration.json)."""
+        path = Path(path)
+        if missing_ok and not path.is_file():
+            return
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))
+            calibrations = [Calibration.model_validate(item) for item in items]
+        except (OSError, ValueError, TypeError) as exc:
+            raise RoutingConfigError(f"cannot read calibrations from {str(path)!r}: {exc}") from exc
+        for calibration in calibrations:
+            self.add_calibration(calibration)
 
     def _route(self, requests: list[Request], routing: RoutingConfig) -> list[Selection]:
         library = self._library

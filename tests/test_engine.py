@@ -312,3 +312,24 @@ def test_calibrated_routing_ranks_by_z_scores(engine):
     engine.load_adapters({"again": engine.library.adapters[0].path})
     with pytest.raises(RoutingConfigError, match="calibrate"):  # stale after the library changed
         engine.route("hello", routing=routing)
+
+
+def test_calibrations_round_trip_through_a_library_folder(engine, adapter_dir, tmp_path):
+    import shutil
+
+    from logo_engine import LoGoEngine
+
+    lib = tmp_path / "lib"
+    shutil.copytree(adapter_dir, lib)
+    routing = RoutingConfig(top_k=1, calibrated=True)
+    engine.calibrate(["hello abc", "12 34 + 5", "+-*/ =", "zz top"], routing=routing)
+    engine.save_calibrations(lib / "calibration.json")
+    other = LoGoEngine(tiny.tiny_model(), engine.tokenizer, adapters=lib)
+    other.load_calibrations(lib / "calibration.json")
+    for prompt in ("hello", "12 +", "abc"):
+        mine, theirs = engine.route(prompt, routing=routing), other.route(prompt, routing=routing)
+        assert theirs.calibrated and theirs.adapters == mine.adapters
+    assert other.calibrations == engine.calibrations
+    with pytest.raises(RoutingConfigError, match="covers adapters"):
+        bad = engine.calibrations[0].model_copy(update={"mean": {"x": 1.0}, "std": {"x": 1.0}})
+        other.add_calibration(bad)
