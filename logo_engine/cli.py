@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     routing.add_argument("--signal", choices=("norm", "entropy"), default="norm")
     routing.add_argument("--probe-layer", type=int, default=-1)
     routing.add_argument("--probe-module", default="q_proj")
+    routing.add_argument(
+        "--calibrated",
+        action="store_true",
+        help="rank adapters by per-adapter z-scores (needs the library's calibration.json)",
+    )
 
     parser = argparse.ArgumentParser(prog="logo", description="LoGo: per-request LoRA selection.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +75,7 @@ def _engine(args: argparse.Namespace) -> Any:
             signal=args.signal,
             probe_layer=args.probe_layer,
             probe_module=args.probe_module,
+            calibrated=args.calibrated,
         )
     return LoGoEngine.from_pretrained(
         args.base_model, adapters=args.adapters, routing=routing, gguf_file=args.gguf_file
