@@ -285,13 +285,15 @@ class LoGoEngine(BaseEngine):
             )
         check_top_k(routing, len(library))
         self._probe_target(routing, library)
-        if routing.calibrated:
-            self._calibration(routing, library)
+        self._calibration(routing, library)
 
-    def _calibration(self, routing: RoutingConfig, library: AdapterLibrary) -> Calibration:
+    def _calibration(self, routing: RoutingConfig, library: AdapterLibrary) -> Calibration | None:
+        """The statistics ``routing`` ranks with (None: raw scores)."""
+        if routing.calibrated is False:
+            return None
         key = self._calibration_key(routing, library)
         calibration = self._calibrations.get(key)
-        if calibration is None:
+        if calibration is None and routing.calibrated:
             raise RoutingConfigError(
                 "calibrated=True needs per-adapter statistics for this probe setting "
                 f"({key[0]}, layer {key[1]}, {key[2]}, input={key[3]}, tokens={key[4]}): call "
@@ -433,7 +435,7 @@ class LoGoEngine(BaseEngine):
             probe_layer=layer,
             probe_module=module,
             probe_ms=probe_ms,
-            calibration=self._calibration(routing, library) if routing.calibrated else None,
+            calibration=self._calibration(routing, library),
         )
 
     def _decode(

@@ -44,7 +44,10 @@ class RoutingConfig:
     weighting: Weighting = "proportional"  # w_i = s_i / sum(s_topk); "softmax" uses `temperature`
     temperature: float = 1.0  # softmax temperature over the kept scores
     min_score: float | None = None  # drop kept adapters scoring below this (raw score)
-    calibrated: bool = False  # rank by per-adapter z-scores; needs engine.calibrate(prompts)
+    # Rank by per-adapter z-scores (see Calibration). None: when the engine holds statistics for
+    # this probe setting (engine.calibrate, or a library's calibration.json); True: require them;
+    # False: raw scores, as in the paper.
+    calibrated: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
@@ -75,8 +78,8 @@ class RoutingConfig:
             raise RoutingConfigError(
                 f"temperature must be a finite float > 0, got {self.temperature!r}"
             )
-        if not isinstance(self.calibrated, bool):
-            raise RoutingConfigError(f"calibrated must be a bool, got {self.calibrated!r}")
+        if self.calibrated is not None and not isinstance(self.calibrated, bool):
+            raise RoutingConfigError(f"calibrated must be a bool or None, got {self.calibrated!r}")
         if self.min_score is not None and not _finite(self.min_score):
             raise RoutingConfigError(
                 f"min_score must be a finite float or None, got {self.min_score!r}"

@@ -303,12 +303,15 @@ def test_calibrated_routing_ranks_by_z_scores(engine):
     routing = RoutingConfig(top_k=1, calibrated=True)
     with pytest.raises(RoutingConfigError, match="calibrate"):
         engine.route("hello", routing=routing)
+    assert not engine.route("hello", routing=RoutingConfig(top_k=1)).calibrated  # none held yet
     cal = engine.calibrate(reference, routing=routing)
-    raw = engine.route("hello", routing=RoutingConfig(top_k=1))
+    raw = engine.route("hello", routing=RoutingConfig(top_k=1, calibrated=False))
     sel = engine.route("hello", routing=routing)
     z = {n: (raw.scores[n] - cal.mean[n]) / cal.std[n] for n in raw.scores}
-    assert sel.adapters == [max(z, key=z.get)] and sel.calibrated
+    assert sel.adapters == [max(z, key=z.get)] and sel.calibrated and not raw.calibrated
     assert sel.scores == pytest.approx(raw.scores)  # raw scores are still reported
+    auto = engine.route("hello", routing=RoutingConfig(top_k=1))  # calibrated=None: use them
+    assert auto.calibrated and auto.adapters == sel.adapters
     engine.load_adapters({"again": engine.library.adapters[0].path})
     with pytest.raises(RoutingConfigError, match="calibrate"):  # stale after the library changed
         engine.route("hello", routing=routing)
