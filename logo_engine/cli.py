@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from logo_engine.errors import LoGoError
-from logo_engine.types import RoutingConfig, Selection
+from logo_engine.types import Calibration, RoutingConfig, Selection
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,10 +37,20 @@ def _parser() -> argparse.ArgumentParser:
     routing.add_argument("--signal", choices=("norm", "entropy"), default="norm")
     routing.add_argument("--probe-layer", type=int, default=-1)
     routing.add_argument("--probe-module", default="q_proj")
-    routing.add_argument(
+    mode = routing.add_mutually_exclusive_group()
+    mode.add_argument(
         "--calibrated",
-        action="store_true",
-        help="rank adapters by per-adapter z-scores (needs the library's calibration.json)",
+        dest="calibrated",
+        action="store_const",
+        const=True,
+        help="require z-score ranking (default: when the library ships calibration.json)",
+    )
+    mode.add_argument(
+        "--raw",
+        dest="calibrated",
+        action="store_const",
+        const=False,
+        help="rank by raw scores, as in the paper",
     )
 
     parser = argparse.ArgumentParser(prog="logo", description="LoGo: per-request LoRA selection.")
@@ -97,26 +107,47 @@ def _pins(values: list[str] | None) -> dict[str, float] | None:
     return mixture
 
 
-def selection_table(selection: Selection) -> str:
-    """Every adapter's score, best first, with the chosen ones and their weights marked."""
+def selection_table(selection: Selection, calibration: Calibration | None = None) -> str:
+    """Every adapter's score, best first, with the chosen ones and their weights marked.
+
+    With the ``calibration`` the selection was ranked by, a z-score column is added and rows are
+    ordered by it.
+    """
     weights = selection.mixture
+    z = {}
+    if calibration is not None and selection.calibrated:
+        z = {
+            n: (s - calibration.mean[n]) / max(calibration.std[n], 1e-12)
+            for n, s in selection.scores.items()
+        }
     lines = []
     if selection.pinned:
         lines.append("pinned mixture (no probe)")
     else:
+        ranking = "z-scores (calibrated)" if selection.calibrated else "raw scores"
         lines.append(
             f"probe: {selection.probe_module} ({selection.signal}, top-{selection.top_k}, "
-            f"{selection.probe_ms:.1f} ms)"
+            f"ranked by {ranking}, {selection.probe_ms:.1f} ms)"
         )
-    lines.append(f"{'adapter':24s} {'score':>10s} {'weight':>8s}")
-    names = sorted(selection.scores, key=lambda n: -selection.scores[n]) or list(weights)
+    rank = z or selection.scores
+    lines.append(f"{'adapter':24s} {'score':>10s} {'z-score' if z else '':>8s} {'weight':>8s}")
+    names = sorted(rank, key=lambda n: -rank[n]) or list(weights)
     for name in names:
         score = f"{selection.scores[name]:10.4f}" if name in selection.scores else " " * 10
+        zs = f"{z[name]:8.2f}" if name in z else " " * 8
         weight = f"{weights[name]:8.3f}" if name in weights else ""
-        lines.append(f"{'* ' if name in weights else '  '}{name:22s} {score} {weight}".rstrip())
+        mark = "* " if name in weights else "  "
+        lines.append(f"{mark}{name:22s} {score} {zs} {weight}".rstrip())
     if not weights:
         lines.append("(base model: no adapter)")
     return "\n".join(lines)
+
+
+def _calibration_of(engine: Any, selection: Selection) -> Calibration | None:
+    for cal in engine.calibrations:
+        if (cal.signal, cal.probe_module) == (selection.signal, selection.probe_module):
+            return cal
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("\n".join(f"  {n}" for n in names))
         elif args.command == "route":
             selection = engine.route(args.prompt)
-            print(selection.model_dump_json() if args.json else selection_table(selection))
+            table = selection_table(selection, _calibration_of(engine, selection))
+            print(selection.model_dump_json() if args.json else table)
         else:
             out = engine.generate(
                 args.prompt,
@@ -152,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 print(out.text.strip())
                 print()
-                print(selection_table(out.selection))
+                print(selection_table(out.selection, _calibration_of(engine, out.selection)))
     except LoGoError as exc:
         print(f"logo: error: {exc}", file=sys.stderr)
         return 2

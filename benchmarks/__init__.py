@@ -1,0 +1,1 @@
+"""LoGo benchmarks: quality and speed, each with its own command."""
