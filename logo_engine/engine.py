@@ -225,7 +225,7 @@ class LoGoEngine(BaseEngine):
                         self._name,
                     )
             library = AdapterLibrary(
-                [*self._library.adapters, *loaded], dtype=self._dtype, device=self._device
+                loaded, dtype=self._dtype, device=self._device, base=self._library
             )
             self._check_routing(self.routing, library=library, default=not self._explicit_routing)
             self._hooks.attach_linears(self._linears, list(library.stacks))

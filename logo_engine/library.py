@@ -16,8 +16,8 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -278,21 +278,33 @@ class ModuleStack:
 
 
 class AdapterLibrary:
-    """An immutable set of adapters, stacked per module. ``slot`` = position in ``names``."""
+    """An immutable set of adapters, stacked per module. ``slot`` = position in ``names``.
+
+    Only the stacks hold weights: ``adapters`` keeps each adapter's name, path and base model,
+    not a second copy of its factors; a larger library is built from these stacks (``base=``).
+    """
 
     def __init__(
-        self, adapters: Sequence[Adapter], *, dtype: torch.dtype, device: torch.device | str
+        self,
+        adapters: Sequence[Adapter],
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        base: AdapterLibrary | None = None,
     ) -> None:
-        names = [a.name for a in adapters]
+        old = base.adapters if base is not None else []
+        names = [a.name for a in [*old, *adapters]]
         if len(set(names)) != len(names):
             dupes = sorted({n for n in names if names.count(n) > 1})
             raise AdapterLoadError(f"adapter names must be unique; repeated: {dupes}")
-        self.adapters = list(adapters)
+        self.adapters: list[Adapter] = [*old, *(replace(a, modules={}) for a in adapters)]
         self.names = names
         self._slot = {n: i for i, n in enumerate(names)}
-        self.stacks = {
-            module: _stack(module, self.adapters, dtype=dtype, device=device)
-            for module in sorted({m for a in self.adapters for m in a.modules})
+        old_stacks = base.stacks if base is not None else {}
+        modules = sorted(set(old_stacks) | {m for a in adapters for m in a.modules})
+        self.stacks: dict[str, ModuleStack] = {
+            m: _stack(m, adapters, old_stacks.get(m), len(old), dtype=dtype, device=device)
+            for m in modules
         }
 
     def __len__(self) -> int:
@@ -313,27 +325,46 @@ class AdapterLibrary:
 
 
 def _stack(
-    module: str, adapters: Iterable[Adapter], *, dtype: torch.dtype, device: torch.device | str
+    module: str,
+    adapters: Sequence[Adapter],
+    old: ModuleStack | None,
+    n_old: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
 ) -> ModuleStack:
-    adapters = list(adapters)
+    """Stack ``old`` (the first ``n_old`` slots, may be None) and the new adapters' factors."""
     present = [a.modules[module] for a in adapters if module in a.modules]
-    r = max(f.lora_a.shape[0] for f in present)
-    d_in, d_out = present[0].lora_a.shape[1], present[0].lora_b.shape[0]
-    lora_a = torch.zeros(len(present) + 1, r, d_in, dtype=dtype)  # (S+1, r, in)
-    lora_b = torch.zeros(len(present) + 1, d_out, r, dtype=dtype)  # (S+1, out, r)
-    for row, f in enumerate(present):
+    s_old = old.absent_row if old is not None else 0  # rows of old adapters
+    r = max([f.lora_a.shape[0] for f in present] + ([old.lora_a.shape[1]] if old else []))
+    first = present[0] if present else None
+    d_in = old.lora_a.shape[2] if old is not None else first.lora_a.shape[1]  # type: ignore[union-attr]
+    d_out = old.lora_b.shape[1] if old is not None else first.lora_b.shape[0]  # type: ignore[union-attr]
+    n_rows = s_old + len(present) + 1  # + the zero row
+    lora_a = torch.zeros(n_rows, r, d_in, dtype=dtype, device=device)  # (S+1, r, in)
+    lora_b = torch.zeros(n_rows, d_out, r, dtype=dtype, device=device)  # (S+1, out, r)
+    if old is not None:
+        r_old = old.lora_a.shape[1]
+        lora_a[:s_old, :r_old] = old.lora_a[:s_old]
+        lora_b[:s_old, :, :r_old] = old.lora_b[:s_old]
+    for row, f in enumerate(present, start=s_old):
         rank = f.lora_a.shape[0]
         lora_a[row, :rank] = f.lora_a.to(torch.float32).to(dtype)
         lora_b[row, :, :rank] = (f.lora_b.to(torch.float32) * f.scaling).to(dtype)
-    row_of, row = [], 0
+    absent = n_rows - 1
+    if old is not None:
+        row_of = torch.where(old.row_of == s_old, absent, old.row_of).tolist()
+    else:
+        row_of = [absent] * n_old
+    row = s_old
     for a in adapters:
         if module in a.modules:
             row_of.append(row)
             row += 1
         else:
-            row_of.append(len(present))
+            row_of.append(absent)
     return ModuleStack(
-        lora_a=lora_a.to(device),
-        lora_b=lora_b.to(device),
+        lora_a=lora_a,
+        lora_b=lora_b,
         row_of=torch.tensor(row_of, dtype=torch.long, device=device),
     )

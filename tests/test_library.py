@@ -197,3 +197,17 @@ def test_progress_bar_for_many_adapters(tokenizer, adapter_dir, capsys):
     engine.load_adapters({f"x{i}": adapter_dir / "abc"[i % 3] for i in range(9)})
     assert "loading adapters" in capsys.readouterr().err
     assert len(engine.adapter_names) == 9
+
+
+def test_incremental_loading_equals_loading_at_once(tokenizer, adapter_dir):
+    """Stacks extended adapter by adapter (ranks and targets differ) give the same mixtures."""
+    at_once = LoGoEngine(tiny.tiny_model(), tokenizer, adapters=adapter_dir)
+    step_by_step = LoGoEngine(tiny.tiny_model(), tokenizer)
+    for name in ("c", "a", "b"):  # smallest rank first, so later ones widen the stacks
+        step_by_step.load_adapters({name: adapter_dir / name})
+    for mixture in ({"a": 0.5, "b": 0.5}, {"c": 1.0}, {"a": 0.2, "b": 0.3, "c": 0.5}):
+        one = at_once.generate("hello abc", adapters=mixture, max_new_tokens=8)
+        two = step_by_step.generate("hello abc", adapters=mixture, max_new_tokens=8)
+        assert one.text == two.text
+    assert at_once.route("hello").scores == pytest.approx(step_by_step.route("hello").scores)
+    assert all(not a.modules for a in step_by_step.library.adapters)  # no second weight copy
