@@ -153,10 +153,13 @@ def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     repeats, n_tokens = (3, 16) if args.quick else (7, 32)
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    torch.set_num_threads(torch.get_num_threads())
     runs = [(size, n, QV) for size in ("tiny", "mid") for n in (8, 32, 128)] + [("mid", 32, ALL)]
     rows = []
     with tempfile.TemporaryDirectory():

@@ -8,11 +8,13 @@ seeded sampling, stop strings) → :class:`Generation`.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import inspect
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -231,6 +233,7 @@ class LoGoEngine(BaseEngine):
             self._hooks.attach_linears(self._linears, list(library.stacks))
             self._library = library  # one reference swap: calls in flight keep their library
             self._calibrations = {}  # statistics were for the old library
+        _release_freed_memory()
         return [a.name for a in loaded]
 
     def close(self) -> None:
@@ -554,6 +557,19 @@ class LoGoEngine(BaseEngine):
 
 
 # ---------------------------------------------------------------------- free helpers
+def _release_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps the adapter-loading peak resident).
+
+    Measured by benchmarks/speed.py: 256 adapters, RSS growth 1216 MiB -> 425 MiB for 452 MiB
+    of stacks.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 class _Detokenizer:
     """Incremental decoding that never splits a multi-byte character (TGI's offsets method)."""
 
