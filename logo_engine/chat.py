@@ -27,6 +27,7 @@ Prompt = Union[str, Sequence[Message]]
 ToolChoice = Union[Literal["auto", "none", "required"], str, None]
 
 ROLES = ("system", "user", "assistant", "tool")
+TOOL_CALL_OPEN = "<tool_call>"  # how a tool call starts in the model's text
 _TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 TOOL_SYSTEM_PROMPT = (
@@ -224,3 +225,43 @@ def _tool_turn_as_text(message: dict[str, Any]) -> dict[str, Any]:
         blocks.append(f"<tool_call>\n{json.dumps(payload, ensure_ascii=False)}\n</tool_call>")
     content = "\n".join(part for part in [message["content"], *blocks] if part)
     return {"role": "assistant", "content": content}
+
+
+def visible_text(text: str) -> str:
+    """The part of a streamed answer that may be shown while tools are offered.
+
+    Tool-call markup must not reach a caller as content chunks, so this holds back everything
+    from ``<tool_call>`` on, a tail that could still become ``<tool_call>``, and a whole answer
+    that starts like a bare JSON call (``{``). The result only grows as ``text`` grows.
+    """
+    stripped = text.lstrip()
+    if not stripped or stripped.startswith("{"):
+        return ""
+    i = text.find(TOOL_CALL_OPEN)
+    if i != -1:
+        return text[:i]
+    for j in range(min(len(TOOL_CALL_OPEN) - 1, len(text)), 0, -1):
+        if TOOL_CALL_OPEN.startswith(text[-j:]):
+            return text[:-j]
+    return text
+
+
+class StreamFilter:
+    """Deltas of one stream: all text when no tools are offered, else :func:`visible_text`."""
+
+    def __init__(self, hold_tool_calls: bool) -> None:
+        self.hold_tool_calls = hold_tool_calls
+        self.text = ""  # everything generated so far
+        self.shown = ""  # what has been handed out as deltas
+
+    def push(self, piece: str) -> str:
+        """Take a new engine chunk; return the delta that may be shown now ("" if none)."""
+        self.text += piece
+        visible = visible_text(self.text) if self.hold_tool_calls else self.text
+        delta = visible[len(self.shown) :]
+        self.shown = visible
+        return delta
+
+    def final_delta(self, content: str) -> str:
+        """The rest of the final content that was not shown yet."""
+        return content[len(self.shown) :] if content.startswith(self.shown) else ""

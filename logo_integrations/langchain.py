@@ -65,7 +65,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
 from logo_engine.base import BaseEngine
-from logo_engine.chat import parse_tool_calls
+from logo_engine.chat import TOOL_CALL_OPEN, StreamFilter, parse_tool_calls, visible_text
 from logo_engine.errors import InvalidRequestError
 from logo_engine.routing import pinned_selection
 from logo_engine.types import Generation, RoutingConfig, Selection, ToolCall, Usage
@@ -76,7 +76,6 @@ PROVIDER = "logo"  # ls_provider and response_metadata["model_provider"]
 SELECTION_KEY = "logo_selection"  # response_metadata key, run metadata key, call kwarg
 TAG_PREFIX = "logo:"  # run tag per chosen adapter: "logo:sql"
 DEFAULT_MAX_TOKENS = 256  # new tokens per call when max_tokens is None
-TOOL_CALL_OPEN = "<tool_call>"  # opening of a tool call in the model's text (logo_engine.chat)
 
 # Call kwargs that LangChain itself passes or that have no meaning for a local model.
 _IGNORED_KWARGS = frozenset(
@@ -243,26 +242,6 @@ def normalize_tool_choice(tool_choice: Any, tool_names: Sequence[str]) -> str | 
         f"tools {list(tool_names)}, got {tool_choice!r}"
     )
 
-
-def visible_text(text: str) -> str:
-    """The part of a streamed answer that may be shown while tools are bound.
-
-    Tool-call markup must not reach the caller as content chunks, so this holds back everything
-    from ``<tool_call>`` on, a tail that could still become ``<tool_call>``, and a whole answer
-    that starts like a bare JSON call (``{``). The result only grows as ``text`` grows.
-    """
-    stripped = text.lstrip()
-    if not stripped or stripped.startswith("{"):
-        return ""
-    i = text.find(TOOL_CALL_OPEN)
-    if i != -1:
-        return text[:i]
-    for j in range(min(len(TOOL_CALL_OPEN) - 1, len(text)), 0, -1):
-        if TOOL_CALL_OPEN.startswith(text[-j:]):
-            return text[:-j]
-    return text
-
-
 @dataclass(frozen=True)
 class Answer:
     """An answer split into what LangChain shows: content, tool calls, broken tool calls."""
@@ -371,23 +350,6 @@ def final_chunk(generation: Generation, selection: Selection, model_name: str,
         response_metadata=response_metadata(selection, model_name, generation.finish_reason),
         chunk_position="last",
     )
-
-
-class _StreamText:
-    """Deltas of one stream: all text when no tools are bound, else :func:`visible_text`."""
-
-    def __init__(self, tools_bound: bool) -> None:
-        self.tools_bound = tools_bound
-        self.text = ""  # everything generated so far
-        self.shown = ""  # what has been handed out as content chunks
-
-    def push(self, piece: str) -> str:
-        """Take a new engine chunk; return the content that may be shown now ("" if none)."""
-        self.text += piece
-        visible = visible_text(self.text) if self.tools_bound else self.text
-        delta = visible[len(self.shown):]
-        self.shown = visible
-        return delta
 
 
 # ------------------------------------------------------------------------ one engine call
@@ -982,7 +944,7 @@ class ChatLoGo(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         call = self._call(messages, stop, kwargs)
-        text = _StreamText(call.tools_bound)
+        text = StreamFilter(call.tools_bound)
         generation = _planned(call)  # a row of a batch, generated already
         stream = None
         pieces: Iterator[str] = iter([generation.text]) if generation is not None else iter(())
@@ -1019,7 +981,7 @@ class ChatLoGo(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         call = await self._acall(messages, stop, kwargs)
-        text = _StreamText(call.tools_bound)
+        text = StreamFilter(call.tools_bound)
         generation = _planned(call)
         stream = None
         if generation is None:

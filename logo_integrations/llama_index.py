@@ -62,7 +62,7 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
 from logo_engine.base import BaseEngine
-from logo_engine.chat import has_chat_template, parse_tool_calls
+from logo_engine.chat import StreamFilter, has_chat_template, parse_tool_calls, visible_text
 from logo_engine.errors import InvalidRequestError
 from logo_engine.types import Generation, RoutingConfig, Selection, ToolCall, Usage
 
@@ -73,7 +73,6 @@ logger = logging.getLogger(__name__)
 dispatcher = get_dispatcher(__name__)
 
 SELECTION_KEY = "logo_selection"  # key in additional_kwargs and raw (as in ChatLoGo)
-TOOL_CALL_OPEN = "<tool_call>"  # opening of a tool call in the model's text (logo_engine.chat)
 
 # LlamaIndex roles -> the engine's four roles.
 _ROLES = {
@@ -329,25 +328,6 @@ def normalize_tool_choice(tool_choice: Any) -> str | None:
     )
 
 
-def visible_text(text: str) -> str:
-    """The part of a streamed answer that may be shown while tools are offered.
-
-    Tool-call markup must not reach an agent as text deltas, so this holds back everything from
-    ``<tool_call>`` on, a tail that could still become ``<tool_call>``, and a whole answer that
-    starts like a bare JSON call (``{``). The result only grows as ``text`` grows.
-    """
-    stripped = text.lstrip()
-    if not stripped or stripped.startswith("{"):
-        return ""
-    i = text.find(TOOL_CALL_OPEN)
-    if i != -1:
-        return text[:i]
-    for j in range(min(len(TOOL_CALL_OPEN) - 1, len(text)), 0, -1):
-        if TOOL_CALL_OPEN.startswith(text[-j:]):
-            return text[:-j]
-    return text
-
-
 def answer_content(generation: Generation) -> str:
     """The text of an answer without its tool-call markup (the whole text when it made none)."""
     if not generation.tool_calls:
@@ -418,27 +398,6 @@ def chat_response(
         additional_kwargs=message_kwargs,
     )
     return ChatResponse(message=message, delta=delta, additional_kwargs=additional, raw=raw)
-
-
-class _StreamText:
-    """Deltas of one stream: everything when no tools are offered, else :func:`visible_text`."""
-
-    def __init__(self, hold_tool_calls: bool) -> None:
-        self.hold_tool_calls = hold_tool_calls
-        self.text = ""  # everything generated so far
-        self.shown = ""  # what has been handed out as deltas
-
-    def push(self, piece: str) -> str:
-        """Take a new engine chunk; return the delta that may be shown now ("" if none)."""
-        self.text += piece
-        visible = visible_text(self.text) if self.hold_tool_calls else self.text
-        delta = visible[len(self.shown) :]
-        self.shown = visible
-        return delta
-
-    def final_delta(self, content: str) -> str:
-        """The rest of the final content that was not shown yet."""
-        return content[len(self.shown) :] if content.startswith(self.shown) else ""
 
 
 # ------------------------------------------------------------------------------ the LLM
@@ -740,7 +699,7 @@ class LoGoLLM(FunctionCallingLLM):
         self._emit(selection, engine)
         name = engine.model_name
         additional, raw = response_metadata(selection, name)
-        shown = _StreamText(hold_tool_calls=self._holds_tool_calls(call))
+        shown = StreamFilter(hold_tool_calls=self._holds_tool_calls(call))
 
         def gen() -> Generator[ChatResponse, None, None]:
             try:
@@ -767,7 +726,7 @@ class LoGoLLM(FunctionCallingLLM):
         self._emit(selection, engine)
         name = engine.model_name
         additional, raw = response_metadata(selection, name)
-        shown = _StreamText(hold_tool_calls=self._holds_tool_calls(call))
+        shown = StreamFilter(hold_tool_calls=self._holds_tool_calls(call))
 
         async def gen() -> AsyncIterator[ChatResponse]:
             try:
@@ -852,7 +811,7 @@ def _chunk(
     )
 
 
-def _final_chunk(generation: Generation, model_name: str, shown: _StreamText) -> ChatResponse:
+def _final_chunk(generation: Generation, model_name: str, shown: StreamFilter) -> ChatResponse:
     """The last stream chunk: full content, tool calls, usage; delta = what was held back."""
     return chat_response(
         generation, model_name, delta=shown.final_delta(answer_content(generation))
