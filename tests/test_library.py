@@ -211,3 +211,16 @@ def test_incremental_loading_equals_loading_at_once(tokenizer, adapter_dir):
         assert one.text == two.text
     assert at_once.route("hello").scores == pytest.approx(step_by_step.route("hello").scores)
     assert all(not a.modules for a in step_by_step.library.adapters)  # no second weight copy
+
+
+def test_adapter_naming_another_base_model_loads_with_a_warning(
+    engine, adapter_dir, tmp_path, caplog
+):
+    other = _copy(
+        adapter_dir / "a",
+        tmp_path / "other",
+        lambda c: c.update(base_model_name_or_path="someone/another-model"),
+    )
+    with caplog.at_level("WARNING", logger="logo_engine.engine"):
+        engine.load_adapters({"other": other})
+    assert "another-model" in caplog.text and "other" in engine.adapter_names
