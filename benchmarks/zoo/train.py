@@ -1,6 +1,6 @@
 """Train the shipped adapter zoo: one rank-8 q/v LoRA per in-library task on the default model.
 
-One command retrains everything (about 35 minutes on a 2-core CPU, one thread)::
+One command retrains everything (about an hour on a shared 2-core CPU, one thread)::
 
     python -m benchmarks.zoo.train                      # all tasks into logo_engine/zoo
     python -m benchmarks.zoo.train --tasks sql capital --steps 100 --out /tmp/zoo
@@ -42,8 +42,14 @@ LORA = LoraConfig(
 BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # recorded in adapter_config.json
 N_TRAIN = 800  # distinct training examples per task (fewer where the task's space is small)
 N_TRAIN_OVERRIDE = {"capital": 240}  # 47 train countries x 6 phrasings = 282 prompts in all
-DEFAULT_STEPS = 80  # tuned per task below where 80 steps did not clearly beat the base model
-STEPS: dict[str, int] = {}
+DEFAULT_STEPS = 80
+DEFAULT_LR = 2e-3
+# Per-task settings, measured on the validation split. capital: at lr 2e-3 / 80 steps the adapter
+# overwrote the base model's knowledge (0.21, while the base names 6 of the 10 validation capitals
+# inside a sentence); lr 5e-4 / 40 steps (and 3e-4 / 80) teaches the one-line format only (0.50).
+# arithmetic 0.23 -> 0.29 and sort_numbers 0.48 -> 0.60 going from 80 to 160 steps.
+STEPS: dict[str, int] = {"capital": 40, "arithmetic": 160, "sort_numbers": 160}
+LR: dict[str, float] = {"capital": 5e-4}
 N_VALIDATION = 48
 N_SAVED_PROMPTS = 64
 MAX_NEW_TOKENS = 40
@@ -265,7 +271,10 @@ adapter). Each folder also holds `train_prompts.json`, {N_SAVED_PROMPTS} of its 
 
 Scores: exact match (JSON: parsed equality) of greedy answers on each task's validation split
 ({N_VALIDATION} prompts), for the adapter and for the base model alone on the same prompts. The
-base model is not told the answer format, so part of its gap is format, not skill.
+base model is not told the answer format, so part of its gap is format, not skill: it answers
+"The capital of Chile is Santiago." where `capital` wants "Santiago", and names 6 of the 10
+validation countries' capitals correctly that way. Settings differ per task (`STEPS` and `LR` in
+`benchmarks/zoo/train.py`): at lr 2e-3 the `capital` adapter overwrote that knowledge (0.21).
 
 | task | description | steps | batch | lr | train examples | adapter val | base val | s/step |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- |
@@ -276,7 +285,7 @@ Measured {date} on a 2-core CPU shared with other work ({platform.machine()}, to
 fp16-rounded weights). AdamW, linear warm-up and decay, loss on answer tokens only. The whole zoo
 took {minutes:.0f} minutes (loading, evaluation and training).
 
-Retrain everything with one command (`--tasks`, `--steps`, `--out`, `--threads` to change):
+Retrain everything with one command (`--tasks`, `--steps`, `--lr`, `--out`, `--threads`):
 
 ```
 HF_HUB_OFFLINE=1 python -m benchmarks.zoo.train
@@ -291,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=list(LIBRARY_TASKS), choices=LIBRARY_TASKS)
     parser.add_argument("--steps", type=int, default=None, help="default: per task (STEPS)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=None, help="default: per task (LR)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=default_adapters_dir())
@@ -310,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
             TASKS[name],
             steps=args.steps or STEPS.get(name, DEFAULT_STEPS),
             batch_size=args.batch_size,
-            lr=args.lr,
+            lr=args.lr or LR.get(name, DEFAULT_LR),
             seed=args.seed,
             out_dir=args.out,
         )
