@@ -32,6 +32,23 @@ class StepCounter:
         self._handle.remove()
 
 
+async def cancel_and_check_stopped(engine, consume) -> None:
+    """Cancel a task consuming a stream mid-way; no model step may run after it settles."""
+    counter = StepCounter(engine)
+    try:
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.05)  # let the in-flight step end
+        steps = counter.steps
+        await asyncio.sleep(0.2)
+        assert counter.steps == steps, "generation went on after cancellation"
+    finally:
+        counter.remove()
+
+
 def test_langchain_stream_closed_early_stops_generation(engine):
     chat = ChatLoGo(engine=engine, max_tokens=100)
     counter = StepCounter(engine)
@@ -51,24 +68,12 @@ def test_langchain_stream_closed_early_stops_generation(engine):
 
 async def test_langchain_astream_cancelled_stops_generation(engine):
     chat = ChatLoGo(engine=engine, max_tokens=200)
-    counter = StepCounter(engine)
 
     async def consume():
         async for _ in chat.astream("hello", adapters={"b": 1.0}):
             await asyncio.sleep(0)
 
-    try:
-        task = asyncio.create_task(consume())
-        await asyncio.sleep(0.1)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await asyncio.sleep(0.05)  # let the in-flight step end
-        steps = counter.steps
-        await asyncio.sleep(0.2)
-        assert counter.steps == steps, "generation went on after cancellation"
-    finally:
-        counter.remove()
+    await cancel_and_check_stopped(engine, consume)
     out = await chat.ainvoke("hello", adapters={"b": 1.0})
     assert out.content == engine.generate("hello", adapters={"b": 1.0}, max_new_tokens=200).text
 
@@ -90,7 +95,6 @@ def test_llama_index_stream_closed_early_stops_generation(engine):
 
 async def test_llama_index_astream_cancelled_stops_generation(engine):
     llm = LoGoLLM(engine=engine, max_new_tokens=200)
-    counter = StepCounter(engine)
 
     async def consume():
         gen = await llm.astream_chat(
@@ -99,18 +103,7 @@ async def test_llama_index_astream_cancelled_stops_generation(engine):
         async for _ in gen:
             await asyncio.sleep(0)
 
-    try:
-        task = asyncio.create_task(consume())
-        await asyncio.sleep(0.1)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await asyncio.sleep(0.05)
-        steps = counter.steps
-        await asyncio.sleep(0.2)
-        assert counter.steps == steps, "generation went on after cancellation"
-    finally:
-        counter.remove()
+    await cancel_and_check_stopped(engine, consume)
 
 
 def test_soak_through_both_integrations(engine):
