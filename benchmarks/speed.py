@@ -160,7 +160,7 @@ def make_engine(folders: Sequence[Path], top_k: int = 3) -> LoGoEngine:
         routing=RoutingConfig(top_k=top_k),
         progress=False,
     )
-    engine._eos_ids = frozenset()  # fixed-length answers for timing (benchmark only)
+    engine._decoder.eos_ids = frozenset()  # fixed-length answers for timing (benchmark only)
     return engine
 
 

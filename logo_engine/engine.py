@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import inspect
-import json
 import logging
 import os
 import sys
@@ -24,10 +22,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from logo_engine import calibration as calib
 from logo_engine.base import BaseEngine, Request, RowState, SamplingParams, Tools
+from logo_engine.calibration import CALIBRATION_NAME, CalibrationKey
 from logo_engine.chat import Prompt, ToolChoice, render_prompt
+from logo_engine.decoding import TransformersDecoder, left_pad, positions
 from logo_engine.errors import (
     AdapterLoadError,
     GenerationError,
@@ -50,7 +51,6 @@ from logo_engine.types import Calibration, RoutingConfig, Selection
 logger = logging.getLogger(__name__)
 
 PROGRESS_MIN_ADAPTERS = 8  # show a progress bar when loading at least this many adapters
-CALIBRATION_NAME = "calibration.json"  # optional, in a library folder: a list of Calibration
 
 
 class LoGoEngine(BaseEngine):
@@ -87,25 +87,21 @@ class LoGoEngine(BaseEngine):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self._name = name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
-        self._layers = _decoder_layers(model)
+        self._layers, self._layer_prefix = _decoder_layers(model)
         self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         self._device = next(model.parameters()).device
         self._dtype = next(model.parameters()).dtype
-        self._cache_kwarg = (
-            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        )
-        self._eos_ids = _eos_ids(model, tokenizer)
+        self._decoder = TransformersDecoder(model, tokenizer, _eos_ids(model, tokenizer))
         self._library = AdapterLibrary([], dtype=self._dtype, device=self._device)
         self._load_lock = threading.Lock()
-        self._calibrations: dict[tuple[Any, ...], Calibration] = {}
+        self._calibrations: dict[CalibrationKey, Calibration] = {}
         self._hooks = HookSet()
         self._hooks.attach_layers(self._layers)
+        # The caller's routing is kept as given; the default's top_k shrinks to a small library.
         self._explicit_routing = routing is not None
         self.routing = routing or RoutingConfig()
         if adapters is not None:
             self.load_adapters(adapters, allow_pickle=allow_pickle, progress=progress)
-        else:
-            self._check_routing(self.routing, default=not self._explicit_routing)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -229,9 +225,11 @@ class LoGoEngine(BaseEngine):
             library = AdapterLibrary(
                 loaded, dtype=self._dtype, device=self._device, base=self._library
             )
-            self._check_routing(self.routing, library=library, default=not self._explicit_routing)
+            routing = self._fit_default_routing(library)
+            self._validate_routing(routing, library, calibration=False)
             self._hooks.attach_linears(self._linears, list(library.stacks))
             self._library = library  # one reference swap: calls in flight keep their library
+            self.routing = routing
             self._calibrations = {}  # statistics were for the old library
         _release_freed_memory()
         return [a.name for a in loaded]
@@ -278,17 +276,36 @@ class LoGoEngine(BaseEngine):
         )
 
     def _validate_routing(
-        self, routing: RoutingConfig, library: AdapterLibrary | None = None
+        self,
+        routing: RoutingConfig,
+        library: AdapterLibrary | None = None,
+        *,
+        calibration: bool = True,
     ) -> None:
+        """Refuse a routing config that cannot run on ``library`` (default: the loaded one).
+
+        Checks top_k against the library size, the probe target, and (with ``calibration``)
+        that calibrated=True has statistics. An empty library is refused only for routing.
+        """
         library = self._library if library is None else library
         if len(library) == 0:
-            raise RoutingConfigError(
-                "no adapters are loaded, so there is nothing to route to; load adapters or pass "
-                "adapters={} for the base model"
-            )
+            if calibration:
+                raise RoutingConfigError(
+                    "no adapters are loaded, so there is nothing to route to; load adapters or "
+                    "pass adapters={} for the base model"
+                )
+            return
         check_top_k(routing, len(library))
         self._probe_target(routing, library)
-        self._calibration(routing, library)
+        if calibration:
+            self._calibration(routing, library)
+
+    def _fit_default_routing(self, library: AdapterLibrary) -> RoutingConfig:
+        """The engine's routing for ``library``: a default top_k shrinks to a small library."""
+        routing = self.routing
+        if not self._explicit_routing and 0 < len(library) < routing.top_k:
+            routing = dataclasses.replace(routing, top_k=len(library))
+        return routing
 
     def _calibration(self, routing: RoutingConfig, library: AdapterLibrary) -> Calibration | None:
         """The statistics ``routing`` ranks with (None: raw scores)."""
@@ -298,15 +315,14 @@ class LoGoEngine(BaseEngine):
         calibration = self._calibrations.get(key)
         if calibration is None and routing.calibrated:
             raise RoutingConfigError(
-                "calibrated=True needs per-adapter statistics for this probe setting "
-                f"({key[0]}, layer {key[1]}, {key[2]}, input={key[3]}, tokens={key[4]}): call "
-                "engine.calibrate(reference_prompts, routing=...) first"
+                f"calibrated=True needs per-adapter statistics for this probe setting "
+                f"({key.describe()}): call engine.calibrate(reference_prompts, routing=...) first"
             )
         return calibration
 
-    def _calibration_key(self, routing: RoutingConfig, library: AdapterLibrary) -> tuple[Any, ...]:
+    def _calibration_key(self, routing: RoutingConfig, library: AdapterLibrary) -> CalibrationKey:
         layer, module = self._probe_target(routing, library)
-        return (routing.signal_name, layer, module, routing.probe_input, routing.probe_tokens)
+        return CalibrationKey.for_routing(routing, layer, module)
 
     def calibrate(
         self,
@@ -332,16 +348,7 @@ class LoGoEngine(BaseEngine):
                 rows.append([sel.scores[n] for n in library.names])
         scores = torch.tensor(rows, dtype=torch.float64)  # (P, N)
         key = self._calibration_key(routing, library)
-        calibration = Calibration(
-            signal=key[0],
-            probe_layer=key[1],
-            probe_module=key[2],
-            probe_input=key[3],
-            probe_tokens=key[4],
-            mean=dict(zip(library.names, scores.mean(0).tolist(), strict=True)),
-            std=dict(zip(library.names, scores.std(0).tolist(), strict=True)),
-            n_prompts=len(prompts),
-        )
+        calibration = calib.from_scores(key, library.names, scores)
         self.add_calibration(calibration)
         return calibration
 
@@ -366,33 +373,21 @@ class LoGoEngine(BaseEngine):
                 f"this calibration probes {calibration.probe_module!r} (layer "
                 f"{calibration.probe_layer}), which this model/library does not adapt"
             )
-        key = (
-            calibration.signal,
-            calibration.probe_layer,
-            calibration.probe_module,
-            calibration.probe_input,
-            calibration.probe_tokens,
-        )
+        key = CalibrationKey.of(calibration)
         with self._load_lock:
             if self._library is library:
                 self._calibrations = {**self._calibrations, key: calibration}
 
     def save_calibrations(self, path: str | os.PathLike) -> None:
         """Write the held calibrations as JSON (loaded by :meth:`load_calibrations`)."""
-        data = [c.model_dump(mode="json") for c in self.calibrations]
-        Path(path).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        calib.save(self.calibrations, path)
 
     def load_calibrations(self, path: str | os.PathLike, *, missing_ok: bool = False) -> None:
         """Read calibrations saved by :meth:`save_calibrations` (a library's calibration.json)."""
         path = Path(path)
         if missing_ok and not path.is_file():
             return
-        try:
-            items = json.loads(path.read_text(encoding="utf-8"))
-            calibrations = [Calibration.model_validate(item) for item in items]
-        except (OSError, ValueError, TypeError) as exc:
-            raise RoutingConfigError(f"cannot read calibrations from {str(path)!r}: {exc}") from exc
-        for calibration in calibrations:
+        for calibration in calib.load(path):
             self.add_calibration(calibration)
 
     def _route(self, requests: list[Request], routing: RoutingConfig) -> list[Selection]:
@@ -400,7 +395,7 @@ class LoGoEngine(BaseEngine):
         self._validate_routing(routing, library)
         layer, module = self._probe_target(routing, library)
         start = time.perf_counter()
-        input_ids, mask = self._left_pad([r.input_ids for r in requests])
+        input_ids, mask = left_pad(self.tokenizer, [r.input_ids for r in requests], self._device)
         ctx = ForwardContext()
         if routing.probe_input == "residual":
             ctx.probe_layer = self._layers[layer]
@@ -411,7 +406,7 @@ class LoGoEngine(BaseEngine):
                 self.model(
                     input_ids=input_ids,
                     attention_mask=mask,
-                    position_ids=_positions(mask),
+                    position_ids=positions(mask),
                     use_cache=False,
                 )
         except ProbeDone:
@@ -449,68 +444,9 @@ class LoGoEngine(BaseEngine):
         rows: list[RowState],
     ) -> Iterator[None]:
         plan = MixturePlan.build(self._library, selections)
-        ctx = ForwardContext(plan=plan)
-        input_ids, mask = self._left_pad([r.input_ids for r in requests])
-        positions = _positions(mask)
-        cache = DynamicCache(config=self.model.config)
-        generators = _generators(params, len(rows), self._device)
-        detoks = [_Detokenizer(self.tokenizer) for _ in rows]
-        logits = self._forward(ctx, input_ids, mask, positions, cache)
-        for step in range(params.max_new_tokens):
-            tokens = _next_tokens(logits, params, generators)  # (B,)
-            for row, detok, token in zip(rows, detoks, tokens.tolist(), strict=True):
-                if row.done:
-                    continue
-                if token in self._eos_ids:
-                    row.push("", n_tokens=1)
-                    row.finish("stop")
-                else:
-                    row.push(detok.add(token), n_tokens=1)
-            yield
-            if all(row.done for row in rows) or step == params.max_new_tokens - 1:
-                return
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B, T+1)
-            positions = positions[:, -1:] + 1  # (B, 1)
-            logits = self._forward(ctx, tokens[:, None], mask, positions, cache)
+        return self._decoder.decode([r.input_ids for r in requests], plan, params, rows)
 
     # ------------------------------------------------------------------ helpers
-    def _forward(
-        self,
-        ctx: ForwardContext,
-        input_ids: torch.Tensor,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        cache: DynamicCache,
-    ) -> torch.Tensor:
-        """One forward with this call's mixture installed. Returns last-position logits (B, V)."""
-        try:
-            with torch.inference_mode(), forward_context(ctx):
-                out = self.model(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **{self._cache_kwarg: cache},
-                )
-        except LoGoError:
-            raise
-        except Exception as exc:
-            raise GenerationError(f"generation failed inside the model: {exc!r}") from exc
-        return out.logits[:, -1, :].float()
-
-    def _left_pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids (B, T) left-padded to the longest row, and the attention mask (B, T)."""
-        width = max(len(x) for x in ids)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor(
-            [[pad] * (width - len(x)) + list(x) for x in ids], device=self._device
-        )
-        mask = torch.tensor(
-            [[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self._device
-        )
-        return input_ids, mask
-
     def _probe_target(self, routing: RoutingConfig, library: AdapterLibrary) -> tuple[int, str]:
         n_layers = len(self._layers)
         layer = routing.probe_layer + n_layers if routing.probe_layer < 0 else routing.probe_layer
@@ -535,26 +471,6 @@ class LoGoEngine(BaseEngine):
             )
         return layer, candidates[0]
 
-    @property
-    def _layer_prefix(self) -> str:
-        target = self._layers
-        for name, module in self.model.named_modules():
-            if module is target:
-                return name
-        raise LoGoError("decoder layers not found in the model")  # pragma: no cover
-
-    def _check_routing(
-        self, routing: RoutingConfig, *, library: AdapterLibrary | None = None, default: bool
-    ) -> None:
-        """Validate the default routing against the library (a default top_k shrinks to fit)."""
-        library = self._library if library is None else library
-        if len(library) == 0:
-            return
-        if default and routing.top_k > len(library):
-            self.routing = routing = dataclasses.replace(routing, top_k=len(library))
-        check_top_k(routing, len(library))
-        self._probe_target(routing, library)
-
 
 # ---------------------------------------------------------------------- free helpers
 def _release_freed_memory() -> None:
@@ -570,31 +486,22 @@ def _release_freed_memory() -> None:
             pass
 
 
-class _Detokenizer:
-    """Incremental decoding that never splits a multi-byte character (TGI's offsets method)."""
+def _decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
+    """The decoder blocks and their module name ("model.layers" for Llama-like models).
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0  # start of the window re-decoded for context
-        self.read = 0  # end of the text already returned
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        decode = self.tokenizer.decode
-        before = str(decode(self.ids[self.prefix : self.read], skip_special_tokens=True))
-        after = str(decode(self.ids[self.prefix :], skip_special_tokens=True))
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before) :]
-        return ""
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    ``model.get_decoder().layers`` where transformers provides it; otherwise the ModuleList of
+    ``num_hidden_layers`` blocks.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, nn.ModuleList) and id(layers) in names:
+        return layers, names[id(layers)]
     n = getattr(model.config, "num_hidden_layers", None)
-    for _, module in model.named_modules():
+    for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
+            return module, name
     raise LoGoError(
         f"cannot find the decoder layers of {type(model).__name__} (a ModuleList of "
         f"num_hidden_layers={n} blocks)"
@@ -610,38 +517,6 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> froz
         elif isinstance(source, (list, tuple)):
             ids.update(int(i) for i in source)
     return frozenset(ids)
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids for left-padded rows. mask (B, T) -> (B, T)."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def _generators(
-    params: SamplingParams, n_rows: int, device: torch.device
-) -> list[torch.Generator] | None:
-    """One generator per row, all seeded alike: a row samples as it would alone."""
-    if params.temperature == 0:
-        return None
-    seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-    return [torch.Generator(device=device).manual_seed(seed) for _ in range(n_rows)]
-
-
-def _next_tokens(
-    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None
-) -> torch.Tensor:
-    """Greedy argmax, or temperature / top-p sampling. logits (B, V) -> tokens (B,)."""
-    if generators is None:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / params.temperature, dim=-1)  # (B, V)
-    if params.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p > params.top_p  # keep the smallest nucleus
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.stack(
-        [torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators, strict=True)]
-    )
 
 
 def _freeze(value: Any) -> Any:

@@ -14,7 +14,7 @@ import argparse
 
 from benchmarks.zoo.tasks import LIBRARY_TASKS, TASKS
 from logo_engine import LoGoEngine, RoutingConfig
-from logo_engine.engine import CALIBRATION_NAME
+from logo_engine.calibration import CALIBRATION_NAME
 from logo_engine.models import default_adapters_dir
 
 

@@ -1,0 +1,178 @@
+"""The engine's own decode loop: left-padded batches, KV cache, greedy or seeded sampling.
+
+:class:`TransformersDecoder` generates for a batch of token-id rows with one
+:class:`~logo_engine.mixture.MixturePlan` installed (each row may carry its own mixture), pushing
+text into one :class:`~logo_engine.base.RowState` per row and yielding once per step, so callers
+(streams, async, servers) can interleave, cancel or stop between tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from logo_engine.base import RowState, SamplingParams
+from logo_engine.errors import GenerationError, LoGoError
+from logo_engine.mixture import ForwardContext, MixturePlan, forward_context
+
+
+class Detokenizer:
+    """Incremental decoding that never splits a multi-byte character (TGI's offsets method).
+
+    :meth:`add` returns the text a new token completes ("" while a character is still partial);
+    :meth:`flush` returns what is held back at the end, so that the concatenation of every piece
+    equals ``tokenizer.decode(ids, skip_special_tokens=True)``.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the window re-decoded for context
+        self.read = 0  # end of the text already returned
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """The text of tokens still held back (a trailing partial character), once, at the end."""
+        if self.read == len(self.ids):
+            return ""
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before) :] if after.startswith(before) else ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def left_pad(
+    tokenizer: PreTrainedTokenizerBase, ids: Sequence[Sequence[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, T) left-padded to the longest row, and the attention mask (B, T)."""
+    batch = tokenizer.pad(
+        {"input_ids": [list(x) for x in ids]},
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+    )
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for left-padded rows. mask (B, T) -> (B, T)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def make_generators(
+    params: SamplingParams, n_rows: int, device: torch.device
+) -> list[torch.Generator] | None:
+    """One generator per row, all seeded alike: a row samples as it would alone (None: greedy)."""
+    if params.temperature == 0:
+        return None
+    seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+    return [torch.Generator(device=device).manual_seed(seed) for _ in range(n_rows)]
+
+
+def next_tokens(
+    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None
+) -> torch.Tensor:
+    """Greedy argmax, or temperature / top-p sampling. logits (B, V) -> tokens (B,)."""
+    if generators is None:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / params.temperature, dim=-1)  # (B, V)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > params.top_p  # keep the smallest nucleus
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.stack(
+        [torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators, strict=True)]
+    )
+
+
+class TransformersDecoder:
+    """Generation on the transformers model itself, with the mixture hooks of the engine."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_ids: frozenset[int],
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.device = next(model.parameters()).device
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    def decode(
+        self,
+        input_ids: Sequence[Sequence[int]],
+        plan: MixturePlan | None,
+        params: SamplingParams,
+        rows: list[RowState],
+    ) -> Iterator[None]:
+        """Generate for every row with ``plan`` installed; yield after each step."""
+        ctx = ForwardContext(plan=plan)
+        ids, mask = left_pad(self.tokenizer, input_ids, self.device)
+        pos = positions(mask)
+        cache = DynamicCache(config=self.model.config)
+        generators = make_generators(params, len(rows), self.device)
+        detoks = [Detokenizer(self.tokenizer) for _ in rows]
+        logits = self.forward(ctx, ids, mask, pos, cache)
+        for step in range(params.max_new_tokens):
+            tokens = next_tokens(logits, params, generators)  # (B,)
+            for row, detok, token in zip(rows, detoks, tokens.tolist(), strict=True):
+                if row.done:
+                    continue
+                if token in self.eos_ids:
+                    row.push(detok.flush(), n_tokens=1)
+                    row.finish("stop")
+                else:
+                    row.push(detok.add(token), n_tokens=1)
+            last = step == params.max_new_tokens - 1
+            if last:
+                for row, detok in zip(rows, detoks, strict=True):
+                    row.push(detok.flush(), n_tokens=0)
+            yield
+            if last or all(row.done for row in rows):
+                return
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B, T+1)
+            pos = pos[:, -1:] + 1  # (B, 1)
+            logits = self.forward(ctx, tokens[:, None], mask, pos, cache)
+
+    def forward(
+        self,
+        ctx: ForwardContext,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+        cache: DynamicCache,
+    ) -> torch.Tensor:
+        """One forward with ``ctx`` installed. Returns last-position logits (B, V), float32."""
+        try:
+            with torch.inference_mode(), forward_context(ctx):
+                out = self.model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self._cache_kwarg: cache},
+                )
+        except LoGoError:
+            raise
+        except Exception as exc:
+            raise GenerationError(f"generation failed inside the model: {exc!r}") from exc
+        return out.logits[:, -1, :].float()
