@@ -17,7 +17,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -65,6 +65,12 @@ class Adapter:
     modules: dict[str, LoraFactors]
     path: Path | None = None
     base_model_name: str | None = None
+    ranks: dict[str, int] = field(default_factory=dict)  # rank per module, kept in a library
+
+    def without_weights(self) -> Adapter:
+        """This adapter's description (name, path, ranks) without its factors."""
+        ranks = {m: int(f.lora_a.shape[0]) for m, f in self.modules.items()} or self.ranks
+        return replace(self, modules={}, ranks=ranks)
 
 
 def resolve_sources(adapters: AdapterSource) -> dict[str, Path]:
@@ -297,7 +303,7 @@ class AdapterLibrary:
         if len(set(names)) != len(names):
             dupes = sorted({n for n in names if names.count(n) > 1})
             raise AdapterLoadError(f"adapter names must be unique; repeated: {dupes}")
-        self.adapters: list[Adapter] = [*old, *(replace(a, modules={}) for a in adapters)]
+        self.adapters: list[Adapter] = [*old, *(a.without_weights() for a in adapters)]
         self.names = names
         self._slot = {n: i for i, n in enumerate(names)}
         old_stacks = base.stacks if base is not None else {}
@@ -317,6 +323,22 @@ class AdapterLibrary:
             raise AdapterNotFoundError(
                 f"unknown adapter {name!r}; the library holds {self.names}"
             ) from None
+
+    def factors(self, name: str) -> dict[str, LoraFactors]:
+        """One adapter's factors per module, as stored: ``scaling`` is folded into ``lora_b``.
+
+        math: ΔW = lora_b @ lora_a with lora_a (r, in), lora_b (out, r) = s · B, r unpadded;
+        returned ``scaling`` is 1.0. Views of the stacks, not copies.
+        """
+        adapter = self.adapters[self.slot(name)]
+        out = {}
+        for module, rank in adapter.ranks.items():
+            stack = self.stacks[module]
+            row = int(stack.row_of[self.slot(name)])
+            out[module] = LoraFactors(
+                lora_a=stack.lora_a[row, :rank], lora_b=stack.lora_b[row, :, :rank], scaling=1.0
+            )
+        return out
 
     def has_module(self, module: str) -> torch.Tensor:
         """(N,) bool: which adapters adapt ``module``."""

@@ -224,3 +224,26 @@ def test_adapter_naming_another_base_model_loads_with_a_warning(
     with caplog.at_level("WARNING", logger="logo_engine.engine"):
         engine.load_adapters({"other": other})
     assert "another-model" in caplog.text and "other" in engine.adapter_names
+
+
+def test_factors_give_back_each_adapter_unpadded_with_scaling_folded(engine, adapter_dir):
+    """library.factors(name) equals the adapter file's A and scaling * B (peft's own reading)."""
+    from safetensors.torch import load_file
+
+    for name, (r, alpha, rslora) in {
+        "a": (4, 8, False),
+        "b": (8, 4, False),
+        "c": (2, 2, True),
+    }.items():
+        state = load_file(str(adapter_dir / name / "adapter_model.safetensors"))
+        factors = engine.library.factors(name)
+        scaling = alpha / (r**0.5) if rslora else alpha / r
+        a_keys = sorted(k for k in state if ".lora_A." in k)
+        assert len(factors) == len(a_keys)
+        for key in a_keys:
+            module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+            f = factors[module]
+            assert f.lora_a.shape == (r, state[key].shape[1]) and f.scaling == 1.0
+            torch.testing.assert_close(f.lora_a, state[key])
+            b = state[key.replace("lora_A", "lora_B")]
+            torch.testing.assert_close(f.lora_b, b * scaling)
