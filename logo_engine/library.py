@@ -68,7 +68,7 @@ class Adapter:
     ranks: dict[str, int] = field(default_factory=dict)  # rank per module, kept in a library
 
     def without_weights(self) -> Adapter:
-        """This adapter's description (name, path, ranks) without its factors."""
+        """A copy holding the description (name, path, ranks) without the factors."""
         ranks = {m: int(f.lora_a.shape[0]) for m, f in self.modules.items()} or self.ranks
         return replace(self, modules={}, ranks=ranks)
 
