@@ -1,10 +1,13 @@
-"""Per-adapter score statistics: what makes raw probe scores comparable across adapters.
+"""What a library knows about its adapters beyond their weights: statistics and prototypes.
 
-Raw LoRA output norms are not comparable across adapters (an adapter with a large B scores high
-on every prompt). A :class:`~logo_engine.types.Calibration` holds each adapter's mean and std of
-its raw score over reference prompts, for one probe setting (:class:`CalibrationKey`); calibrated
-routing ranks by z_i = (score_i - mean_i) / std_i. This module builds, checks, saves and loads
-them; the engine keeps one per probe setting.
+- :class:`~logo_engine.types.Calibration`: each adapter's mean and std of its raw score over
+  reference prompts, for one probe setting and signal (:class:`CalibrationKey`). Raw LoRA output
+  norms are not comparable across adapters (an adapter with a large B scores high on every
+  prompt); calibrated routing ranks and weighs by z_i = (score_i - mean_i) / std_i.
+- :class:`~logo_engine.types.Prototypes`: each adapter's centroid of the probed hidden state over
+  its example prompts, for one probe setting (:class:`ProbeKey`), read by the "prototype" signal.
+- A library folder may ship both in ``calibration.json``, and its measured routing defaults in
+  ``routing.json`` (a :class:`~logo_engine.types.RoutingConfig` as a JSON object).
 """
 
 from __future__ import annotations
@@ -18,9 +21,33 @@ from typing import NamedTuple
 import torch
 
 from logo_engine.errors import RoutingConfigError
-from logo_engine.types import Calibration, RoutingConfig
+from logo_engine.types import Calibration, Prototypes, RoutingConfig
 
-CALIBRATION_NAME = "calibration.json"  # optional, in a library folder: a list of Calibration
+CALIBRATION_NAME = "calibration.json"  # optional, in a library folder (see save / load)
+ROUTING_NAME = "routing.json"  # optional, in a library folder: the library's routing defaults
+
+
+class ProbeKey(NamedTuple):
+    """Where and how the probe reads the hidden state."""
+
+    probe_layer: int  # absolute block index
+    probe_module: str  # full module name
+    probe_input: str
+    probe_tokens: str
+
+    @classmethod
+    def of(cls, item: Calibration | Prototypes) -> ProbeKey:
+        return cls(item.probe_layer, item.probe_module, item.probe_input, item.probe_tokens)
+
+    @classmethod
+    def for_routing(cls, routing: RoutingConfig, layer: int, module: str) -> ProbeKey:
+        return cls(layer, module, routing.probe_input, routing.probe_tokens)
+
+    def describe(self) -> str:
+        return (
+            f"layer {self.probe_layer}, {self.probe_module}, input={self.probe_input}, "
+            f"tokens={self.probe_tokens}"
+        )
 
 
 class CalibrationKey(NamedTuple):
@@ -53,7 +80,13 @@ class CalibrationKey(NamedTuple):
         )
 
 
-def from_scores(key: CalibrationKey, names: Sequence[str], scores: torch.Tensor) -> Calibration:
+def from_scores(
+    key: CalibrationKey,
+    names: Sequence[str],
+    scores: torch.Tensor,
+    *,
+    source: str = "prompts",
+) -> Calibration:
     """Statistics of raw scores (P prompts, N adapters) over ``names``."""
     scores = scores.to(torch.float64)  # (P, N)
     return Calibration(
@@ -65,22 +98,89 @@ def from_scores(key: CalibrationKey, names: Sequence[str], scores: torch.Tensor)
         mean=dict(zip(names, scores.mean(0).tolist(), strict=True)),
         std=dict(zip(names, scores.std(0).tolist(), strict=True)),
         n_prompts=int(scores.shape[0]),
+        source=source,  # type: ignore[arg-type]
     )
 
 
-def save(calibrations: Iterable[Calibration], path: str | os.PathLike) -> None:
-    """Write calibrations as a JSON list (read back by :func:`load`)."""
-    data = [c.model_dump(mode="json") for c in calibrations]
+def zscores(calibration: Calibration, names: Sequence[str], scores: torch.Tensor) -> torch.Tensor:
+    """Per-adapter z-scores. math: z_i = (s_i - mean_i) / std_i.   scores (B, N) -> (B, N)."""
+    mean = torch.tensor([calibration.mean[n] for n in names])  # (N,)
+    std = torch.tensor([calibration.std[n] for n in names]).clamp(min=1e-12)  # (N,)
+    return (scores.float().cpu() - mean) / std
+
+
+def prototypes_from_states(
+    key: ProbeKey, states: dict[str, torch.Tensor], *, digits: int = 6
+) -> Prototypes:
+    """Centroids of probed states ``{adapter: (P_i, d)}``, to ``digits`` significant digits."""
+    centroids = {
+        name: [float(f"{v:.{digits}g}") for v in h.to(torch.float64).mean(0).tolist()]
+        for name, h in states.items()
+    }
+    return Prototypes(
+        probe_layer=key.probe_layer,
+        probe_module=key.probe_module,
+        probe_input=key.probe_input,
+        probe_tokens=key.probe_tokens,
+        centroids=centroids,
+        n_examples={name: int(h.shape[0]) for name, h in states.items()},
+    )
+
+
+def prototype_scores(prototypes: Prototypes, names: Sequence[str], h: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each probed state with each adapter's centroid, both centred.
+
+    math: c = mean_i(μ_i); score_i = cos(h - c, μ_i - c).     h (B, d) -> (B, N)
+    """
+    mu = torch.tensor([prototypes.centroids[n] for n in names], dtype=torch.float32)  # (N, d)
+    center = mu.mean(0)  # (d,)
+    h = torch.nn.functional.normalize(h.float().cpu() - center, dim=-1)  # (B, d)
+    mu = torch.nn.functional.normalize(mu - center, dim=-1)  # (N, d)
+    return h @ mu.T  # (B, N)
+
+
+def save(
+    calibrations: Iterable[Calibration],
+    path: str | os.PathLike,
+    prototypes: Iterable[Prototypes] = (),
+) -> None:
+    """Write calibrations and prototypes as one JSON object (read back by :func:`load`)."""
+    data = {
+        "calibrations": [c.model_dump(mode="json") for c in calibrations],
+        "prototypes": [p.model_dump(mode="json") for p in prototypes],
+    }
     Path(path).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
-def load(path: str | os.PathLike) -> list[Calibration]:
-    """Read a JSON list of calibrations written by :func:`save`."""
+def load(path: str | os.PathLike) -> tuple[list[Calibration], list[Prototypes]]:
+    """Read a file written by :func:`save` (a bare JSON list of calibrations is accepted too)."""
     path = Path(path)
     try:
-        items = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(items, list):
-            raise ValueError("expected a JSON list of calibrations")
-        return [Calibration.model_validate(item) for item in items]
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, list):  # the first format: calibrations only
+            data = {"calibrations": data}
+        if not isinstance(data, dict):
+            raise ValueError("expected a JSON object with 'calibrations' and 'prototypes'")
+        unknown = sorted(set(data) - {"calibrations", "prototypes"})
+        if unknown:
+            raise ValueError(f"unknown keys {unknown}")
+        calibrations = [Calibration.model_validate(c) for c in data.get("calibrations", [])]
+        prototypes = [Prototypes.model_validate(p) for p in data.get("prototypes", [])]
     except (OSError, ValueError, TypeError) as exc:
         raise RoutingConfigError(f"cannot read calibrations from {str(path)!r}: {exc}") from exc
+    return calibrations, prototypes
+
+
+def load_routing(path: str | os.PathLike) -> RoutingConfig:
+    """Read a library's routing defaults (a JSON object of :class:`RoutingConfig` fields)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RoutingConfigError(f"cannot read routing defaults from {str(path)!r}: {exc}") from exc
+    return RoutingConfig.from_dict(data, source=str(path))
+
+
+def save_routing(routing: RoutingConfig, path: str | os.PathLike) -> None:
+    """Write routing defaults as a JSON object (read back by :func:`load_routing`)."""
+    Path(path).write_text(json.dumps(routing.to_dict(), indent=1) + "\n", encoding="utf-8")

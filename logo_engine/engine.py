@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from logo_engine import calibration as calib
 from logo_engine.base import BaseEngine, Request, RowState, SamplingParams, Tools
-from logo_engine.calibration import CALIBRATION_NAME, CalibrationKey
+from logo_engine.calibration import CALIBRATION_NAME, ROUTING_NAME, CalibrationKey, ProbeKey
 from logo_engine.chat import Prompt, ToolChoice, render_prompt
 from logo_engine.decoding import TransformersDecoder, left_pad, positions
 from logo_engine.errors import (
@@ -46,7 +46,7 @@ from logo_engine.library import (
 )
 from logo_engine.mixture import ForwardContext, HookSet, MixturePlan, ProbeDone, forward_context
 from logo_engine.routing import check_top_k, score, select
-from logo_engine.types import Calibration, RoutingConfig, Selection
+from logo_engine.types import Calibration, Prototypes, RoutingConfig, Selection
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class LoGoEngine(BaseEngine):
         self._library = AdapterLibrary([], dtype=self._dtype, device=self._device)
         self._load_lock = threading.Lock()
         self._calibrations: dict[CalibrationKey, Calibration] = {}
+        self._prototypes: dict[ProbeKey, Prototypes] = {}
         self._hooks = HookSet()
         self._hooks.attach_layers(self._layers)
         # The caller's routing is kept as given; the default's top_k shrinks to a small library.
@@ -135,6 +136,9 @@ class LoGoEngine(BaseEngine):
         if base_model is None and adapters is None:
             adapters = default_adapters_dir()
         name = DEFAULT_MODEL_NAME if base_model is None else str(base_model)
+        library_dir = Path(adapters) if isinstance(adapters, (str, os.PathLike)) else None
+        if routing is None and library_dir is not None and (library_dir / ROUTING_NAME).is_file():
+            routing = calib.load_routing(library_dir / ROUTING_NAME)  # the library's defaults
         engine = cls(
             model,
             tokenizer,
@@ -144,8 +148,8 @@ class LoGoEngine(BaseEngine):
             name=name,
             progress=progress,
         )
-        if isinstance(adapters, (str, os.PathLike)):
-            engine.load_calibrations(Path(adapters) / CALIBRATION_NAME, missing_ok=True)
+        if library_dir is not None:
+            engine.load_calibrations(library_dir / CALIBRATION_NAME, missing_ok=True)
         return engine
 
     @classmethod
@@ -231,6 +235,7 @@ class LoGoEngine(BaseEngine):
             self._library = library  # one reference swap: calls in flight keep their library
             self.routing = routing
             self._calibrations = {}  # statistics were for the old library
+            self._prototypes = {}
         _release_freed_memory()
         return [a.name for a in loaded]
 
@@ -299,6 +304,8 @@ class LoGoEngine(BaseEngine):
         self._probe_target(routing, library)
         if calibration:
             self._calibration(routing, library)
+            if routing.signal == "prototype":
+                self._prototypes_for(routing, library)
 
     def _fit_default_routing(self, library: AdapterLibrary) -> RoutingConfig:
         """The engine's routing for ``library``: a default top_k shrinks to a small library."""
@@ -326,31 +333,88 @@ class LoGoEngine(BaseEngine):
 
     def calibrate(
         self,
-        prompts: Sequence[Prompt],
+        prompts: Sequence[Prompt] | Mapping[str, Sequence[Prompt]] | None = None,
         *,
         routing: RoutingConfig | None = None,
         batch_size: int = 16,
+        n_random: int = 64,
+        seed: int = 0,
     ) -> Calibration:
-        """Measure each adapter's raw-score mean and std over reference prompts.
+        """Measure each adapter's raw-score statistics (and prototypes) for calibrated routing.
 
-        Afterwards ``RoutingConfig(calibrated=True)`` (with the same probe setting) ranks
-        adapters by z-scores. Use prompts like the traffic you expect, e.g. a few per task; the
-        statistics are dropped when adapters are added.
+        Args:
+            prompts: reference prompts like the traffic you expect (a few per task); or
+                ``{adapter: example prompts}``, which also computes every adapter's prototype
+                (the centroid of the probed state over its examples) for ``signal="prototype"``
+                and must cover every adapter; or None for a data-free calibration on
+                ``n_random`` random token sequences (seeded by ``seed``).
+            routing: the probe setting and signal to calibrate (default: the engine's).
+            batch_size: prompts per probe batch.
+            n_random: number of random prompts of a data-free calibration.
+            seed: seed of the random prompts.
+
+        Returns:
+            The statistics, also kept by the engine (see :meth:`save_calibrations`): afterwards
+            ``RoutingConfig(calibrated=None or True)`` with the same probe setting and signal
+            ranks and weighs adapters by z-scores. They are dropped when adapters are added.
+
         """
         routing = dataclasses.replace(self._routing(routing), calibrated=False)
+        library = self._library
+        source = "prompts"
+        owners: list[str] | None = None
+        if prompts is None:
+            prompts, source = self._random_prompts(n_random, seed), "random_tokens"
+        elif isinstance(prompts, Mapping):
+            missing = sorted(set(library.names) - set(prompts))
+            unknown = sorted(set(prompts) - set(library.names))
+            if missing or unknown:
+                raise InvalidRequestError(
+                    "example prompts must be given for every adapter of the library and no "
+                    f"other; missing: {missing}, unknown: {unknown}"
+                )
+            empty = sorted(name for name in library.names if not prompts[name])
+            if empty:
+                raise InvalidRequestError(f"adapters {empty} have no example prompts")
+            owners = [name for name in library.names for _ in prompts[name]]
+            prompts = [p for name in library.names for p in prompts[name]]
         prompts = list(prompts)
         if len(prompts) < 2:
             raise InvalidRequestError("calibrate needs at least 2 reference prompts")
-        library = self._library
-        rows = []
-        for i in range(0, len(prompts), batch_size):
-            for sel in self.route_batch(prompts[i : i + batch_size], routing=routing):
-                rows.append([sel.scores[n] for n in library.names])
-        scores = torch.tensor(rows, dtype=torch.float64)  # (P, N)
         key = self._calibration_key(routing, library)
-        calibration = calib.from_scores(key, library.names, scores)
+        probes = [
+            self._probe([self._prepare(p, None, None) for p in prompts[i : i + batch_size]],
+                        routing, library, with_scores=routing.signal != "prototype")
+            for i in range(0, len(prompts), batch_size)
+        ]  # fmt: skip
+        states = torch.cat([pr.states for pr in probes])  # (P, d)
+        if owners is not None:
+            probe_key = ProbeKey.for_routing(routing, key.probe_layer, key.probe_module)
+            by_adapter = {
+                n: states[[i for i, o in enumerate(owners) if o == n]] for n in library.names
+            }
+            self.add_prototypes(calib.prototypes_from_states(probe_key, by_adapter))
+        if routing.signal == "prototype":
+            scores = calib.prototype_scores(
+                self._prototypes_for(routing, library), library.names, states
+            )
+        else:
+            scores = torch.cat([pr.scores for pr in probes])  # (P, N)
+        calibration = calib.from_scores(key, library.names, scores, source=source)
         self.add_calibration(calibration)
         return calibration
+
+    def _random_prompts(self, n: int, seed: int) -> list[str]:
+        """``n`` prompts of 8-40 random tokens (a data-free stand-in for real traffic)."""
+        generator = torch.Generator().manual_seed(seed)
+        special = set(self.tokenizer.all_special_ids)
+        vocab = [i for i in range(len(self.tokenizer)) if i not in special]
+        out = []
+        for _ in range(n):
+            length = int(torch.randint(8, 41, (), generator=generator))
+            picks = torch.randint(0, len(vocab), (length,), generator=generator).tolist()
+            out.append(str(self.tokenizer.decode([vocab[i] for i in picks])).strip() or "?")
+        return out
 
     @property
     def calibrations(self) -> list[Calibration]:
@@ -378,21 +442,90 @@ class LoGoEngine(BaseEngine):
             if self._library is library:
                 self._calibrations = {**self._calibrations, key: calibration}
 
+    @property
+    def prototypes(self) -> list[Prototypes]:
+        """The per-adapter centroids held for the "prototype" signal, one per probe setting."""
+        return list(self._prototypes.values())
+
+    def add_prototypes(self, prototypes: Prototypes) -> None:
+        """Use saved prototypes (e.g. from :meth:`calibrate` on another run) for this library."""
+        library = self._library
+        if set(prototypes.centroids) != set(library.names):
+            raise RoutingConfigError(
+                f"these prototypes cover adapters {sorted(prototypes.centroids)}, but the "
+                f"library holds {sorted(library.names)}"
+            )
+        width = (
+            self._linears[prototypes.probe_module].in_features
+            if (prototypes.probe_input == "module" and prototypes.probe_module in self._linears)
+            else int(self.model.config.hidden_size)
+        )
+        bad = sorted(n for n, c in prototypes.centroids.items() if len(c) != width)
+        if bad:
+            raise RoutingConfigError(
+                f"prototypes of {bad} do not have the probed state's width {width}"
+            )
+        with self._load_lock:
+            if self._library is library:
+                self._prototypes = {**self._prototypes, ProbeKey.of(prototypes): prototypes}
+
+    def _prototypes_for(self, routing: RoutingConfig, library: AdapterLibrary) -> Prototypes:
+        layer, module = self._probe_target(routing, library)
+        key = ProbeKey.for_routing(routing, layer, module)
+        prototypes = self._prototypes.get(key)
+        if prototypes is None:
+            raise RoutingConfigError(
+                f"signal='prototype' needs per-adapter prototypes for this probe setting "
+                f"({key.describe()}): call engine.calibrate({{adapter: [example prompts]}}, "
+                "routing=...) first, or ship them in the library's calibration.json"
+            )
+        return prototypes
+
     def save_calibrations(self, path: str | os.PathLike) -> None:
-        """Write the held calibrations as JSON (loaded by :meth:`load_calibrations`)."""
-        calib.save(self.calibrations, path)
+        """Write the held calibrations and prototypes as JSON (see :meth:`load_calibrations`)."""
+        calib.save(self.calibrations, path, self.prototypes)
 
     def load_calibrations(self, path: str | os.PathLike, *, missing_ok: bool = False) -> None:
         """Read calibrations saved by :meth:`save_calibrations` (a library's calibration.json)."""
         path = Path(path)
         if missing_ok and not path.is_file():
             return
-        for calibration in calib.load(path):
+        calibrations, prototypes = calib.load(path)
+        for calibration in calibrations:
             self.add_calibration(calibration)
+        for item in prototypes:
+            self.add_prototypes(item)
 
     def _route(self, requests: list[Request], routing: RoutingConfig) -> list[Selection]:
         library = self._library
         self._validate_routing(routing, library)
+        probe = self._probe(requests, routing, library, with_scores=routing.signal != "prototype")
+        scores = probe.scores
+        if routing.signal == "prototype":
+            prototypes = self._prototypes_for(routing, library)
+            scores = calib.prototype_scores(prototypes, library.names, probe.states)  # (B, N)
+        calibration = self._calibration(routing, library)
+        ranking = None if calibration is None else calib.zscores(calibration, library.names, scores)
+        return select(
+            scores,
+            library.names,
+            routing,
+            probe_layer=probe.layer,
+            probe_module=probe.module,
+            probe_ms=(time.perf_counter() - probe.start) * 1e3,
+            ranking=ranking,
+            calibrated=calibration is not None,
+        )
+
+    def _probe(
+        self,
+        requests: list[Request],
+        routing: RoutingConfig,
+        library: AdapterLibrary,
+        *,
+        with_scores: bool = True,
+    ) -> ProbeResult:
+        """One base-only forward up to the probe module: the probed states and raw scores."""
         layer, module = self._probe_target(routing, library)
         start = time.perf_counter()
         input_ids, mask = left_pad(self.tokenizer, [r.input_ids for r in requests], self._device)
@@ -422,19 +555,12 @@ class LoGoEngine(BaseEngine):
             else:
                 m = mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
                 h = (h * m).sum(1) / m.sum(1)  # (B, in); linear, so = mean of the outputs
-            outputs = library.stacks[module].outputs(h)  # (B, N, out)
-            scores = score(outputs, routing)  # (B, N)
-            scores[:, ~library.has_module(module).to(scores.device)] = 0.0
-        probe_ms = (time.perf_counter() - start) * 1e3
-        return select(
-            scores,
-            library.names,
-            routing,
-            probe_layer=layer,
-            probe_module=module,
-            probe_ms=probe_ms,
-            calibration=self._calibration(routing, library),
-        )
+            scores = None
+            if with_scores:
+                outputs = library.stacks[module].outputs(h)  # (B, N, out)
+                scores = score(outputs, routing)  # (B, N)
+                scores[:, ~library.has_module(module).to(scores.device)] = 0.0
+        return ProbeResult(h, scores, layer, module, start)
 
     def _decode(
         self,
@@ -470,6 +596,17 @@ class LoGoEngine(BaseEngine):
                 f"adapted modules there: {adapted}"
             )
         return layer, candidates[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeResult:
+    """What one probe forward read: the probed states and (when asked) every adapter's score."""
+
+    states: torch.Tensor  # (B, in): the probed module's input at the probed token(s)
+    scores: Any  # (B, N) raw signal scores, or None when not computed
+    layer: int
+    module: str
+    start: float  # time.perf_counter() when the probe began
 
 
 # ---------------------------------------------------------------------- free helpers

@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -17,11 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from logo_engine.errors import RoutingConfigError
 
-Signal = Literal["norm", "entropy"]
+Signal = Literal["norm", "entropy", "prototype"]
+SIGNALS: tuple[str, ...] = ("norm", "entropy", "prototype")
 # A scorer maps the probed low-rank outputs o (batch, n_adapters, out_features) to scores
 # (batch, n_adapters); higher means more relevant. Its __name__ is recorded as the signal.
 Scorer = Callable[[torch.Tensor], torch.Tensor]
-Weighting = Literal["proportional", "softmax", "uniform"]
+Weighting = Literal["auto", "proportional", "softmax", "uniform"]
+WEIGHTINGS: tuple[str, ...] = ("auto", "proportional", "softmax", "uniform")
 FinishReason = Literal["stop", "length"]
 
 
@@ -31,19 +33,35 @@ class RoutingConfig:
 
     The defaults reproduce the paper's method, with two documented differences: k = 3 (small
     libraries) and the probe reads the probed module's real input in a pass with no adapter active.
+    A library folder may ship its own measured defaults (``routing.json``, see
+    :meth:`from_dict`), which ``LoGoEngine.from_pretrained`` applies unless ``routing=`` is given.
+
+    Ranking and weights: adapters are ranked by their *ranking score*: the raw signal (the paper),
+    or per-adapter z-scores when calibrated (see :class:`Calibration`). Weights always come from
+    the ranking scores, so an adapter ranked above another never gets less weight.
     """
 
     top_k: int = 3  # adapters kept per request (paper's code: 20 of 260)
-    signal: Signal | Scorer = "norm"  # "norm": ||o_i||_2; "entropy": 1 / (H(softmax(o_i)) + 1e-6)
+    # "norm": ||o_i||_2; "entropy": 1 / (H(softmax(o_i)) + 1e-6); "prototype": cosine similarity
+    # of the probed hidden state with each adapter's centroid over its example prompts (see
+    # Prototypes; needs engine.calibrate({adapter: prompts})); or a callable scorer.
+    signal: Signal | Scorer = "norm"
     probe_layer: int = -1  # decoder block to read; negative counts from the end
     probe_module: str = "q_proj"  # adapted Linear inside that block, by (suffix of) its name
     probe_input: Literal["module", "residual"] = (
         "module"  # "residual": the paper code's pre-norm input
     )
     probe_tokens: Literal["last", "mean"] = "last"  # last prompt token, or the mean over the prompt
-    weighting: Weighting = "proportional"  # w_i = s_i / sum(s_topk); "softmax" uses `temperature`
-    temperature: float = 1.0  # softmax temperature over the kept scores
-    min_score: float | None = None  # drop kept adapters scoring below this (raw score)
+    # "proportional": w_i = r_i / sum(r_kept) over the kept ranking scores r (negative z-scores
+    # count as 0); "softmax": softmax(r / temperature); "uniform"; "auto": proportional on raw
+    # scores (the paper), softmax on calibrated ones.
+    weighting: Weighting = "auto"
+    temperature: float = 1.0  # softmax temperature over the kept ranking scores
+    min_score: float | None = None  # drop kept adapters whose raw score is below this
+    # Abstention: drop kept adapters whose ranking score (z-score when calibrated, the similarity
+    # for "prototype") is below this; when none is left the request runs on the base model and
+    # the Selection says why. None: never abstain.
+    abstain_below: float | None = None
     # Rank by per-adapter z-scores (see Calibration). None: when the engine holds statistics for
     # this probe setting (engine.calibrate, or a library's calibration.json); True: require them;
     # False: raw scores, as in the paper.
@@ -52,9 +70,9 @@ class RoutingConfig:
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise RoutingConfigError(f"top_k must be an int >= 1, got {self.top_k!r}")
-        if not callable(self.signal) and self.signal not in ("norm", "entropy"):
+        if not callable(self.signal) and self.signal not in SIGNALS:
             raise RoutingConfigError(
-                f"signal must be 'norm', 'entropy' or a callable scorer, got {self.signal!r}"
+                f"signal must be one of {SIGNALS} or a callable scorer, got {self.signal!r}"
             )
         if isinstance(self.probe_layer, bool) or not isinstance(self.probe_layer, int):
             raise RoutingConfigError(f"probe_layer must be an int, got {self.probe_layer!r}")
@@ -70,9 +88,9 @@ class RoutingConfig:
             raise RoutingConfigError(
                 f"probe_tokens must be 'last' or 'mean', got {self.probe_tokens!r}"
             )
-        if self.weighting not in ("proportional", "softmax", "uniform"):
+        if self.weighting not in WEIGHTINGS:
             raise RoutingConfigError(
-                f"weighting must be 'proportional', 'softmax' or 'uniform', got {self.weighting!r}"
+                f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}"
             )
         if not _finite(self.temperature) or self.temperature <= 0:
             raise RoutingConfigError(
@@ -80,10 +98,10 @@ class RoutingConfig:
             )
         if self.calibrated is not None and not isinstance(self.calibrated, bool):
             raise RoutingConfigError(f"calibrated must be a bool or None, got {self.calibrated!r}")
-        if self.min_score is not None and not _finite(self.min_score):
-            raise RoutingConfigError(
-                f"min_score must be a finite float or None, got {self.min_score!r}"
-            )
+        for name in ("min_score", "abstain_below"):
+            value = getattr(self, name)
+            if value is not None and not _finite(value):
+                raise RoutingConfigError(f"{name} must be a finite float or None, got {value!r}")
 
     @property
     def signal_name(self) -> str:
@@ -91,6 +109,25 @@ class RoutingConfig:
         if isinstance(self.signal, str):
             return self.signal
         return getattr(self.signal, "__name__", type(self.signal).__name__)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values (a callable signal cannot be written)."""
+        if callable(self.signal):
+            raise RoutingConfigError("a RoutingConfig with a callable signal cannot be saved")
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "routing") -> RoutingConfig:
+        """Build from a JSON object (a library's ``routing.json``); unknown keys are refused."""
+        if not isinstance(data, Mapping):
+            raise RoutingConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RoutingConfigError(
+                f"{source}: unknown routing fields {unknown}; known: {sorted(known)}"
+            )
+        return cls(**data)
 
 
 def _finite(value: Any) -> bool:
@@ -105,12 +142,16 @@ class Selection(_Frozen):
     """Which adapters answered a request, with what weights, and why.
 
     ``adapters`` are ordered by weight, descending; ``weights`` sum to 1 (both empty for the base
-    model). ``scores`` holds every adapter's probe score (empty for a pinned mixture).
+    model). ``scores`` holds every adapter's raw probe score (empty for a pinned mixture);
+    ``rank_scores`` the scores that ranked and weighted them when those differ from the raw ones
+    (z-scores when calibrated). ``abstained`` is True when routing chose the base model because
+    no adapter stood out, and ``reason`` says why (also when some top-k adapters were dropped).
     """
 
     adapters: list[str] = Field(default_factory=list)
     weights: list[float] = Field(default_factory=list)
     scores: dict[str, float] = Field(default_factory=dict)
+    rank_scores: dict[str, float] = Field(default_factory=dict)
     signal: str | None = None
     top_k: int | None = None
     probe_layer: int | None = None
@@ -118,6 +159,8 @@ class Selection(_Frozen):
     probe_ms: float = 0.0
     pinned: bool = False
     calibrated: bool = False
+    abstained: bool = False
+    reason: str | None = None
 
     @property
     def mixture(self) -> dict[str, float]:
@@ -129,9 +172,10 @@ class Calibration(_Frozen):
     """Per-adapter statistics of raw probe scores over reference prompts.
 
     Raw norms are not comparable across adapters (an adapter with a large B scores high on every
-    prompt). With ``RoutingConfig(calibrated=True)`` adapters are ranked by
-    z_i = (score_i - mean_i) / std_i; the weights of the kept adapters still come from their raw
-    scores, as in the paper. Made by ``engine.calibrate(prompts)``, for one probe setting.
+    prompt). With ``RoutingConfig(calibrated=True)`` adapters are ranked and weighted by
+    z_i = (score_i - mean_i) / std_i. Made by ``engine.calibrate(prompts)`` for one probe setting
+    and signal; ``source`` says what the reference prompts were: ``"prompts"`` (the caller's) or
+    ``"random_tokens"`` (data-free: random token sequences, no data needed).
     """
 
     signal: str
@@ -142,6 +186,23 @@ class Calibration(_Frozen):
     mean: dict[str, float]
     std: dict[str, float]
     n_prompts: int
+    source: Literal["prompts", "random_tokens"] = "prompts"
+
+
+class Prototypes(_Frozen):
+    """Per-adapter centroids of the probed hidden state over each adapter's example prompts.
+
+    The ``"prototype"`` signal scores adapter i by cos(h - center, centroid_i - center), where h is
+    the state the probe reads anyway (no extra compute per request) and ``center`` is the mean of
+    the centroids. Made by ``engine.calibrate({adapter: example_prompts})`` for one probe setting.
+    """
+
+    probe_layer: int
+    probe_module: str
+    probe_input: str
+    probe_tokens: str
+    centroids: dict[str, list[float]]
+    n_examples: dict[str, int]
 
 
 class Usage(_Frozen):

@@ -34,10 +34,15 @@ SPLITS: tuple[Split, ...] = ("train", "validation", "test")
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt (a user message) and its reference answer."""
+    """One prompt (a user message) and its reference answer.
+
+    ``core`` names the content that decides the answer (the numbers, words, date...) without its
+    phrasing: splits are made on it, so two phrasings of one question never land in two splits.
+    """
 
     prompt: str
     answer: str
+    core: str = ""
 
 
 def _bucket(key: str) -> Split:
@@ -111,7 +116,7 @@ class Task:
     score: Scorer  # (prediction, answer) -> score in [0, 1]
     held_out: bool = False  # True: no adapter of its own, used to test transfer
     related: tuple[str, ...] = ()  # for held-out tasks: the in-library tasks it resembles
-    split_key: Callable[[Example], str] = field(default=lambda ex: ex.prompt)
+    split_key: Callable[[Example], str] = field(default=lambda ex: ex.core or ex.prompt)
 
     def make_split(self, split: Split, n: int, seed: int = 0) -> list[Example]:
         """Return ``n`` distinct examples of ``split``, deterministic for a given ``seed``.
@@ -208,24 +213,85 @@ def _phrase(rng: random.Random, templates: tuple[str, ...], **values: object) ->
     return rng.choice(templates).format(**values)
 
 
+# How people wrap a request: greetings, thanks, a sentence of context, all lower case. Applied to
+# most training prompts, so an adapter learns the task rather than one register.
+_OPENERS = (
+    "Hi! ", "Hey, ", "hello, ", "Quick question: ", "Can you help me? ", "ok so ", "Hi there. ",
+    "I need a hand with something. ", "Hello! Small task for you: ", "hey there, ",
+)  # fmt: skip
+_CLOSERS = (
+    " Thanks!", " thanks", " Thank you.", " Please.", " please", " :)", " Cheers.",
+    " Thanks a lot!", " Much appreciated.", " ty",
+)  # fmt: skip
+PLAIN_SHARE = 0.3  # share of prompts kept exactly as the template wrote them
+
+
+def _style(
+    rng: random.Random,
+    prompt: str,
+    contexts: tuple[str, ...] = (),
+    *,
+    lowercase: bool = True,
+) -> str:
+    """Wrap a task prompt the way users write: an opener, a closer, context, lower case.
+
+    ``lowercase=False`` for tasks whose answer copies cased words from the prompt (names, cities).
+    """
+    if rng.random() < PLAIN_SHARE:
+        return prompt
+    if contexts and rng.random() < 0.35:
+        prompt = f"{rng.choice(contexts)} {prompt}"
+    if rng.random() < 0.5:
+        prompt = rng.choice(_OPENERS) + prompt
+    if rng.random() < 0.5:
+        closer = rng.choice(_CLOSERS)
+        if closer[1].isupper() and not prompt.endswith((".", "?", "!", ":")):
+            prompt += "."  # "Compute 3 + 4. Thanks!"
+        elif not closer[1].isupper():
+            prompt = prompt.rstrip(".")  # "Compute 3 + 4 please"
+        prompt += closer
+    if lowercase and rng.random() < 0.25:
+        prompt = prompt.lower()
+    return prompt
+
+
 # --------------------------------------------------------------------------- generators
+
+
+_ADD_TEMPLATES = (
+    "What is {a} + {b}?", "Compute {a} + {b}.", "Calculate {a} + {b}. Reply with the number only.",
+    "{a} + {b} = ?", "Solve: {a} + {b}", "What's {a} plus {b}?", "{a} plus {b}?",
+    "Add {a} and {b}.", "What is the sum of {a} and {b}?", "What do I get if I add {b} to {a}?",
+    "Total of {a} and {b}?", "I have {a} marbles and find {b} more. How many marbles now?",
+    "A shop sold {a} cups on Monday and {b} on Tuesday. How many in total?",
+    "If I earn {a} dollars and then {b} dollars, how much is that altogether?",
+    "Please add up {a} and {b}.", "{a} and {b} added together makes what?",
+)  # fmt: skip
+_SUB_TEMPLATES = (
+    "What is {a} - {b}?", "Compute {a} - {b}.", "Calculate {a} - {b}. Reply with the number only.",
+    "{a} - {b} = ?", "Solve: {a} - {b}", "What's {a} minus {b}?", "{a} minus {b}?",
+    "Subtract {b} from {a}.", "What is {a} take away {b}?",
+    "What's the difference between {a} and {b}?",
+    "I had {a} stickers and gave away {b}. How many are left?",
+    "A tank holds {a} liters and {b} liters leak out. How much is left?",
+    "If I have {a} dollars and spend {b}, how much remains?",
+    "Please take {b} away from {a}.", "How much is {a} minus {b}?",
+)  # fmt: skip
+_ARITHMETIC_CONTEXTS = (
+    "I'm checking my homework.", "For a budget spreadsheet:", "My calculator is broken.",
+    "Mental maths practice:",
+)  # fmt: skip
 
 
 def _arithmetic(rng: random.Random) -> Example:
     a, b = rng.randint(10, 999), rng.randint(10, 999)
     if rng.random() < 0.5:
-        expr, value = f"{a} + {b}", a + b
+        templates, value, core = _ADD_TEMPLATES, a + b, f"{a}+{b}"
     else:
         a, b = max(a, b), min(a, b)
-        expr, value = f"{a} - {b}", a - b
-    templates = (
-        "What is {e}?",
-        "Compute {e}.",
-        "Calculate {e}. Reply with the number only.",
-        "{e} = ?",
-        "Solve: {e}",
-    )
-    return Example(_phrase(rng, templates, e=expr), str(value))
+        templates, value, core = _SUB_TEMPLATES, a - b, f"{a}-{b}"
+    prompt = _style(rng, _phrase(rng, templates, a=a, b=b), _ARITHMETIC_CONTEXTS)
+    return Example(prompt, str(value), core)
 
 
 _UNITS = (  # (from, to, factor, max value)
@@ -243,49 +309,122 @@ _UNITS_HELD_OUT = (
     ("weeks", "days", 7, 12),
     ("kilobytes", "bytes", 1000, 99),
 )
+# Other ways to write a unit (training prompts only; the held-out task keeps the plain names).
+_UNIT_SPELLINGS = {
+    "kilometers": ("kilometers", "kilometres", "km"),
+    "meters": ("meters", "metres", "m"),
+    "kilograms": ("kilograms", "kilos", "kg"),
+    "grams": ("grams", "g"),
+    "centimeters": ("centimeters", "centimetres", "cm"),
+    "liters": ("liters", "litres", "L"),
+    "milliliters": ("milliliters", "millilitres", "ml", "mL"),
+    "hours": ("hours", "hrs", "h"),
+    "minutes": ("minutes", "mins"),
+    "seconds": ("seconds", "secs", "s"),
+    "days": ("days",),
+}
 _UNIT_TEMPLATES = (
     "Convert {v} {a} to {b}.",
     "How many {b} are in {v} {a}?",
     "{v} {a} is how many {b}?",
     "Express {v} {a} in {b}.",
     "Unit conversion: {v} {a} = ? {b}",
+    "What is {v} {a} in {b}?",
+    "{v} {a} to {b}",
+    "I have {v} {a}. How many {b} is that?",
+    "Change {v} {a} into {b}.",
+    "How many {b} does {v} {a} make?",
+    "Could you convert {v} {a} into {b}?",
+    "How many {b} is {v} {a}?",
 )
+_UNIT_CONTEXTS = (
+    "I'm following a recipe.", "For a science worksheet:", "Planning a trip.",
+    "My kid asked me this.",
+)  # fmt: skip
 
 
-def _unit_conversion(units: tuple[tuple[str, str, int, int], ...]) -> Generator:
+def _unit_conversion(
+    units: tuple[tuple[str, str, int, int], ...], *, varied: bool = False
+) -> Generator:
     def gen(rng: random.Random) -> Example:
         a, b, factor, hi = rng.choice(units)
         v = rng.randint(1, hi)
-        return Example(_phrase(rng, _UNIT_TEMPLATES, v=v, a=a, b=b), str(v * factor))
+        core = f"{v} {a}>{b}"
+        if not varied:
+            return Example(_phrase(rng, _UNIT_TEMPLATES[:5], v=v, a=a, b=b), str(v * factor), core)
+        a_text = rng.choice(_UNIT_SPELLINGS.get(a, (a,)))
+        b_text = rng.choice(_UNIT_SPELLINGS.get(b, (b,)))
+        prompt = _phrase(rng, _UNIT_TEMPLATES, v=v, a=a_text, b=b_text)
+        return Example(_style(rng, prompt, _UNIT_CONTEXTS), str(v * factor), core)
 
     return gen
 
 
+_DATE_TEMPLATES = (
+    "Rewrite the date {t} in ISO format.", "Convert {t} to YYYY-MM-DD.",
+    "Format this date as YYYY-MM-DD: {t}", "What is {t} in ISO 8601 format?", "ISO date for {t}?",
+    "Write {t} as YYYY-MM-DD.", "What's {t} in ISO format?", "{t} in ISO 8601 please",
+    "Give me {t} as an ISO date.", "Change the date {t} to ISO format.",
+    "Please convert {t} to the YYYY-MM-DD format.", "The date is {t}. Format it as YYYY-MM-DD.",
+    "ISO 8601 version of {t}?", "{t} -> ISO date",
+)  # fmt: skip
+_DATE_CONTEXTS = (
+    "I'm filling in a form.", "For a spreadsheet column:", "My database wants ISO dates.",
+    "Cleaning up some records.",
+)  # fmt: skip
+
+
+def _date_text(rng: random.Random, y: int, m: int, d: int) -> str:
+    month = MONTHS[m - 1]
+    suffix = "th" if 11 <= d <= 13 else {1: "st", 2: "nd", 3: "rd"}.get(d % 10, "th")
+    return rng.choice(
+        (
+            f"{month} {d}, {y}",
+            f"{month} {d}, {y}",
+            f"{d} {month} {y}",
+            f"{month[:3]} {d}, {y}",
+            f"{month} {d}{suffix}, {y}",
+        )
+    )
+
+
 def _date_format(rng: random.Random) -> Example:
     y, m, d = rng.randint(1950, 2049), rng.randint(1, 12), rng.randint(1, 28)
-    text = f"{MONTHS[m - 1]} {d}, {y}"
-    templates = (
-        "Rewrite the date {t} in ISO format.",
-        "Convert {t} to YYYY-MM-DD.",
-        "Format this date as YYYY-MM-DD: {t}",
-        "What is {t} in ISO 8601 format?",
-        "ISO date for {t}?",
-    )
-    return Example(_phrase(rng, templates, t=text), f"{y:04d}-{m:02d}-{d:02d}")
+    prompt = _phrase(rng, _DATE_TEMPLATES, t=_date_text(rng, y, m, d))
+    answer = f"{y:04d}-{m:02d}-{d:02d}"
+    return Example(_style(rng, prompt, _DATE_CONTEXTS), answer, answer)
+
+
+_SORT_TEMPLATES = (
+    "Sort these numbers in ascending order: {x}", "Sort from smallest to largest: {x}",
+    "Put these numbers in increasing order: {x}", "Order ascending: {x}",
+    "Arrange from lowest to highest: {x}", "Can you sort {x}?", "Sort {x} from low to high.",
+    "{x} - sort these ascending", "Put {x} in order, smallest first.",
+    "What are {x} in ascending order?", "List {x} from smallest to biggest.",
+    "Order these numbers from least to greatest: {x}", "Rank {x} from lowest to highest.",
+    "sort {x}",
+)  # fmt: skip
+_SORT_CONTEXTS = (
+    "These are my quiz results.", "I wrote down some prices.", "Here are the ages in my class.",
+    "Tidying a list.",
+)  # fmt: skip
+
+
+def _number_list(rng: random.Random, nums: list[int]) -> str:
+    items = [str(n) for n in nums]
+    style = rng.random()
+    if style < 0.6:
+        return ", ".join(items)
+    if style < 0.8:
+        return " ".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _sort_numbers(rng: random.Random) -> Example:
     nums = rng.sample(range(1, 100), rng.randint(4, 6))
-    templates = (
-        "Sort these numbers in ascending order: {x}",
-        "Sort from smallest to largest: {x}",
-        "Put these numbers in increasing order: {x}",
-        "Order ascending: {x}",
-        "Arrange from lowest to highest: {x}",
-    )
-    return Example(
-        _phrase(rng, templates, x=", ".join(map(str, nums))), ", ".join(map(str, sorted(nums)))
-    )
+    prompt = _phrase(rng, _SORT_TEMPLATES, x=_number_list(rng, nums))
+    answer = ", ".join(map(str, sorted(nums)))
+    return Example(_style(rng, prompt, _SORT_CONTEXTS), answer, ",".join(map(str, nums)))
 
 
 def _sort_words(rng: random.Random) -> Example:
@@ -299,28 +438,49 @@ def _sort_words(rng: random.Random) -> Example:
     return Example(_phrase(rng, templates, x=", ".join(words)), ", ".join(sorted(words)))
 
 
+_REVERSE_TEMPLATES = (
+    "Reverse the order of the words: {t}", "Write these words in reverse order: {t}",
+    "Reverse the word order: {t}", "Say these words backwards, last word first: {t}",
+    "Reverse the words in '{t}'.", "Say '{t}' backwards, word by word.", "Flip the word order: {t}",
+    "Give me these words in reverse order: {t}", "Can you write {t} with the words reversed?",
+    "Word order reversed please: {t}", "Read {t} from the last word to the first.",
+    "Turn around the order of the words in: {t}",
+)  # fmt: skip
+
+
 def _reverse_words(rng: random.Random) -> Example:
     text = _words(rng, 3, 5)
-    templates = (
-        "Reverse the order of the words: {t}",
-        "Write these words in reverse order: {t}",
-        "Reverse the word order: {t}",
-        "Say these words backwards, last word first: {t}",
-    )
-    return Example(_phrase(rng, templates, t=text), " ".join(reversed(text.split())))
+    prompt = _phrase(rng, _REVERSE_TEMPLATES, t=text)
+    return Example(_style(rng, prompt), " ".join(reversed(text.split())), text)
+
+
+_CAPITAL_TEMPLATES = (
+    "What is the capital of {c}?", "Name the capital city of {c}.", "Capital of {c}?",
+    "Which city is the capital of {c}?", "Tell me the capital of {c}.",
+    "{c}'s capital is which city?", "What's the capital of {c}?", "capital of {c}",
+    "Do you know what the capital of {c} is?", "{c}: what is its capital city?",
+    "I'm visiting {c}. What's its capital?", "What city is {c}'s capital?",
+    "Name the capital of {c}, please.",
+)  # fmt: skip
 
 
 def _capital(rng: random.Random) -> Example:
     country = rng.choice(sorted(COUNTRIES))
-    templates = (
-        "What is the capital of {c}?",
-        "Name the capital city of {c}.",
-        "Capital of {c}?",
-        "Which city is the capital of {c}?",
-        "Tell me the capital of {c}.",
-        "{c}'s capital is which city?",
-    )
-    return Example(_phrase(rng, templates, c=country), COUNTRIES[country])
+    prompt = _phrase(rng, _CAPITAL_TEMPLATES, c=country)
+    return Example(_style(rng, prompt), COUNTRIES[country], COUNTRIES[country])
+
+
+_JSON_TEMPLATES = (
+    "Extract name, age and city as JSON: {t}", "Convert to JSON with keys name, age, city: {t}",
+    "Give a JSON object (name, age, city) for: {t}", "JSON for this person: {t}",
+    "Make a JSON object from this: {t}", "{t} -> JSON with name, age, city",
+    "Return JSON (name, age, city) for: {t}", "Can you turn this into JSON? {t}",
+    "Put this in JSON format with keys name, age and city: {t}",
+    "Extract name/age/city as JSON from: {t}",
+)  # fmt: skip
+_JSON_CONTEXTS = (
+    "I'm building a customer database.", "For our signup records:", "Parsing some notes.",
+)  # fmt: skip
 
 
 def _json_extract(rng: random.Random) -> Example:
@@ -330,115 +490,160 @@ def _json_extract(rng: random.Random) -> Example:
             f"Name: {name}, Age: {age}, City: {city}",
             f"{name} is {age} years old and lives in {city}.",
             f"City: {city}; Name: {name}; Age: {age}",
+            f"{name}, {age}, {city}",
+            f"{name} ({age}) from {city}",
+            f"{name}, aged {age}, lives in {city}.",
+            f"{name} lives in {city} and is {age}.",
         )
     )
-    templates = (
-        "Extract name, age and city as JSON: {t}",
-        "Convert to JSON with keys name, age, city: {t}",
-        "Give a JSON object (name, age, city) for: {t}",
-        "JSON for this person: {t}",
-    )
     answer = json.dumps({"name": name, "age": age, "city": city})
-    return Example(_phrase(rng, templates, t=text), answer)
+    prompt = _phrase(rng, _JSON_TEMPLATES, t=text)
+    return Example(_style(rng, prompt, _JSON_CONTEXTS, lowercase=False), answer, answer)
+
+
+_SQL_QUESTIONS = (  # (phrasings, query); {n} a number, {city} a city
+    (
+        ("How many users are older than {n}?", "Count the users over {n}.",
+         "Number of users older than {n}?"),
+        "SELECT COUNT(*) FROM users WHERE age > {n};",
+    ),
+    (
+        ("How many users are younger than {n}?", "Count the users under {n}.",
+         "Number of users younger than {n}?"),
+        "SELECT COUNT(*) FROM users WHERE age < {n};",
+    ),
+    (
+        ("List the names of users who live in {city}.", "Names of users in {city}?",
+         "Which users live in {city}? Give their names."),
+        "SELECT name FROM users WHERE city = '{city}';",
+    ),
+    (
+        ("What is the average age of users in {city}?", "Average age of users from {city}?",
+         "Mean age of the users living in {city}?"),
+        "SELECT AVG(age) FROM users WHERE city = '{city}';",
+    ),
+    (
+        ("How many orders cost more than {n} dollars?", "Count orders with a price above {n}.",
+         "Number of orders priced over {n} dollars?"),
+        "SELECT COUNT(*) FROM orders WHERE price > {n};",
+    ),
+    (
+        ("How many users are exactly {n} years old?", "Count users aged exactly {n}.",
+         "Number of users whose age is {n}?"),
+        "SELECT COUNT(*) FROM users WHERE age = {n};",
+    ),
+    (
+        ("List the names of users older than {n}.", "Names of users over {n}?",
+         "Which users are older than {n}? Give their names."),
+        "SELECT name FROM users WHERE age > {n};",
+    ),
+)  # fmt: skip
+_SQL_TEMPLATES = (
+    "Write an SQL query: {q}", "Translate to SQL: {q}", "{q} Answer with one SQL query.",
+    "SQL for this question: {q}", "SQL query for: {q}", "{q} Write the SQL.",
+    "How do I write this in SQL? {q}", "Give me the SQL query. {q}", "I need an SQL query: {q}",
+    "{q} (SQL please)",
+)  # fmt: skip
+_SQL_CONTEXTS = (
+    "We have a users table (name, age, city) and an orders table (price).",
+    "Working on our analytics database.", "My manager needs a report.",
+)  # fmt: skip
 
 
 def _sql(rng: random.Random) -> Example:
     n, city = rng.randint(1, 99), rng.choice(CITIES)
-    question, query = rng.choice(
-        (
-            (f"How many users are older than {n}?", f"SELECT COUNT(*) FROM users WHERE age > {n};"),
-            (
-                f"How many users are younger than {n}?",
-                f"SELECT COUNT(*) FROM users WHERE age < {n};",
-            ),
-            (
-                f"List the names of users who live in {city}.",
-                f"SELECT name FROM users WHERE city = '{city}';",
-            ),
-            (
-                f"What is the average age of users in {city}?",
-                f"SELECT AVG(age) FROM users WHERE city = '{city}';",
-            ),
-            (
-                f"How many orders cost more than {n} dollars?",
-                f"SELECT COUNT(*) FROM orders WHERE price > {n};",
-            ),
-            (
-                f"How many users are exactly {n} years old?",
-                f"SELECT COUNT(*) FROM users WHERE age = {n};",
-            ),
-            (
-                f"List the names of users older than {n}.",
-                f"SELECT name FROM users WHERE age > {n};",
-            ),
-        )
-    )
-    templates = (
-        "Write an SQL query: {q}",
-        "Translate to SQL: {q}",
-        "{q} Answer with one SQL query.",
-        "SQL for this question: {q}",
-    )
-    return Example(_phrase(rng, templates, q=question), query)
+    kind = rng.randrange(len(_SQL_QUESTIONS))
+    phrasings, query = _SQL_QUESTIONS[kind]
+    question = rng.choice(phrasings).format(n=n, city=city)
+    answer = query.format(n=n, city=city)
+    prompt = _phrase(rng, _SQL_TEMPLATES, q=question)
+    return Example(_style(rng, prompt, _SQL_CONTEXTS, lowercase=False), answer, answer)
 
 
 _POSITIVE = ("great", "wonderful", "excellent", "fantastic", "lovely", "superb", "delightful")
 _NEGATIVE = ("terrible", "awful", "poor", "disappointing", "horrible", "broken", "useless")
 _PRODUCTS = ("phone", "movie", "hotel", "book", "pizza", "laptop", "concert", "chair", "game")
+_SENTIMENT_TEMPLATES = (
+    "Is this review positive or negative? {r}", "Sentiment (positive/negative): {r}",
+    "Classify the sentiment of this review as positive or negative: {r}",
+    "Review: {r} Is the sentiment positive or negative?", "Positive or negative? {r}",
+    "{r} Is that positive or negative?", "What's the sentiment of this review: {r}",
+    "Tell me whether this review is positive or negative: {r}",
+    "Is this a positive or a negative review? {r}", "Classify this review (positive/negative): {r}",
+)  # fmt: skip
+
+
+def _review(rng: random.Random, label: str) -> str:
+    good = label == "positive"
+    adj = rng.choice(_POSITIVE if good else _NEGATIVE)
+    product = rng.choice(_PRODUCTS)
+    closer = rng.choice(
+        (
+            "I would buy it again." if good else "Never again.",
+            "Five stars." if good else "One star.",
+            "Highly recommended." if good else "Do not recommend.",
+            "Worth every penny." if good else "A waste of money.",
+            "",
+        )
+    )
+    body = rng.choice(
+        (
+            f"The {product} was {adj}.",
+            f"What a {adj} {product}!",
+            f"I {'loved' if good else 'hated'} this {product}, it was {adj}.",
+            f"{adj.capitalize()} {product}.",
+        )
+    )
+    return f"{body} {closer}".strip()
 
 
 def _sentiment(rng: random.Random) -> Example:
     label = rng.choice(("positive", "negative"))
-    adj = rng.choice(_POSITIVE if label == "positive" else _NEGATIVE)
-    closer = rng.choice(
-        (
-            "I would buy it again." if label == "positive" else "Never again.",
-            "Five stars." if label == "positive" else "One star.",
-            "Highly recommended." if label == "positive" else "Do not recommend.",
-            "",
-        )
-    )
-    review = f"The {rng.choice(_PRODUCTS)} was {adj}. {closer}".strip()
-    templates = (
-        "Is this review positive or negative? {r}",
-        "Sentiment (positive/negative): {r}",
-        "Classify the sentiment of this review as positive or negative: {r}",
-        "Review: {r} Is the sentiment positive or negative?",
-    )
-    return Example(_phrase(rng, templates, r=review), label)
+    review = _review(rng, label)
+    prompt = _phrase(rng, _SENTIMENT_TEMPLATES, r=review)
+    return Example(_style(rng, prompt), label, review)
+
+
+_PYTHON_TEMPLATES = (
+    "Write a Python function that returns {w}.", "Python function returning {w}:",
+    "Define a Python function that computes {w}.",
+    "Give me Python code for a function returning {w}.",
+    "I need a Python function returning {w}.", "Python function for {w}, please.",
+    "Can you write a Python function that gives {w}?", "Code a Python function that returns {w}.",
+    "Show me a Python function returning {w}.", "python function: {w}",
+)  # fmt: skip
 
 
 def _python_function(rng: random.Random) -> Example:
     var, k = rng.choice(("x", "y", "n", "a", "num", "value")), rng.randint(2, 30)
-    what, name, body = rng.choice(
+    whats, name, body = rng.choice(
         (
-            (f"the square of {var}", "square", f"{var} * {var}"),
-            (f"the cube of {var}", "cube", f"{var} * {var} * {var}"),
-            (f"{var} plus {k}", f"add_{k}", f"{var} + {k}"),
-            (f"{var} minus {k}", f"subtract_{k}", f"{var} - {k}"),
-            (f"{var} times {k}", f"multiply_by_{k}", f"{var} * {k}"),
-            (f"the negative of {var}", "negate", f"-{var}"),
-            (f"whether {var} is even", "is_even", f"{var} % 2 == 0"),
+            ((f"the square of {var}", f"{var} squared"), "square", f"{var} * {var}"),
+            ((f"the cube of {var}", f"{var} cubed"), "cube", f"{var} * {var} * {var}"),
+            ((f"{var} plus {k}", f"{var} + {k}"), f"add_{k}", f"{var} + {k}"),
+            ((f"{var} minus {k}", f"{var} - {k}"), f"subtract_{k}", f"{var} - {k}"),
+            ((f"{var} times {k}", f"{var} multiplied by {k}"), f"multiply_by_{k}", f"{var} * {k}"),
+            ((f"the negative of {var}", f"minus {var}"), "negate", f"-{var}"),
+            ((f"whether {var} is even", f"True if {var} is even"), "is_even", f"{var} % 2 == 0"),
         )
     )
-    templates = (
-        "Write a Python function that returns {w}.",
-        "Python function returning {w}:",
-        "Define a Python function that computes {w}.",
-        "Give me Python code for a function returning {w}.",
-    )
-    return Example(_phrase(rng, templates, w=what), f"def {name}({var}):\n    return {body}")
+    answer = f"def {name}({var}):\n    return {body}"
+    prompt = _phrase(rng, _PYTHON_TEMPLATES, w=rng.choice(whats))
+    return Example(_style(rng, prompt), answer, answer)
+
+
+_UPPER_TEMPLATES = (
+    "Convert to uppercase: {t}", "Write this in capital letters: {t}", "Uppercase this text: {t}",
+    "Make every letter uppercase: {t}", "Write {t} in all caps.", "ALL CAPS please: {t}",
+    "Change '{t}' to uppercase.", "Can you capitalize every letter of: {t}",
+    "Make '{t}' uppercase.", "{t} -> uppercase", "Rewrite {t} in capital letters.",
+)  # fmt: skip
 
 
 def _uppercase(rng: random.Random) -> Example:
     text = _words(rng, 2, 4)
-    templates = (
-        "Convert to uppercase: {t}",
-        "Write this in capital letters: {t}",
-        "Uppercase this text: {t}",
-        "Make every letter uppercase: {t}",
-    )
-    return Example(_phrase(rng, templates, t=text), text.upper())
+    prompt = _phrase(rng, _UPPER_TEMPLATES, t=text)
+    return Example(_style(rng, prompt), text.upper(), text)
 
 
 def _lowercase(rng: random.Random) -> Example:
@@ -464,7 +669,7 @@ _TASKS = (
     Task(
         "unit_conversion",
         "Convert km/kg/L/m/hours/minutes/days to smaller units; answer the number.",
-        _unit_conversion(_UNITS),
+        _unit_conversion(_UNITS, varied=True),
         exact_match,
     ),
     Task(
