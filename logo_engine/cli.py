@@ -12,6 +12,7 @@ Defaults: the embedded SmolLM2-135M-Instruct and the shipped adapter zoo; ``--ba
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from logo_engine.errors import LoGoError
-from logo_engine.types import Calibration, RoutingConfig, Selection
+from logo_engine.types import SIGNALS, WEIGHTINGS, RoutingConfig, Selection
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,11 +33,22 @@ def _parser() -> argparse.ArgumentParser:
         help="folder with one peft adapter folder per adapter (default: the shipped zoo)",
     )
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    # Routing flags override the library's defaults (its routing.json, else RoutingConfig()).
     routing = argparse.ArgumentParser(add_help=False)
-    routing.add_argument("--top-k", type=int, default=3, help="adapters kept (default 3)")
-    routing.add_argument("--signal", choices=("norm", "entropy"), default="norm")
-    routing.add_argument("--probe-layer", type=int, default=-1)
-    routing.add_argument("--probe-module", default="q_proj")
+    routing.add_argument("--top-k", type=int, help="adapters kept")
+    routing.add_argument("--signal", choices=SIGNALS)
+    routing.add_argument("--weighting", choices=WEIGHTINGS)
+    routing.add_argument(
+        "--weight-temperature",
+        dest="weight_temperature",
+        type=float,
+        help="softmax temperature of the adapter weights",
+    )
+    routing.add_argument(
+        "--abstain-below", type=float, help="base model when no ranking score reaches this"
+    )
+    routing.add_argument("--probe-layer", type=int)
+    routing.add_argument("--probe-module")
     mode = routing.add_mutually_exclusive_group()
     mode.add_argument(
         "--calibrated",
@@ -75,21 +87,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_ROUTING_FLAGS = (
+    "top_k", "signal", "weighting", "abstain_below", "probe_layer", "probe_module", "calibrated",
+)  # fmt: skip
+
+
 def _engine(args: argparse.Namespace) -> Any:
     from logo_engine.engine import LoGoEngine
 
-    routing = None
-    if hasattr(args, "top_k"):
-        routing = RoutingConfig(
-            top_k=args.top_k,
-            signal=args.signal,
-            probe_layer=args.probe_layer,
-            probe_module=args.probe_module,
-            calibrated=args.calibrated,
-        )
     return LoGoEngine.from_pretrained(
-        args.base_model, adapters=args.adapters, routing=routing, gguf_file=args.gguf_file
+        args.base_model, adapters=args.adapters, gguf_file=args.gguf_file
     )
+
+
+def _routing(engine: Any, args: argparse.Namespace) -> RoutingConfig:
+    """The engine's routing defaults with the flags given on the command line."""
+    given = {k: getattr(args, k) for k in _ROUTING_FLAGS if getattr(args, k, None) is not None}
+    if args.weight_temperature is not None:
+        given["temperature"] = args.weight_temperature
+    return dataclasses.replace(engine.routing, **given)
 
 
 def _pins(values: list[str] | None) -> dict[str, float] | None:
@@ -107,19 +123,14 @@ def _pins(values: list[str] | None) -> dict[str, float] | None:
     return mixture
 
 
-def selection_table(selection: Selection, calibration: Calibration | None = None) -> str:
+def selection_table(selection: Selection) -> str:
     """Every adapter's score, best first, with the chosen ones and their weights marked.
 
-    With the ``calibration`` the selection was ranked by, a z-score column is added and rows are
-    ordered by it.
+    When routing ranked by other scores than the raw ones (z-scores when calibrated), they get a
+    column and order the rows.
     """
     weights = selection.mixture
-    z = {}
-    if calibration is not None and selection.calibrated:
-        z = {
-            n: (s - calibration.mean[n]) / max(calibration.std[n], 1e-12)
-            for n, s in selection.scores.items()
-        }
+    ranks = selection.rank_scores
     lines = []
     if selection.pinned:
         lines.append("pinned mixture (no probe)")
@@ -129,25 +140,20 @@ def selection_table(selection: Selection, calibration: Calibration | None = None
             f"probe: {selection.probe_module} ({selection.signal}, top-{selection.top_k}, "
             f"ranked by {ranking}, {selection.probe_ms:.1f} ms)"
         )
-    rank = z or selection.scores
-    lines.append(f"{'adapter':24s} {'score':>10s} {'z-score' if z else '':>8s} {'weight':>8s}")
+    rank = ranks or selection.scores
+    lines.append(f"{'adapter':24s} {'score':>10s} {'z-score' if ranks else '':>8s} {'weight':>8s}")
     names = sorted(rank, key=lambda n: -rank[n]) or list(weights)
     for name in names:
         score = f"{selection.scores[name]:10.4f}" if name in selection.scores else " " * 10
-        zs = f"{z[name]:8.2f}" if name in z else " " * 8
+        zs = f"{ranks[name]:8.2f}" if name in ranks else " " * 8
         weight = f"{weights[name]:8.3f}" if name in weights else ""
         mark = "* " if name in weights else "  "
         lines.append(f"{mark}{name:22s} {score} {zs} {weight}".rstrip())
     if not weights:
         lines.append("(base model: no adapter)")
+    if selection.reason:
+        lines.append(f"({selection.reason})")
     return "\n".join(lines)
-
-
-def _calibration_of(engine: Any, selection: Selection) -> Calibration | None:
-    for cal in engine.calibrations:
-        if (cal.signal, cal.probe_module) == (selection.signal, selection.probe_module):
-            return cal
-    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -167,9 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"base model: {engine.model_name}\n{len(names)} adapters:")
                 print("\n".join(f"  {n}" for n in names))
         elif args.command == "route":
-            selection = engine.route(args.prompt)
-            table = selection_table(selection, _calibration_of(engine, selection))
-            print(selection.model_dump_json() if args.json else table)
+            selection = engine.route(args.prompt, routing=_routing(engine, args))
+            print(selection.model_dump_json() if args.json else selection_table(selection))
         else:
             out = engine.generate(
                 args.prompt,
@@ -178,13 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed=args.seed,
                 stop=args.stop,
                 adapters=_pins(args.pin),
+                routing=_routing(engine, args),
             )
             if args.json:
                 print(out.model_dump_json())
             else:
                 print(out.text.strip())
                 print()
-                print(selection_table(out.selection, _calibration_of(engine, out.selection)))
+                print(selection_table(out.selection))
     except LoGoError as exc:
         print(f"logo: error: {exc}", file=sys.stderr)
         return 2

@@ -340,14 +340,13 @@ class LoGoEngine(BaseEngine):
         n_random: int = 64,
         seed: int = 0,
     ) -> Calibration:
-        """Measure each adapter's raw-score statistics (and prototypes) for calibrated routing.
+        """Measure each adapter's raw-score statistics for calibrated routing.
 
         Args:
             prompts: reference prompts like the traffic you expect (a few per task); or
-                ``{adapter: example prompts}``, which also computes every adapter's prototype
-                (the centroid of the probed state over its examples) for ``signal="prototype"``
-                and must cover every adapter; or None for a data-free calibration on
-                ``n_random`` random token sequences (seeded by ``seed``).
+                ``{adapter: example prompts}``, which also fits every adapter's prototype (see
+                :meth:`fit_prototypes`) and calibrates on all the examples; or None for a
+                data-free calibration on ``n_random`` random token sequences (seeded by ``seed``).
             routing: the probe setting and signal to calibrate (default: the engine's).
             batch_size: prompts per probe batch.
             n_random: number of random prompts of a data-free calibration.
@@ -362,47 +361,88 @@ class LoGoEngine(BaseEngine):
         routing = dataclasses.replace(self._routing(routing), calibrated=False)
         library = self._library
         source = "prompts"
-        owners: list[str] | None = None
         if prompts is None:
             prompts, source = self._random_prompts(n_random, seed), "random_tokens"
         elif isinstance(prompts, Mapping):
-            missing = sorted(set(library.names) - set(prompts))
-            unknown = sorted(set(prompts) - set(library.names))
-            if missing or unknown:
-                raise InvalidRequestError(
-                    "example prompts must be given for every adapter of the library and no "
-                    f"other; missing: {missing}, unknown: {unknown}"
-                )
-            empty = sorted(name for name in library.names if not prompts[name])
-            if empty:
-                raise InvalidRequestError(f"adapters {empty} have no example prompts")
-            owners = [name for name in library.names for _ in prompts[name]]
+            self.fit_prototypes(prompts, routing=routing, batch_size=batch_size)
             prompts = [p for name in library.names for p in prompts[name]]
         prompts = list(prompts)
         if len(prompts) < 2:
             raise InvalidRequestError("calibrate needs at least 2 reference prompts")
         key = self._calibration_key(routing, library)
-        probes = [
-            self._probe([self._prepare(p, None, None) for p in prompts[i : i + batch_size]],
-                        routing, library, with_scores=routing.signal != "prototype")
-            for i in range(0, len(prompts), batch_size)
-        ]  # fmt: skip
-        states = torch.cat([pr.states for pr in probes])  # (P, d)
-        if owners is not None:
-            probe_key = ProbeKey.for_routing(routing, key.probe_layer, key.probe_module)
-            by_adapter = {
-                n: states[[i for i, o in enumerate(owners) if o == n]] for n in library.names
-            }
-            self.add_prototypes(calib.prototypes_from_states(probe_key, by_adapter))
-        if routing.signal == "prototype":
-            scores = calib.prototype_scores(
-                self._prototypes_for(routing, library), library.names, states
-            )
-        else:
-            scores = torch.cat([pr.scores for pr in probes])  # (P, N)
+        states, scores = self._probe_many(prompts, routing, library, batch_size)
+        if scores is None:  # the prototype signal scores the probed states
+            protos = self._prototypes_for(routing, library)
+            scores = calib.prototype_scores(protos, library.names, states)  # (P, N)
         calibration = calib.from_scores(key, library.names, scores, source=source)
         self.add_calibration(calibration)
         return calibration
+
+    def fit_prototypes(
+        self,
+        examples: Mapping[str, Sequence[Prompt]],
+        *,
+        routing: RoutingConfig | None = None,
+        batch_size: int = 16,
+    ) -> Prototypes:
+        """Fit the "prototype" signal: each adapter's centroid of the probed state.
+
+        ``examples`` maps every adapter of the library to prompts it is for (a library that ships
+        example prompts per adapter, e.g. the zoo's ``train_prompts.json``). The probe setting is
+        ``routing``'s (default: the engine's). Kept by the engine and saved with the calibrations.
+        """
+        routing = self._routing(routing)
+        library = self._library
+        if not isinstance(examples, Mapping):
+            raise InvalidRequestError(
+                f"examples must map adapter names to prompts, got {type(examples).__name__}"
+            )
+        missing = sorted(set(library.names) - set(examples))
+        unknown = sorted(set(examples) - set(library.names))
+        if missing or unknown:
+            raise InvalidRequestError(
+                "example prompts must be given for every adapter of the library and no other; "
+                f"missing: {missing}, unknown: {unknown}"
+            )
+        empty = sorted(name for name in library.names if not examples[name])
+        if empty:
+            raise InvalidRequestError(f"adapters {empty} have no example prompts")
+        owners = [name for name in library.names for _ in examples[name]]
+        prompts = [p for name in library.names for p in examples[name]]
+        states, _ = self._probe_many(prompts, routing, library, batch_size, with_scores=False)
+        layer, module = self._probe_target(routing, library)
+        by_adapter = {
+            name: states[[i for i, o in enumerate(owners) if o == name]] for name in library.names
+        }
+        prototypes = calib.prototypes_from_states(
+            ProbeKey.for_routing(routing, layer, module), by_adapter
+        )
+        self.add_prototypes(prototypes)
+        return prototypes
+
+    def _probe_many(
+        self,
+        prompts: Sequence[Prompt],
+        routing: RoutingConfig,
+        library: AdapterLibrary,
+        batch_size: int,
+        *,
+        with_scores: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Probed states (P, d) and raw scores (P, N) of many prompts, in batches."""
+        with_scores = with_scores and routing.signal != "prototype"
+        probes = [
+            self._probe(
+                [self._prepare(p, None, None) for p in prompts[i : i + batch_size]],
+                routing,
+                library,
+                with_scores=with_scores,
+            )
+            for i in range(0, len(prompts), batch_size)
+        ]
+        states = torch.cat([pr.states for pr in probes])  # (P, d)
+        scores = torch.cat([pr.scores for pr in probes]) if with_scores else None  # (P, N)
+        return states, scores
 
     def _random_prompts(self, n: int, seed: int) -> list[str]:
         """``n`` prompts of 8-40 random tokens (a data-free stand-in for real traffic)."""

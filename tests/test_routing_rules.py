@@ -182,7 +182,7 @@ EXAMPLES = {
 
 
 def test_prototypes_are_centroids_and_score_by_centred_cosine(engine):
-    engine.calibrate(EXAMPLES, routing=RoutingConfig(top_k=1, signal="prototype"))
+    engine.fit_prototypes(EXAMPLES)
     (protos,) = engine.prototypes
     centroids = {n: _probed_states(engine, ps).double().mean(0) for n, ps in EXAMPLES.items()}
     for n in EXAMPLES:
@@ -207,9 +207,9 @@ def test_prototype_signal_needs_prototypes_and_examples_for_every_adapter(engine
     with pytest.raises(RoutingConfigError, match="prototypes"):
         engine.route("hello", routing=RoutingConfig(top_k=1, signal="prototype"))
     with pytest.raises(InvalidRequestError, match="missing"):
-        engine.calibrate({"a": ["x y"], "b": ["1 2"]})
+        engine.fit_prototypes({"a": ["x y"], "b": ["1 2"]})
     with pytest.raises(InvalidRequestError, match="no example prompts"):
-        engine.calibrate({"a": ["x y"], "b": ["1 2"], "c": []})
+        engine.fit_prototypes({"a": ["x y"], "b": ["1 2"], "c": []})
 
 
 def test_data_free_calibration_uses_random_token_prompts(engine):
@@ -276,3 +276,28 @@ def test_a_library_folder_ships_its_routing_defaults(engine, adapter_dir, tmp_pa
     (lib / "routing.json").write_text(json.dumps({"top_k": 1, "bogus": True}))
     with pytest.raises(RoutingConfigError, match="bogus"):
         LoGoEngine.from_pretrained(base, adapters=lib)
+
+
+def test_cli_flags_override_the_library_defaults(adapter_dir, tmp_path, tokenizer, capsys):
+    from logo_engine import Selection
+    from logo_engine.cli import main
+
+    base = tmp_path / "base"
+    tiny.tiny_model().save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    lib = tmp_path / "lib"
+    shutil.copytree(adapter_dir, lib)
+    (lib / "routing.json").write_text(json.dumps({"top_k": 2, "weighting": "uniform"}))
+    common = ["--base-model", str(base), "--adapters", str(lib), "--json"]
+    assert main(["route", "hello", *common]) == 0
+    sel = Selection.model_validate_json(capsys.readouterr().out)
+    assert len(sel.adapters) == 2 and sel.weights == [0.5, 0.5]  # the library's routing.json
+    assert main(["route", "hello", *common, "--top-k", "1"]) == 0
+    sel = Selection.model_validate_json(capsys.readouterr().out)
+    assert len(sel.adapters) == 1 and sel.weights == [1.0]
+    assert main(["route", "hello", *common, "--abstain-below", "1e9"]) == 0
+    sel = Selection.model_validate_json(capsys.readouterr().out)
+    assert sel.abstained and sel.adapters == [] and "abstain_below" in sel.reason
+    assert main(["route", "hello", *common[:-1], "--abstain-below", "1e9"]) == 0
+    table = capsys.readouterr().out
+    assert "(base model: no adapter)" in table and "no adapter stood out" in table
