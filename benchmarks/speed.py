@@ -125,12 +125,8 @@ def rss_bytes() -> int:
 
 
 def stack_bytes(engine: LoGoEngine) -> int:
-    """Bytes of the engine's stacked adapter tensors (lora_a, lora_b, row_of of every module)."""
-    return sum(
-        t.numel() * t.element_size()
-        for s in engine.library.stacks.values()
-        for t in (s.lora_a, s.lora_b, s.row_of)
-    )
+    """Bytes of the engine's stacked adapter tensors (every module's rank buckets and indices)."""
+    return engine.library.nbytes
 
 
 def raw_factor_bytes(engine: LoGoEngine) -> int:

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 from logo_engine.chat import Prompt, ToolChoice, parse_tool_calls
-from logo_engine.errors import ContextLengthError, InvalidRequestError
+from logo_engine.errors import ContextLengthError, EngineClosedError, InvalidRequestError
 from logo_engine.routing import check_top_k, pinned_selection
 from logo_engine.types import FinishReason, Generation, RoutingConfig, Selection, Usage
 
@@ -30,6 +32,15 @@ Mixture = Mapping[str, float]
 # generate_batch(adapters=...): one mixture for every row, or one per row (None = route that row).
 BatchMixture = Union[Mixture, Sequence[Union[Mixture, None]], None]
 Tools = Sequence[Mapping[str, Any]]
+T = TypeVar("T")
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+# Set in the worker thread of an async call: the call stops at its next decoding step once set.
+_CANCEL: ContextVar[threading.Event | None] = ContextVar("logo_cancel", default=None)
+
+
+class _Cancelled(Exception):
+    """Raised in the worker of a cancelled async call (the awaiting task sees CancelledError)."""
 
 
 @dataclass(frozen=True)
@@ -53,9 +64,13 @@ class SamplingParams:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {p!r}")
         if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]
         ):
-            raise InvalidRequestError(f"seed must be an int or None, got {self.seed!r}")
+            raise InvalidRequestError(
+                f"seed must be None or an int in [-2**63, 2**64 - 1], got {self.seed!r}"
+            )
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError(f"stop must hold non-empty strings, got {self.stop!r}")
@@ -184,13 +199,26 @@ class _Run:
             row.finish("length")
 
     def step(self) -> bool:
-        """Advance by one decoding step; False once the run is over."""
-        return next(self._steps, StopIteration) is not StopIteration
+        """Advance by one decoding step; False once the run is over.
+
+        Raises :class:`EngineClosedError` when the engine was closed before the step ended (its
+        output may lack the mixture).
+        """
+        more = next(self._steps, StopIteration) is not StopIteration
+        if self.engine.closed:
+            self.close()
+            self.engine._check_open()
+        return more
 
     def run(self) -> list[Generation]:
-        while self.step():
-            pass
-        return self.generations()
+        """Decode to the end; in an async call's worker, stop at the step after cancellation."""
+        cancel = _CANCEL.get()
+        while True:
+            if cancel is not None and cancel.is_set():
+                self.close()
+                raise _Cancelled
+            if not self.step():
+                return self.generations()
 
     def close(self) -> None:
         """Stop decoding now (a consumer that stopped early); frees the run's state."""
@@ -320,6 +348,7 @@ class BaseEngine(ABC):
     """Everything an engine offers to callers; concrete engines provide the three primitives."""
 
     routing: RoutingConfig
+    _closed: bool = False
 
     # ----------------------------------------------------------------- what engines provide
     @property
@@ -355,6 +384,25 @@ class BaseEngine(ABC):
     ) -> Iterator[None]:
         """Generate for all rows with their fixed selections; yield after each step."""
 
+    # ----------------------------------------------------------------------- life cycle
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called; every call on a closed engine is refused."""
+        return self._closed
+
+    def close(self) -> None:
+        """Refuse every later call (engines also release what they hold). Idempotent.
+
+        A call in flight stops at its next decoding step with :class:`EngineClosedError`.
+        """
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError(
+                f"this engine ({self.model_name}) was closed; build a new engine to make calls"
+            )
+
     # ----------------------------------------------------------------------- public API
     def route(
         self,
@@ -376,8 +424,15 @@ class BaseEngine(ABC):
         tool_choice: ToolChoice = None,
     ) -> list[Selection]:
         """:meth:`route` for several prompts in one batched probe."""
+        self._check_open()
         requests = [self._prepare(p, tools, tool_choice) for p in _as_prompt_list(prompts)]
-        return self._route(requests, self._routing(routing))
+        routing = self._routing(routing)
+        cancel = _CANCEL.get()
+        if cancel is not None and cancel.is_set():
+            raise _Cancelled
+        selections = self._route(requests, routing)
+        self._check_open()  # closed during the probe: its scores may be wrong
+        return selections
 
     def generate(
         self,
@@ -480,16 +535,20 @@ class BaseEngine(ABC):
         )
 
     async def agenerate(self, prompt: Prompt, **kwargs: Any) -> Generation:
-        """:meth:`generate` in a worker thread; the event loop keeps running."""
-        return await asyncio.to_thread(lambda: self.generate(prompt, **kwargs))
+        """:meth:`generate` in a worker thread; the event loop keeps running.
+
+        Cancelling the awaiting task stops the generation at its next decoding step; the
+        cancellation returns once the worker has stopped.
+        """
+        return await _in_worker(lambda: self.generate(prompt, **kwargs))
 
     async def agenerate_batch(self, prompts: Sequence[Prompt], **kwargs: Any) -> list[Generation]:
-        """:meth:`generate_batch` in a worker thread."""
-        return await asyncio.to_thread(lambda: self.generate_batch(prompts, **kwargs))
+        """:meth:`generate_batch` in a worker thread; cancellable like :meth:`agenerate`."""
+        return await _in_worker(lambda: self.generate_batch(prompts, **kwargs))
 
     async def aroute(self, prompt: Prompt, **kwargs: Any) -> Selection:
-        """:meth:`route` in a worker thread."""
-        return await asyncio.to_thread(lambda: self.route(prompt, **kwargs))
+        """:meth:`route` in a worker thread; a cancelled call never starts its probe late."""
+        return await _in_worker(lambda: self.route(prompt, **kwargs))
 
     def astream(self, prompt: Prompt, **kwargs: Any) -> AsyncTextStream:
         """:meth:`stream` for ``async for``; each step runs in a worker thread.
@@ -500,6 +559,7 @@ class BaseEngine(ABC):
 
     def count_tokens(self, prompt: Prompt, *, tools: Tools | None = None) -> int:
         """Number of tokens the model sees for ``prompt``."""
+        self._check_open()
         return self._prepare(prompt, tools, None).n_prompt_tokens
 
     # --------------------------------------------------------------------- internals
@@ -525,6 +585,7 @@ class BaseEngine(ABC):
         tools: Tools | None,
         tool_choice: ToolChoice,
     ) -> _Run:
+        self._check_open()
         params = SamplingParams.build(max_new_tokens, temperature, top_p, seed, stop)
         routing = self._routing(routing)
         requests = [self._prepare(p, tools, tool_choice) for p in prompts]
@@ -563,6 +624,32 @@ class BaseEngine(ABC):
             ):
                 selections[i] = s
         return [s for s in selections if s is not None]
+
+
+async def _in_worker(fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a worker thread; on cancellation, stop it at its next step and wait for it.
+
+    ``fn``'s runs read a cancel flag (a ContextVar set in the worker) before every decoding step,
+    so a cancelled call costs at most the step in flight, and nothing keeps running afterwards.
+    """
+    cancel = threading.Event()
+
+    def work() -> T:
+        token = _CANCEL.set(cancel)
+        try:
+            return fn()
+        finally:
+            _CANCEL.reset(token)
+
+    future = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cancel.set()
+        await asyncio.wait([future])  # the step in flight ends, then the worker returns
+        if not future.cancelled():
+            future.exception()  # retrieved: _Cancelled, or the error of a step nobody awaits
+        raise
 
 
 def _as_prompt_list(prompts: Sequence[Prompt]) -> list[Prompt]:

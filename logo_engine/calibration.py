@@ -13,10 +13,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -25,6 +26,8 @@ from logo_engine.types import Calibration, Prototypes, RoutingConfig
 
 CALIBRATION_NAME = "calibration.json"  # optional, in a library folder (see save / load)
 ROUTING_NAME = "routing.json"  # optional, in a library folder: the library's routing defaults
+STD_FLOOR = 1e-12  # smallest std a calibration holds (z-scores divide by it)
+MAX_FILE_BYTES = 64 << 20  # a calibration or routing file larger than this is refused unread
 
 
 class ProbeKey(NamedTuple):
@@ -96,7 +99,8 @@ def from_scores(
         probe_input=key.probe_input,
         probe_tokens=key.probe_tokens,
         mean=dict(zip(names, scores.mean(0).tolist(), strict=True)),
-        std=dict(zip(names, scores.std(0).tolist(), strict=True)),
+        # An adapter with a constant score (e.g. absent at the probe module) gets the floor.
+        std=dict(zip(names, scores.std(0).clamp(min=STD_FLOOR).tolist(), strict=True)),
         n_prompts=int(scores.shape[0]),
         source=source,  # type: ignore[arg-type]
     )
@@ -105,7 +109,7 @@ def from_scores(
 def zscores(calibration: Calibration, names: Sequence[str], scores: torch.Tensor) -> torch.Tensor:
     """Per-adapter z-scores. math: z_i = (s_i - mean_i) / std_i.   scores (B, N) -> (B, N)."""
     mean = torch.tensor([calibration.mean[n] for n in names])  # (N,)
-    std = torch.tensor([calibration.std[n] for n in names]).clamp(min=1e-12)  # (N,)
+    std = torch.tensor([calibration.std[n] for n in names]).clamp(min=STD_FLOOR)  # (N,)
     return (scores.float().cpu() - mean) / std
 
 
@@ -152,11 +156,55 @@ def save(
     Path(path).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
-def load(path: str | os.PathLike) -> tuple[list[Calibration], list[Prototypes]]:
-    """Read a file written by :func:`save` (a bare JSON list of calibrations is accepted too)."""
-    path = Path(path)
+def check(calibration: Calibration) -> None:
+    """Refuse statistics that would pin routing: every mean finite, every std finite and > 0."""
+    if not isinstance(calibration, Calibration):
+        raise RoutingConfigError(f"expected a Calibration, got {type(calibration).__name__}")
+    if set(calibration.mean) != set(calibration.std):
+        raise RoutingConfigError("a calibration needs a mean and a std for the same adapters")
+    for name, mean in calibration.mean.items():
+        std = calibration.std[name]
+        if not math.isfinite(mean) or not math.isfinite(std) or std <= 0:
+            raise RoutingConfigError(
+                f"calibration of adapter {name!r} has mean={mean!r}, std={std!r}; the mean must "
+                "be finite and the std finite and > 0"
+            )
+    if calibration.n_prompts < 2:
+        raise RoutingConfigError(f"a calibration needs n_prompts >= 2, got {calibration.n_prompts}")
+
+
+def check_prototypes(prototypes: Prototypes) -> None:
+    """Refuse centroids that are not finite, empty, or of different sizes."""
+    sizes = {len(c) for c in prototypes.centroids.values()}
+    if len(sizes) > 1 or 0 in sizes:
+        raise RoutingConfigError(f"prototype centroids must share one size > 0, got sizes {sizes}")
+    for name, centroid in prototypes.centroids.items():
+        if not all(math.isfinite(v) for v in centroid):
+            raise RoutingConfigError(f"the prototype centroid of adapter {name!r} is not finite")
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """Parse a JSON file, refusing huge or deeply nested ones with :class:`RoutingConfigError`."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise RoutingConfigError(
+            f"cannot read {what} from {str(path)!r}: JSON nested too deeply"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise RoutingConfigError(f"cannot read {what} from {str(path)!r}: {exc}") from exc
+
+
+def load(path: str | os.PathLike) -> tuple[list[Calibration], list[Prototypes]]:
+    """Read a file written by :func:`save` (a bare JSON list of calibrations is accepted too).
+
+    Every calibration passes :func:`check` and every prototype set :func:`check_prototypes`.
+    """
+    path = Path(path)
+    data = _read_json(path, "calibrations")
+    try:
         if isinstance(data, list):  # the first format: calibrations only
             data = {"calibrations": data}
         if not isinstance(data, dict):
@@ -166,19 +214,21 @@ def load(path: str | os.PathLike) -> tuple[list[Calibration], list[Prototypes]]:
             raise ValueError(f"unknown keys {unknown}")
         calibrations = [Calibration.model_validate(c) for c in data.get("calibrations", [])]
         prototypes = [Prototypes.model_validate(p) for p in data.get("prototypes", [])]
-    except (OSError, ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise RoutingConfigError(f"cannot read calibrations from {str(path)!r}: {exc}") from exc
+    try:
+        for calibration in calibrations:
+            check(calibration)
+        for prototype_set in prototypes:
+            check_prototypes(prototype_set)
+    except RoutingConfigError as exc:
+        raise RoutingConfigError(f"calibrations in {str(path)!r}: {exc}") from None
     return calibrations, prototypes
 
 
 def load_routing(path: str | os.PathLike) -> RoutingConfig:
     """Read a library's routing defaults (a JSON object of :class:`RoutingConfig` fields)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RoutingConfigError(f"cannot read routing defaults from {str(path)!r}: {exc}") from exc
-    return RoutingConfig.from_dict(data, source=str(path))
+    return RoutingConfig.from_dict(_read_json(Path(path), "routing defaults"), source=str(path))
 
 
 def save_routing(routing: RoutingConfig, path: str | os.PathLike) -> None:

@@ -41,12 +41,15 @@ TOOL_SYSTEM_PROMPT = (
 def normalize_messages(prompt: Prompt) -> list[dict[str, Any]]:
     """Validate a prompt and return it as a list of plain message dicts.
 
-    A string becomes one user message. Raises :class:`InvalidRequestError` for an empty prompt, a
-    message that is not a mapping, an unknown role, or non-string content.
+    A string becomes one user message. Raises :class:`InvalidRequestError` for an empty prompt
+    (a message list whose contents are all empty, with no tool calls, counts as empty), a message
+    that is not a mapping, an unknown role, non-string content, or text that is not valid unicode
+    (a lone surrogate cannot be encoded for the tokenizer).
     """
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidRequestError("prompt is empty")
+        check_unicode(prompt, "prompt")
         return [{"role": "user", "content": prompt}]
     if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
         raise InvalidRequestError(
@@ -70,8 +73,36 @@ def normalize_messages(prompt: Prompt) -> list[dict[str, Any]]:
             raise InvalidRequestError(
                 f"message {i} content must be a string, got {type(content).__name__}"
             )
+        check_unicode(content, f"message {i} content")
         messages.append({**message, "content": content})
+    if not any(m["content"] or m.get("tool_calls") for m in messages):
+        raise InvalidRequestError("prompt is empty: every message has empty content")
     return messages
+
+
+def check_unicode(text: str, what: str) -> None:
+    """Refuse text that UTF-8 cannot encode (a lone surrogate such as U+D800)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"{what} is not valid unicode: {exc.reason} at position {exc.start} "
+            f"({text[exc.start : exc.end]!r})"
+        ) from None
+
+
+def check_tools(tools: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse tool schemas that have no name or are not plain JSON (finite numbers, unicode)."""
+    for tool in tools:
+        name = _tool_name(tool)
+        try:
+            check_unicode(json.dumps(tool, ensure_ascii=False, allow_nan=False), f"tool {name!r}")
+        except (TypeError, ValueError, RecursionError) as exc:
+            if isinstance(exc, InvalidRequestError):
+                raise
+            raise InvalidRequestError(
+                f"tool {name!r} is not a JSON-serialisable schema: {exc}"
+            ) from None
 
 
 def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -119,8 +150,26 @@ def render_prompt(
             raise InvalidRequestError("tools need a tokenizer with a chat template")
         return RenderedPrompt(prompt)
     tools = list(tools or []) if tool_choice != "none" else []
-    for tool in tools:
-        _tool_name(tool)  # validate early
+    check_tools(tools)
+    try:
+        rendered = _render_with_template(tokenizer, messages, tools, tool_choice)
+    except InvalidRequestError:
+        raise
+    except Exception as exc:  # values the template cannot render, or its own raise_exception
+        template_error = type(exc).__module__.startswith("jinja2")
+        if not (template_error or isinstance(exc, (TypeError, ValueError, RecursionError))):
+            raise
+        raise InvalidRequestError(f"the chat template cannot render this prompt: {exc}") from exc
+    check_unicode(rendered.text, "the rendered prompt")
+    return rendered
+
+
+def _render_with_template(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    tools: list[Mapping[str, Any]],
+    tool_choice: ToolChoice,
+) -> RenderedPrompt:
     if tools and not template_supports_tools(tokenizer):
         listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
         system = TOOL_SYSTEM_PROMPT.format(tools=listing)

@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from logo_engine.base import RowState, SamplingParams
-from logo_engine.errors import GenerationError, LoGoError
+from logo_engine.errors import GenerationError, LoGoError, NumericalError
 from logo_engine.mixture import ForwardContext, MixturePlan, forward_context
 
 
@@ -86,10 +86,15 @@ def make_generators(
 def next_tokens(
     logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None
 ) -> torch.Tensor:
-    """Greedy argmax, or temperature / top-p sampling. logits (B, V) -> tokens (B,)."""
+    """Greedy argmax, or temperature / top-p sampling. logits (B, V) -> tokens (B,).
+
+    math: p = softmax((l - max l) / T), in float64 so that any finite T > 0 works: a tiny T
+    tends to greedy, a huge T to uniform, and nothing overflows.
+    """
     if generators is None:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / params.temperature, dim=-1)  # (B, V)
+    shifted = (logits - logits.amax(dim=-1, keepdim=True)).double()  # (B, V), <= 0
+    probs = torch.softmax(shifted / params.temperature, dim=-1)  # (B, V)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(-1) - sorted_p > params.top_p  # keep the smallest nucleus
@@ -175,4 +180,11 @@ class TransformersDecoder:
             raise
         except Exception as exc:
             raise GenerationError(f"generation failed inside the model: {exc!r}") from exc
-        return out.logits[:, -1, :].float()
+        logits = out.logits[:, -1, :].float()  # (B, V)
+        # amax propagates NaN: one reduction catches NaN, +inf and rows that are all -inf.
+        if not bool(torch.isfinite(logits.amax(dim=-1)).all()):
+            raise NumericalError(
+                "the model produced NaN or infinite logits (numerical overflow in the base model "
+                "or the adapter mixture); nothing was generated from them"
+            )
+        return logits

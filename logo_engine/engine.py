@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,12 +35,14 @@ from logo_engine.errors import (
     GenerationError,
     InvalidRequestError,
     LoGoError,
+    NumericalError,
     RoutingConfigError,
 )
 from logo_engine.library import (
     Adapter,
     AdapterLibrary,
     AdapterSource,
+    check_adapter,
     check_fits,
     read_adapter,
     resolve_sources,
@@ -65,6 +68,12 @@ class LoGoEngine(BaseEngine):
         allow_pickle: accept ``adapter_model.bin`` (pickle) weights. Off: pickle can run code.
         name: model name for metadata (default: the model config's ``_name_or_path``).
         progress: show a progress bar while loading adapters (default: when loading >= 8).
+        adapter_memory_budget: most bytes the stacked adapter weights may take; loading past it
+            is refused with :class:`AdapterMemoryError` before allocating. ``None``: refuse only a
+            load that needs more than the memory available on the device at that moment.
+
+    Several engines may share one model object (their hooks are shared, see
+    :class:`~logo_engine.mixture.HookSet`); :meth:`close` an engine that is no longer needed.
 
     """
 
@@ -81,7 +90,18 @@ class LoGoEngine(BaseEngine):
         allow_pickle: bool = False,
         name: str | None = None,
         progress: bool | None = None,
+        adapter_memory_budget: int | None = None,
     ) -> None:
+        if adapter_memory_budget is not None and (
+            isinstance(adapter_memory_budget, bool)
+            or not isinstance(adapter_memory_budget, int)
+            or adapter_memory_budget < 0
+        ):
+            raise InvalidRequestError(
+                f"adapter_memory_budget must be a number of bytes >= 0 or None, "
+                f"got {adapter_memory_budget!r}"
+            )
+        self.adapter_memory_budget = adapter_memory_budget
         self.model = model.eval()
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:
@@ -96,8 +116,10 @@ class LoGoEngine(BaseEngine):
         self._load_lock = threading.Lock()
         self._calibrations: dict[CalibrationKey, Calibration] = {}
         self._prototypes: dict[ProbeKey, Prototypes] = {}
-        self._hooks = HookSet()
+        self._hooks = HookSet(model)
         self._hooks.attach_layers(self._layers)
+        # An engine dropped without close() releases its hook claims when collected.
+        self._release_hooks = weakref.finalize(self, self._hooks.remove)
         # The caller's routing is kept as given; the default's top_k shrinks to a small library.
         self._explicit_routing = routing is not None
         self.routing = routing or RoutingConfig()
@@ -118,6 +140,7 @@ class LoGoEngine(BaseEngine):
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
         progress: bool | None = None,
+        adapter_memory_budget: int | None = None,
     ) -> LoGoEngine:
         """Load a base model and an adapter library.
 
@@ -147,6 +170,7 @@ class LoGoEngine(BaseEngine):
             allow_pickle=allow_pickle,
             name=name,
             progress=progress,
+            adapter_memory_budget=adapter_memory_budget,
         )
         if library_dir is not None:
             engine.load_calibrations(library_dir / CALIBRATION_NAME, missing_ok=True)
@@ -177,7 +201,7 @@ class LoGoEngine(BaseEngine):
         )
         with cls._shared_lock:
             engine = cls._shared.get(key)
-            if engine is None:
+            if engine is None or engine.closed:
                 engine = cls.from_pretrained(
                     base_model,
                     adapters=adapters,
@@ -191,27 +215,21 @@ class LoGoEngine(BaseEngine):
 
     def load_adapters(
         self,
-        adapters: AdapterSource | Sequence[Adapter],
+        adapters: AdapterSource | Sequence[Adapter | str | os.PathLike],
         *,
         allow_pickle: bool = False,
         progress: bool | None = None,
     ) -> list[str]:
         """Add adapters to the library; returns their names.
 
-        All of them are read and checked against the base model first: on any error nothing is
-        added and the engine is unchanged.
+        ``adapters`` is any ``adapters=`` source, or a list mixing in-memory :class:`Adapter`
+        objects and folders. All of them are read and checked against the base model first: on
+        any error nothing is added and the engine is unchanged.
         """
-        loaded: list[Adapter]
-        if isinstance(adapters, Sequence) and adapters and isinstance(adapters[0], Adapter):
-            loaded = [a for a in adapters if isinstance(a, Adapter)]  # already in memory
-        else:
-            sources = resolve_sources(adapters)  # type: ignore[arg-type]
-            show = progress if progress is not None else len(sources) >= PROGRESS_MIN_ADAPTERS
-            loaded = [
-                read_adapter(name, path, allow_pickle=allow_pickle)
-                for name, path in tqdm(sources.items(), desc="loading adapters", disable=not show)
-            ]
+        self._check_open()
+        loaded = _read_all(adapters, allow_pickle=allow_pickle, progress=progress)
         with self._load_lock:
+            self._check_open()
             clash = sorted(set(self._library.names) & {a.name for a in loaded})
             if clash:
                 raise AdapterLoadError(f"adapters already loaded under these names: {clash}")
@@ -227,7 +245,11 @@ class LoGoEngine(BaseEngine):
                         self._name,
                     )
             library = AdapterLibrary(
-                loaded, dtype=self._dtype, device=self._device, base=self._library
+                loaded,
+                dtype=self._dtype,
+                device=self._device,
+                base=self._library,
+                budget_bytes=self.adapter_memory_budget,
             )
             routing = self._fit_default_routing(library)
             self._validate_routing(routing, library, calibration=False)
@@ -240,8 +262,13 @@ class LoGoEngine(BaseEngine):
         return [a.name for a in loaded]
 
     def close(self) -> None:
-        """Remove the engine's hooks: the model is a plain transformers model again."""
-        self._hooks.remove()
+        """Refuse every later call and remove the engine's hooks from the model.
+
+        The model is a plain transformers model again (unless another engine still uses it).
+        A call in flight stops at its next decoding step with :class:`EngineClosedError`.
+        """
+        super().close()
+        self._release_hooks()
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -358,6 +385,7 @@ class LoGoEngine(BaseEngine):
             ranks and weighs adapters by z-scores. They are dropped when adapters are added.
 
         """
+        self._check_open()
         routing = dataclasses.replace(self._routing(routing), calibrated=False)
         library = self._library
         source = "prompts"
@@ -391,6 +419,7 @@ class LoGoEngine(BaseEngine):
         example prompts per adapter, e.g. the zoo's ``train_prompts.json``). The probe setting is
         ``routing``'s (default: the engine's). Kept by the engine and saved with the calibrations.
         """
+        self._check_open()
         routing = self._routing(routing)
         library = self._library
         if not isinstance(examples, Mapping):
@@ -463,6 +492,8 @@ class LoGoEngine(BaseEngine):
 
     def add_calibration(self, calibration: Calibration) -> None:
         """Use saved statistics (e.g. from :meth:`calibrate` on another run) for this library."""
+        self._check_open()
+        calib.check(calibration)
         library = self._library
         if set(calibration.mean) != set(library.names):
             raise RoutingConfigError(
@@ -489,6 +520,8 @@ class LoGoEngine(BaseEngine):
 
     def add_prototypes(self, prototypes: Prototypes) -> None:
         """Use saved prototypes (e.g. from :meth:`calibrate` on another run) for this library."""
+        self._check_open()
+        calib.check_prototypes(prototypes)
         library = self._library
         if set(prototypes.centroids) != set(library.names):
             raise RoutingConfigError(
@@ -527,6 +560,7 @@ class LoGoEngine(BaseEngine):
 
     def load_calibrations(self, path: str | os.PathLike, *, missing_ok: bool = False) -> None:
         """Read calibrations saved by :meth:`save_calibrations` (a library's calibration.json)."""
+        self._check_open()
         path = Path(path)
         if missing_ok and not path.is_file():
             return
@@ -595,6 +629,11 @@ class LoGoEngine(BaseEngine):
             else:
                 m = mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
                 h = (h * m).sum(1) / m.sum(1)  # (B, in); linear, so = mean of the outputs
+            if not bool(torch.isfinite(h).all()):
+                raise NumericalError(
+                    f"the probed activations at {module!r} are not finite (NaN or inf): the base "
+                    "model overflows on this prompt; no adapter can be scored"
+                )
             scores = None
             if with_scores:
                 outputs = library.stacks[module].outputs(h)  # (B, N, out)
@@ -650,6 +689,42 @@ class ProbeResult:
 
 
 # ---------------------------------------------------------------------- free helpers
+def _read_all(
+    adapters: AdapterSource | Sequence[Adapter | str | os.PathLike],
+    *,
+    allow_pickle: bool,
+    progress: bool | None,
+) -> list[Adapter]:
+    """Every adapter of a ``load_adapters`` argument, read and checked, in the given order."""
+    items: list[Any]
+    if isinstance(adapters, Sequence) and not isinstance(adapters, (str, bytes, bytearray)):
+        items = list(adapters)
+    else:
+        items = [adapters]
+    if not any(isinstance(a, Adapter) for a in items):
+        sources = resolve_sources(adapters)  # type: ignore[arg-type]
+    else:  # in-memory adapters, possibly mixed with folders
+        folders = [a for a in items if not isinstance(a, Adapter)]
+        sources = resolve_sources(folders) if folders else {}
+    show = progress if progress is not None else len(sources) >= PROGRESS_MIN_ADAPTERS
+    bar = tqdm(total=len(sources), desc="loading adapters", disable=not show)
+    read = {}
+    with bar:
+        for name, path in sources.items():
+            read[name] = read_adapter(name, path, allow_pickle=allow_pickle)
+            bar.update()
+    if not any(isinstance(a, Adapter) for a in items):
+        return list(read.values())
+    loaded, names = [], iter(read.values())
+    for item in items:
+        if isinstance(item, Adapter):
+            check_adapter(item)
+            loaded.append(item)
+        else:
+            loaded.append(next(names))
+    return loaded
+
+
 def _release_freed_memory() -> None:
     """Give freed heap pages back to the OS (glibc keeps the adapter-loading peak resident).
 

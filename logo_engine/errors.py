@@ -49,3 +49,15 @@ class ContextLengthError(InvalidRequestError):
 
 class GenerationError(LoGoError, RuntimeError):
     """Generation failed inside the model; the engine is left usable."""
+
+
+class NumericalError(GenerationError):
+    """The model or a scorer produced NaN or infinite values (scores or logits)."""
+
+
+class EngineClosedError(LoGoError, RuntimeError):
+    """A call on an engine after :meth:`~logo_engine.LoGoEngine.close`."""
+
+
+class AdapterMemoryError(AdapterLoadError, MemoryError):
+    """Loading these adapters would exceed the engine's adapter memory budget."""

@@ -15,6 +15,8 @@ request and reused at every decoding step:
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from logo_engine.errors import LoGoError
 from logo_engine.library import AdapterLibrary, ModuleStack
 from logo_engine.types import Selection
 
@@ -80,22 +83,39 @@ class MixturePlan:
 def _module_mixture(
     stack: ModuleStack, slots: torch.Tensor, weights: torch.Tensor, *, shared: bool
 ) -> ModuleMixture | None:
-    device = stack.lora_a.device
-    rows = torch.where(
-        slots >= 0, stack.row_of[slots.clamp(min=0).to(device)], stack.absent_row
-    )  # (B, k)
-    present = rows != stack.absent_row  # (B, k)
-    keep = present.any(dim=0)  # drop columns no row uses at this module
-    if not keep.any():
+    """Cat form at one module. slots, weights (B, k); slot -1 = padding.
+
+    Each rank bucket contributes the columns some row selects in it; a row that selects another
+    bucket (or nothing) in a column gets a zero A and a zero weight there, which adds exactly 0.
+    """
+    device = stack.bucket_of.device
+    valid = (slots >= 0).to(device)  # (B, k)
+    index = slots.clamp(min=0).to(device)  # (B, k)
+    bucket_of = torch.where(valid, stack.bucket_of[index], -1)  # (B, k)
+    row_of = stack.row_of[index]  # (B, k)
+    weights = weights.to(device)
+    parts_a, parts_b = [], []
+    for i in bucket_of.unique().tolist():
+        if i < 0:
+            continue
+        bucket = stack.buckets[i]
+        mask = bucket_of == i  # (B, k)
+        keep = mask.any(dim=0)  # drop columns no row takes from this bucket
+        m = mask[:, keep]  # (B, k')
+        rows = torch.where(m, row_of[:, keep], 0)  # (B, k'), row 0 stands in where masked
+        w = (weights[:, keep] * m).to(bucket.lora_b.dtype)  # (B, k'), 0 where masked
+        n_rows, k = rows.shape
+        r = bucket.rank
+        a = bucket.lora_a[rows]  # (B, k', r, in)
+        if not bool(m.all()):
+            a = a * m[:, :, None, None].to(a.dtype)
+        b = bucket.lora_b[rows] * w[:, :, None, None]  # (B, k', out, r)
+        parts_a.append(a.reshape(n_rows, k * r, stack.d_in))  # (B, k'·r, in)
+        parts_b.append(b.permute(0, 2, 1, 3).reshape(n_rows, stack.d_out, k * r))  # (B, out, k'·r)
+    if not parts_a:
         return None
-    rows, w = rows[:, keep], weights.to(device)[:, keep].to(stack.lora_b.dtype)  # (B, k')
-    n_rows, k = rows.shape
-    _, r, d_in = stack.lora_a.shape
-    d_out = stack.lora_b.shape[1]
-    a = stack.lora_a[rows]  # (B, k', r, in)
-    b = stack.lora_b[rows] * w[:, :, None, None]  # (B, k', out, r)
-    a_cat = a.reshape(n_rows, k * r, d_in)  # (B, k'·r, in)
-    b_cat = b.permute(0, 2, 1, 3).reshape(n_rows, d_out, k * r)  # (B, out, k'·r)
+    a_cat = torch.cat(parts_a, dim=1)  # (B, Σ k'·r, in)
+    b_cat = torch.cat(parts_b, dim=2)  # (B, out, Σ k'·r)
     if shared:
         return ModuleMixture(a_cat[0].contiguous(), b_cat[0].contiguous())
     return ModuleMixture(a_cat.contiguous(), b_cat.contiguous())
@@ -139,6 +159,7 @@ def _linear_hook(name: str) -> Any:
         mix = ctx.plan.modules.get(name) if ctx.plan is not None else None
         return None if mix is None else mix.add_to(args[0], output)
 
+    hook.logo_hook = True  # type: ignore[attr-defined]
     return hook
 
 
@@ -149,26 +170,81 @@ def _layer_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
         raise ProbeDone
 
 
-class HookSet:
-    """The engine's permanent hooks on one model; idempotent ``attach``, ``remove`` to detach."""
+_layer_pre_hook.logo_hook = True  # type: ignore[attr-defined]
+
+
+class _ModelHooks:
+    """The LoGo hooks on one model: one per hooked module, counted claims of the engines on it."""
 
     def __init__(self) -> None:
-        self._handles: dict[str, RemovableHandle] = {}
+        self.handles: dict[str, RemovableHandle] = {}
+        self.claims: dict[str, int] = {}
+
+
+# One entry per model object that carries LoGo hooks; dropped with the model.
+_MODELS: weakref.WeakKeyDictionary[nn.Module, _ModelHooks] = weakref.WeakKeyDictionary()
+_MODELS_LOCK = threading.Lock()
+
+
+class HookSet:
+    """One engine's claim on the LoGo hooks of its model.
+
+    The hooks belong to the model, not to an engine: every engine built on the same model object
+    shares one hook per module (the hook reads the calling engine's :class:`ForwardContext`), so a
+    second engine on a model never applies a mixture twice. ``remove`` drops this engine's claims;
+    a hook goes when no engine claims it. A model that carries LoGo hooks no live engine owns (a
+    deep copy of a model an engine ran on) is refused.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        with _MODELS_LOCK:
+            shared = _MODELS.get(model)
+            if shared is None:
+                _refuse_stale_hooks(model)
+                shared = _MODELS[model] = _ModelHooks()
+        self._shared = shared
+        self._keys: set[str] = set()
 
     def attach_linears(self, linears: Mapping[str, nn.Module], names: Sequence[str]) -> None:
         for name in names:
-            if name not in self._handles:
-                self._handles[name] = linears[name].register_forward_hook(_linear_hook(name))
+            self._claim(name, lambda n=name: linears[n].register_forward_hook(_linear_hook(n)))
 
     def attach_layers(self, layers: Iterable[nn.Module]) -> None:
         for i, layer in enumerate(layers):
-            key = f"layer:{i}"
-            if key not in self._handles:
-                self._handles[key] = layer.register_forward_pre_hook(
-                    _layer_pre_hook, with_kwargs=True
-                )
+            self._claim(
+                f"layer:{i}",
+                lambda m=layer: m.register_forward_pre_hook(_layer_pre_hook, with_kwargs=True),
+            )
+
+    def _claim(self, key: str, register: Any) -> None:
+        if key in self._keys:
+            return
+        with _MODELS_LOCK:
+            shared = self._shared
+            if key not in shared.handles:
+                shared.handles[key] = register()
+            shared.claims[key] = shared.claims.get(key, 0) + 1
+            self._keys.add(key)
 
     def remove(self) -> None:
-        for handle in self._handles.values():
-            handle.remove()
-        self._handles.clear()
+        """Drop this engine's claims; hooks no other engine claims are removed from the model."""
+        with _MODELS_LOCK:
+            shared = self._shared
+            for key in self._keys:
+                shared.claims[key] -= 1
+                if shared.claims[key] == 0:
+                    del shared.claims[key]
+                    shared.handles.pop(key).remove()
+            self._keys.clear()
+
+
+def _refuse_stale_hooks(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        if any(getattr(h, "logo_hook", False) for h in hooks):
+            raise LoGoError(
+                f"module {name or type(model).__name__!r} of this model already carries a LoGo "
+                "hook that no engine owns (is it a copy of a model a LoGoEngine ran on?); build "
+                "the engine on a model without LoGo hooks, or close() the first engine before "
+                "copying its model"
+            )

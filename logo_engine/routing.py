@@ -15,7 +15,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from logo_engine.errors import AdapterNotFoundError, InvalidRequestError, RoutingConfigError
+from logo_engine.errors import (
+    AdapterNotFoundError,
+    InvalidRequestError,
+    NumericalError,
+    RoutingConfigError,
+)
 from logo_engine.types import RoutingConfig, Scorer, Selection
 
 ENTROPY_EPS = 1e-6  # as in the paper's code: 1 / (H + 1e-6)
@@ -40,12 +45,29 @@ def score(outputs: torch.Tensor, config: RoutingConfig) -> torch.Tensor:
     """Apply the configured signal. outputs (B, N, out) -> scores (B, N), float32."""
     scorer = SCORERS[config.signal] if isinstance(config.signal, str) else config.signal
     scores = scorer(outputs)
-    if scores.shape != outputs.shape[:2]:
+    if not isinstance(scores, torch.Tensor) or scores.shape != outputs.shape[:2]:
+        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise RoutingConfigError(
-            f"scorer {config.signal_name!r} returned shape {tuple(scores.shape)}, "
-            f"expected {tuple(outputs.shape[:2])} (batch, adapters)"
+            f"scorer {config.signal_name!r} returned {got}, "
+            f"expected a tensor of shape {tuple(outputs.shape[:2])} (batch, adapters)"
         )
-    return scores.float()
+    scores = scores.float()
+    _check_finite(scores, config)
+    return scores
+
+
+def _check_finite(scores: torch.Tensor, config: RoutingConfig) -> None:
+    """Refuse NaN/inf scores: top-k would rank them first and the mixture would be poison."""
+    bad = ~torch.isfinite(scores)  # (B, N)
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        message = (
+            f"scorer {config.signal_name!r} gave a non-finite score "
+            f"({float(scores[where[0], where[1]])}) for adapter slot {where[1]} in row {where[0]}"
+        )
+        if isinstance(config.signal, str):  # a built-in scorer: the model's numbers overflowed
+            raise NumericalError(message + "; the probed activations overflow")
+        raise RoutingConfigError(message + "; a scorer must return finite scores")
 
 
 def check_top_k(config: RoutingConfig, n_adapters: int) -> None:
@@ -201,12 +223,15 @@ def pinned_selection(mixture: Mapping[str, float], names: Sequence[str]) -> Sele
             )
         if weight < 0:
             raise InvalidRequestError(f"weight of adapter {name!r} must be >= 0, got {weight!r}")
-    total = float(sum(mixture.values()))
-    if mixture and total <= 0:
+    # Divide by the largest weight first: the sum of huge weights must not overflow to inf.
+    largest = max((float(w) for w in mixture.values()), default=0.0)
+    if mixture and largest <= 0:
         raise InvalidRequestError(
-            f"the pinned mixture's weights sum to {total}; they must sum to > 0"
+            f"the pinned mixture's weights are all zero ({dict(mixture)}); they must sum to > 0"
         )
-    kept = sorted(((n, float(w) / total) for n, w in mixture.items() if w > 0), key=lambda p: -p[1])
+    scaled = {n: float(w) / largest for n, w in mixture.items() if w > 0}
+    total = math.fsum(scaled.values())
+    kept = sorted(((n, w / total) for n, w in scaled.items()), key=lambda p: -p[1])
     return Selection(
         adapters=[n for n, _ in kept],
         weights=[w for _, w in kept],

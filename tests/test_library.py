@@ -153,9 +153,12 @@ def test_pickle_loads_only_on_opt_in(engine, bad, adapter_dir):
 def test_mixed_ranks_alphas_rslora_and_targets(engine):
     lib = engine.library
     q = lib.stacks["model.layers.1.self_attn.q_proj"]
-    assert q.lora_a.shape == (4, 8, 64)  # 3 adapters + zero row, ranks padded to 8
+    # one bucket per rank, no padding: c (r=2), a (r=4), b (r=8)
+    assert [tuple(b.lora_a.shape) for b in q.buckets] == [(1, 2, 64), (1, 4, 64), (1, 8, 64)]
+    assert [b.slots.tolist() for b in q.buckets] == [[2], [0], [1]]
     k = lib.stacks["model.layers.0.self_attn.k_proj"]
-    assert k.row_of.tolist() == [1, 0, 1]  # only "b" adapts k_proj; the others point at zeros
+    assert k.bucket_of.tolist() == [-1, 0, -1]  # only "b" adapts k_proj
+    assert lib.has_module("model.layers.0.self_attn.k_proj").tolist() == [False, True, False]
     assert "model.layers.0.mlp.up_proj" not in lib.stacks  # "c" only adapts layer 1
 
 
