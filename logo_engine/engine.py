@@ -114,6 +114,7 @@ class LoGoEngine(BaseEngine):
         self._decoder = TransformersDecoder(model, tokenizer, _eos_ids(model, tokenizer))
         self._library = AdapterLibrary([], dtype=self._dtype, device=self._device)
         self._load_lock = threading.Lock()
+        self._weight_norms: dict[str, float] = {}  # ||W||_F per Linear, for check_fits
         self._calibrations: dict[CalibrationKey, Calibration] = {}
         self._prototypes: dict[ProbeKey, Prototypes] = {}
         self._hooks = HookSet(model)
@@ -234,7 +235,7 @@ class LoGoEngine(BaseEngine):
             if clash:
                 raise AdapterLoadError(f"adapters already loaded under these names: {clash}")
             for adapter in loaded:
-                check_fits(adapter, self._linears)
+                check_fits(adapter, self._linears, self._weight_norms)
                 trained_on = adapter.base_model_name
                 if trained_on and Path(trained_on).name != Path(self._name).name:
                     logger.warning(

@@ -44,6 +44,9 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 MAX_CONFIG_BYTES = 1 << 20  # peft writes ~1 KB; a larger config is refused unread
+# A LoRA delta this many times the base weight (Frobenius norms) is refused: no trained adapter
+# comes near it, and an overflowing lora_alpha would make every probe score inf.
+MAX_DELTA_RATIO = 1e4
 # peft state-dict keys: "base_model.model.<module>.lora_A[.<adapter>].weight"
 _KEY_RE = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$"
@@ -412,7 +415,7 @@ def check_adapter(adapter: Adapter) -> None:
 
 
 def _check_folded(name: str, module: str, f: LoraFactors, dtype: torch.dtype) -> torch.Tensor:
-    """``scaling · B`` in ``dtype``, refused unless finite."""
+    """``scaling · B`` in ``dtype``, refused unless finite there."""
     folded = (f.lora_b.to(torch.float64) * f.scaling).to(dtype)  # (out, r)
     if not torch.isfinite(folded).all():
         raise AdapterIncompatibleError(
@@ -432,8 +435,18 @@ def _cast_checked(name: str, module: str, lora_a: torch.Tensor, dtype: torch.dty
     return cast
 
 
-def check_fits(adapter: Adapter, linears: Mapping[str, nn.Module]) -> None:
-    """Refuse an adapter whose modules are missing from the base model or whose shapes differ."""
+def check_fits(
+    adapter: Adapter,
+    linears: Mapping[str, nn.Module],
+    weight_norms: dict[str, float] | None = None,
+) -> None:
+    """Refuse an adapter that does not fit the base model (modules, shapes, size of its delta).
+
+    A delta far larger than the base weight can only come from a broken scaling.
+    math: ||ΔW||_F <= ||s · B||_F · ||A||_F must stay <= MAX_DELTA_RATIO · max(||W||_F, 1).
+    ``weight_norms`` caches ||W||_F per module across calls.
+    """
+    norms = {} if weight_norms is None else weight_norms
     for module, f in adapter.modules.items():
         layer = linears.get(module)
         if layer is None:
@@ -447,6 +460,19 @@ def check_fits(adapter: Adapter, linears: Mapping[str, nn.Module]) -> None:
             raise AdapterIncompatibleError(
                 f"adapter {adapter.name!r}: {module!r} is (out, in) = {got} but the base model's "
                 f"layer is {expected} (was it trained on another model?)"
+            )
+        if module not in norms:
+            norms[module] = float(layer.weight.detach().to(torch.float64).norm())
+        delta = (
+            abs(f.scaling)
+            * float(f.lora_b.to(torch.float64).norm())
+            * float(f.lora_a.to(torch.float64).norm())
+        )
+        if not delta <= MAX_DELTA_RATIO * max(norms[module], 1.0):
+            raise AdapterIncompatibleError(
+                f"adapter {adapter.name!r}: at {module!r} the LoRA delta can reach ||ΔW|| = "
+                f"{delta:.3g}, more than {MAX_DELTA_RATIO:g} times the base weight's "
+                f"{norms[module]:.3g}; is lora_alpha (scaling {f.scaling!r}) wrong?"
             )
 
 
@@ -527,7 +553,7 @@ class AdapterLibrary:
         old_stacks = base.stacks if base is not None else {}
         modules = sorted(set(old_stacks) | {m for a in adapters for m in a.modules})
         element = torch.empty((), dtype=dtype).element_size()
-        total, new = _planned_bytes(adapters, old_stacks, element)
+        total, new = _planned_bytes(adapters, old_stacks, len(names), element)
         _check_budget(total, new, budget_bytes, device)
         stacks = {}
         for m in modules:
@@ -592,24 +618,32 @@ def available_memory(device: torch.device | str) -> int | None:
 
 
 def _planned_bytes(
-    adapters: Sequence[Adapter], old_stacks: Mapping[str, ModuleStack], element: int
+    adapters: Sequence[Adapter],
+    old_stacks: Mapping[str, ModuleStack],
+    n_slots: int,
+    element: int,
 ) -> tuple[int, int]:
-    """(bytes of the whole new library, bytes newly allocated for it), before allocating."""
-    grown: dict[tuple[str, int], int] = {}  # (module, rank) -> elements of the new rows
+    """(bytes of the whole new library, bytes newly allocated for it), before allocating.
+
+    Exact: factor rows (r · (in + out) elements, + 8 bytes of slot), and per module two (N,)
+    long index tensors; a bucket that gains rows is copied, the others are shared.
+    """
+    grown: dict[tuple[str, int], int] = {}  # (module, rank) -> bytes of the new rows
     for a in adapters:
         for m, f in a.modules.items():
             r, d_in, d_out = f.lora_a.shape[0], f.lora_a.shape[1], f.lora_b.shape[0]
             key = (m, int(r))
-            grown[key] = grown.get(key, 0) + r * (d_in + d_out)
-    old_total = sum(s.nbytes for s in old_stacks.values())
-    new = 0
-    for (m, r), n in grown.items():
-        new += n * element
+            grown[key] = grown.get(key, 0) + r * (d_in + d_out) * element + 8
+    modules = set(old_stacks) | {m for m, _ in grown}
+    index = len(modules) * 2 * n_slots * 8  # bucket_of and row_of, rebuilt for every module
+    old_factors = sum(b.nbytes for s in old_stacks.values() for b in s.buckets)
+    new = index + sum(grown.values())
+    for m, r in grown:
         stack = old_stacks.get(m)
         for bucket in stack.buckets if stack is not None else ():
             if bucket.rank == r:  # this bucket is copied into a larger one
                 new += bucket.nbytes
-    return old_total + sum(grown.values()) * element, new
+    return old_factors + sum(grown.values()) + index, new
 
 
 def _check_budget(total: int, new: int, budget: int | None, device: torch.device | str) -> None:

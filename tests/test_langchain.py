@@ -110,29 +110,39 @@ MESSAGE_TABLE = [
         {
             "role": "assistant",
             "content": "",
-            "tool_calls": [{"id": "c1", "type": "function",
-                            "function": {"name": "f", "arguments": '{"x": "é"}'}}],
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "f", "arguments": '{"x": "é"}'},
+                }
+            ],
         },
     ),
     (
         AIMessage(
-            [{"type": "text", "text": "some text"},
-             {"type": "tool_use", "id": "c1", "name": "f", "input": {}}],
+            [
+                {"type": "text", "text": "some text"},
+                {"type": "tool_use", "id": "c1", "name": "f", "input": {}},
+            ],
             tool_calls=[{"name": "f", "args": {}, "id": "c1"}],
         ),
         {
             "role": "assistant",
             "content": "some text",
-            "tool_calls": [{"id": "c1", "type": "function",
-                            "function": {"name": "f", "arguments": "{}"}}],
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
         },
     ),
     (
         ToolMessage('{"result": 3}', tool_call_id="c1", name="f"),
         {"role": "tool", "content": '{"result": 3}', "tool_call_id": "c1", "name": "f"},
     ),
-    (ToolMessage("err", tool_call_id="c2", status="error"),
-     {"role": "tool", "content": "err", "tool_call_id": "c2"}),
+    (
+        ToolMessage("err", tool_call_id="c2", status="error"),
+        {"role": "tool", "content": "err", "tool_call_id": "c2"},
+    ),
     (FunctionMessage("3", name="f"), {"role": "tool", "content": "3", "name": "f"}),
     (ChatMessage(role="developer", content="d"), {"role": "system", "content": "d"}),
     (ChatMessage(role="human", content="h"), {"role": "user", "content": "h"}),
@@ -160,16 +170,20 @@ def test_to_engine_message_refuses(message):
 
 def test_content_text_table():
     assert content_text("x", role="user") == "x"
-    assert content_text([{"type": "text", "text": "a"}, {"type": "reasoning"}],
-                        role="assistant") == "a"
+    assert (
+        content_text([{"type": "text", "text": "a"}, {"type": "reasoning"}], role="assistant")
+        == "a"
+    )
     assert content_text([{"type": "json", "json": {"ok": "é"}}], role="tool") == (
         '{"type": "json", "json": {"ok": "é"}}'
     )
 
 
 def test_tool_calls_to_openai():
-    calls = [{"name": "f", "args": {"a": 1}, "id": "x", "type": "tool_call"},
-             {"name": "g", "args": {}, "id": None, "type": "tool_call"}]
+    calls = [
+        {"name": "f", "args": {"a": 1}, "id": "x", "type": "tool_call"},
+        {"name": "g", "args": {}, "id": None, "type": "tool_call"},
+    ]
     assert to_openai_tool_calls(calls) == [
         {"id": "x", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}},
         {"id": "", "type": "function", "function": {"name": "g", "arguments": "{}"}},
@@ -179,9 +193,16 @@ def test_tool_calls_to_openai():
 @pytest.mark.parametrize(
     ("choice", "expected"),
     [
-        (None, None), (False, None), ("auto", "auto"), ("none", "none"), ("any", "required"),
-        ("required", "required"), (True, "required"), ("f", "f"),
-        ({"type": "function", "function": {"name": "g"}}, "g"), ({"name": "g"}, "g"),
+        (None, None),
+        (False, None),
+        ("auto", "auto"),
+        ("none", "none"),
+        ("any", "required"),
+        ("required", "required"),
+        (True, "required"),
+        ("f", "f"),
+        ({"type": "function", "function": {"name": "g"}}, "g"),
+        ({"name": "g"}, "g"),
     ],
 )
 def test_normalize_tool_choice(choice, expected):
@@ -197,9 +218,16 @@ def test_normalize_tool_choice_refuses(choice):
 @pytest.mark.parametrize(
     ("text", "visible"),
     [
-        ("hello", "hello"), ("", ""), ("  ", ""), ('{"name"', ""), ("  {", ""),
-        ("Sure <tool_call>{", "Sure "), ("Sure <tool", "Sure "), ("Sure <", "Sure "),
-        ("a < b", "a < b"), ("x<tool_call>", "x"),
+        ("hello", "hello"),
+        ("", ""),
+        ("  ", ""),
+        ('{"name"', ""),
+        ("  {", ""),
+        ("Sure <tool_call>{", "Sure "),
+        ("Sure <tool", "Sure "),
+        ("Sure <", "Sure "),
+        ("a < b", "a < b"),
+        ("x<tool_call>", "x"),
     ],
 )
 def test_visible_text(text, visible):
@@ -207,14 +235,20 @@ def test_visible_text(text, visible):
 
 
 def _gen(text: str, calls: list[ToolCall] | None = None) -> Generation:
-    return Generation(text=text, selection=Selection(), usage=Usage(prompt_tokens=1,
-                      completion_tokens=1), finish_reason="stop", tool_calls=calls or [])
+    return Generation(
+        text=text,
+        selection=Selection(),
+        usage=Usage(prompt_tokens=1, completion_tokens=1),
+        finish_reason="stop",
+        tool_calls=calls or [],
+    )
 
 
 def test_split_answer_table():
     call = ToolCall(id="c", name="f", arguments={"a": 1})
-    parsed = split_answer(_gen('Ok <tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>',
-                               [call]), True)
+    parsed = split_answer(
+        _gen('Ok <tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>', [call]), True
+    )
     assert parsed.content == "Ok"
     assert parsed.tool_calls == [{"name": "f", "args": {"a": 1}, "id": "c", "type": "tool_call"}]
     broken = split_answer(_gen('Ok <tool_call>{"name": "f", "argu'), True)
@@ -367,13 +401,16 @@ def test_on_llm_end_sees_the_selection(llm, engine):
 
 def test_streamed_tokens_reach_callbacks(engine):
     handler = Recorder()
-    text = "".join(c.content for c in ChatLoGo(engine=engine).stream(
-        "alpha beta gamma", config={"callbacks": [handler]}))
+    text = "".join(
+        c.content
+        for c in ChatLoGo(engine=engine).stream("alpha beta gamma", config={"callbacks": [handler]})
+    )
     assert "".join(handler.tokens) == text == "alpha beta gamma"
     assert len([t for t in handler.tokens if t]) == 3
     handler = Recorder()
     message = ChatLoGo(engine=engine, streaming=True).invoke(
-        "alpha beta gamma", config={"callbacks": [handler]})
+        "alpha beta gamma", config={"callbacks": [handler]}
+    )
     assert [t for t in handler.tokens if t] == ["alpha ", "beta ", "gamma"]
     assert message.response_metadata[SELECTION_KEY]["adapters"]
     assert _end_selection(handler.ends[0]) == message.response_metadata[SELECTION_KEY]
@@ -393,7 +430,8 @@ async def test_async_streamed_tokens_reach_async_callbacks(engine):
 
     handler = AsyncRecorder()
     message = await ChatLoGo(engine=engine, streaming=True).ainvoke(
-        "alpha beta gamma", config={"callbacks": [handler]})
+        "alpha beta gamma", config={"callbacks": [handler]}
+    )
     assert [t for t in handler.tokens if t] == ["alpha ", "beta ", "gamma"]
     assert _end_selection(handler.ends[0]) == message.response_metadata[SELECTION_KEY]
 
@@ -472,8 +510,13 @@ def test_construction_loads_nothing(monkeypatch):
     from logo_engine import LoGoEngine
 
     loads: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(LoGoEngine, "shared", classmethod(
-        lambda cls, *a, **k: loads.append((a, k)) or ScriptedEngine(model_name="loaded")))
+    monkeypatch.setattr(
+        LoGoEngine,
+        "shared",
+        classmethod(
+            lambda cls, *a, **k: loads.append((a, k)) or ScriptedEngine(model_name="loaded")
+        ),
+    )
     llm = ChatLoGo(model="some/model", adapters="some/zoo", temperature=0.1)
     assert loads == []
     assert llm._get_ls_params()["ls_model_name"] == "some/model"
@@ -481,8 +524,12 @@ def test_construction_loads_nothing(monkeypatch):
     assert ChatLoGo()._get_ls_params()["ls_model_name"] == "SmolLM2-135M-Instruct"
     assert loads == []
     llm.invoke("hello there")
-    assert loads == [(("some/model",), {"adapters": "some/zoo", "device": "cpu", "dtype": None,
-                                        "gguf_file": None})]
+    assert loads == [
+        (
+            ("some/model",),
+            {"adapters": "some/zoo", "device": "cpu", "dtype": None, "gguf_file": None},
+        )
+    ]
     llm.invoke("again")
     assert len(loads) == 1
     llm.invoke("hello", model="other/model")  # a per-call base model: its own shared engine
@@ -508,7 +555,8 @@ def test_bad_fields_are_refused():
 def test_token_counts_come_from_the_engine(llm, engine):
     messages = [SystemMessage("be brief"), HumanMessage("count these words")]
     assert llm.get_num_tokens_from_messages(messages) == engine.count_tokens(
-        to_engine_messages(messages))
+        to_engine_messages(messages)
+    )
 
 
 # --------------------------------------------------------------------------------- tools
@@ -534,8 +582,12 @@ def test_streaming_with_tools_hides_the_call_markup():
     for chunk in chunks[1:]:
         full = full + chunk
     assert full.tool_calls == [
-        {"name": "get_weather", "args": {"city": "Zürich"}, "id": full.tool_calls[0]["id"],
-         "type": "tool_call"}
+        {
+            "name": "get_weather",
+            "args": {"city": "Zürich"},
+            "id": full.tool_calls[0]["id"],
+            "type": "tool_call",
+        }
     ]
     assert sum(bool(c.tool_call_chunks) for c in chunks) == 1
 
@@ -560,8 +612,13 @@ def test_tool_choice_forces_the_named_tool():
     message = llm.invoke("Hello")
     assert message.tool_calls[0]["name"] == "get_time"
     assert message.tool_calls[0]["args"] == {"city": "Oslo"}
-    assert ChatLoGo(engine=engine).bind_tools([get_weather], tool_choice="none").invoke(
-        "Hello").tool_calls == []
+    assert (
+        ChatLoGo(engine=engine)
+        .bind_tools([get_weather], tool_choice="none")
+        .invoke("Hello")
+        .tool_calls
+        == []
+    )
     with pytest.raises(InvalidRequestError):
         ChatLoGo(engine=engine).bind_tools([get_weather], tool_choice="get_time")
 
@@ -587,8 +644,9 @@ class Person(BaseModel):
 
 
 def test_structured_output_pydantic_typeddict_json_schema():
-    engine = CountingEngine(lambda m, t: tool_call_text(t[0]["function"]["name"],
-                                                        {"name": "Åsa", "age": 41}))
+    engine = CountingEngine(
+        lambda m, t: tool_call_text(t[0]["function"]["name"], {"name": "Åsa", "age": 41})
+    )
     llm = ChatLoGo(engine=engine)
     assert llm.with_structured_output(Person).invoke("Åsa is 41") == Person(name="Åsa", age=41)
     schema = Person.model_json_schema()
@@ -647,7 +705,10 @@ def test_langsmith_batch_gives_each_run_its_own_selection(llm):
         llm.batch(PROMPTS)
     creates, updates = _llm_runs(client)
     assert sorted(c["extra"]["metadata"]["logo_adapter"] for c in creates) == [
-        "code", "math", "sql"]
+        "code",
+        "math",
+        "sql",
+    ]
     assert len(updates) == 3
 
 

@@ -25,8 +25,7 @@ ADAPTERS = ("math", "sql", "code", "poetry")
 
 
 # ------------------------------------------------------------------- a tool-following script
-def example_value(schema: Mapping[str, Any], text: str, key: str,
-                  defs: Mapping[str, Any]) -> Any:
+def example_value(schema: Mapping[str, Any], text: str, key: str, defs: Mapping[str, Any]) -> Any:
     """A plausible value for one JSON-schema node, taken from the user's text where possible."""
     if "$ref" in schema:
         return example_value(defs[schema["$ref"].split("/")[-1]], text, key, defs)
@@ -53,8 +52,9 @@ def example_value(schema: Mapping[str, Any], text: str, key: str,
     return f"{key}"
 
 
-def example_arguments(schema: Mapping[str, Any], text: str,
-                      defs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def example_arguments(
+    schema: Mapping[str, Any], text: str, defs: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Arguments for a tool, one plausible value per property of its parameter schema."""
     defs = {**(defs or {}), **schema.get("$defs", {}), **schema.get("definitions", {})}
     return {
@@ -80,8 +80,9 @@ def standard_script(messages: list[dict[str, Any]], tools: Sequence[Mapping[str,
         return f"The tool returned {last['content']}."
     if tools:
         function = pick_tool(tools, user)
-        return tool_call_text(function["name"], example_arguments(function.get("parameters", {}),
-                                                                  user))
+        return tool_call_text(
+            function["name"], example_arguments(function.get("parameters", {}), user)
+        )
     return f"Hello! You said: {user} Here is a short answer for you."
 
 

@@ -122,10 +122,12 @@ class TestChatLoGoTinyIntegration(_TinyParams, ChatModelIntegrationTests):
 
     # Inherited tests, xfailed with their marks (parametrisations) kept.
     test_tool_calling = xfail(ChatModelIntegrationTests.test_tool_calling, NO_TOOL_FOLLOWING)
-    test_tool_calling_async = xfail(ChatModelIntegrationTests.test_tool_calling_async,
-                                    NO_TOOL_FOLLOWING)
-    test_bind_runnables_as_tools = xfail(ChatModelIntegrationTests.test_bind_runnables_as_tools,
-                                         NO_TOOL_FOLLOWING)
+    test_tool_calling_async = xfail(
+        ChatModelIntegrationTests.test_tool_calling_async, NO_TOOL_FOLLOWING
+    )
+    test_bind_runnables_as_tools = xfail(
+        ChatModelIntegrationTests.test_bind_runnables_as_tools, NO_TOOL_FOLLOWING
+    )
     test_tool_choice = xfail(ChatModelIntegrationTests.test_tool_choice, NO_TOOL_FOLLOWING)
     test_tool_calling_with_no_arguments = xfail(
         ChatModelIntegrationTests.test_tool_calling_with_no_arguments, NO_TOOL_FOLLOWING
@@ -134,10 +136,10 @@ class TestChatLoGoTinyIntegration(_TinyParams, ChatModelIntegrationTests):
     test_unicode_tool_call_integration = xfail(
         ChatModelIntegrationTests.test_unicode_tool_call_integration, NO_TOOL_FOLLOWING
     )
-    test_structured_output = xfail(ChatModelIntegrationTests.test_structured_output,
-                                   NO_STRUCTURED)
-    test_structured_output_async = xfail(ChatModelIntegrationTests.test_structured_output_async,
-                                         NO_STRUCTURED)
+    test_structured_output = xfail(ChatModelIntegrationTests.test_structured_output, NO_STRUCTURED)
+    test_structured_output_async = xfail(
+        ChatModelIntegrationTests.test_structured_output_async, NO_STRUCTURED
+    )
     test_structured_output_pydantic_2_v1 = xfail(
         ChatModelIntegrationTests.test_structured_output_pydantic_2_v1, NO_STRUCTURED
     )

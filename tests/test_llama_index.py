@@ -154,8 +154,9 @@ def test_model_without_chat_template_is_a_completion_model():
     llm = LoGoLLM(engine=engine)
     assert not llm.metadata.is_chat_model
     assert not llm.metadata.is_function_calling_model
-    llm.chat([ChatMessage(role="system", content="be brief"),
-              ChatMessage(role="user", content="hi")])
+    llm.chat(
+        [ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="hi")]
+    )
     # Messages were joined by messages_to_prompt into one string prompt.
     (call,) = engine.calls
     assert len(call["messages"]) == 1
@@ -177,13 +178,24 @@ def test_engine_is_loaded_lazily_through_shared(monkeypatch):
     module.LoGoEngine = FakeLoGoEngine  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "logo_engine.engine", module)
     routing = RoutingConfig(top_k=2)
-    llm = LoGoLLM(base_model="some/dir", adapters={"sql": "x/sql"}, routing=routing,
-                  dtype="bfloat16")
+    llm = LoGoLLM(
+        base_model="some/dir", adapters={"sql": "x/sql"}, routing=routing, dtype="bfloat16"
+    )
     assert calls == []  # nothing loaded in __init__
     assert llm.complete("hello").text == "hello"
     llm.complete("again")
-    assert calls == [("some/dir", {"adapters": {"sql": "x/sql"}, "routing": routing,
-                                   "device": "cpu", "dtype": torch.bfloat16, "gguf_file": None})]
+    assert calls == [
+        (
+            "some/dir",
+            {
+                "adapters": {"sql": "x/sql"},
+                "routing": routing,
+                "device": "cpu",
+                "dtype": torch.bfloat16,
+                "gguf_file": None,
+            },
+        )
+    ]
 
 
 async def test_lazy_loading_in_async_call_uses_a_worker_thread(monkeypatch):
@@ -409,8 +421,9 @@ async def _call(llm: LoGoLLM, method: str, arg: Any, is_async: bool) -> Any:
 
 
 @pytest.mark.parametrize(("method", "arg", "is_async"), CALLS)
-async def test_exactly_one_llm_event_per_call_with_the_selection(method, arg, is_async, debug,
-                                                                  events):
+async def test_exactly_one_llm_event_per_call_with_the_selection(
+    method, arg, is_async, debug, events
+):
     llm = make_llm(["sql answer"], debug=debug)
     last = await _call(llm, method, arg, is_async)
 
@@ -464,8 +477,10 @@ def test_failed_call_ends_its_event_with_the_exception(debug):
 @pytest.mark.parametrize(("method", "arg", "is_async"), CALLS)
 async def test_token_counting_handler_reads_engine_usage(method, arg, is_async):
     counter = TokenCountingHandler(tokenizer=lambda text: [])  # usage must come from raw
-    llm = LoGoLLM(engine=ScriptedEngine(["one two three"], adapter_names=ADAPTERS),
-                  callback_manager=CallbackManager([counter]))
+    llm = LoGoLLM(
+        engine=ScriptedEngine(["one two three"], adapter_names=ADAPTERS),
+        callback_manager=CallbackManager([counter]),
+    )
     last = await _call(llm, method, arg, is_async)
     usage = last.raw["usage"]
     assert counter.prompt_llm_token_count == usage["prompt_tokens"] > 0
@@ -474,8 +489,11 @@ async def test_token_counting_handler_reads_engine_usage(method, arg, is_async):
 
 
 # ---------------------------------------------------------------------- message conversion
-TOOL_CALL = {"id": "c1", "type": "function",
-             "function": {"name": "multiply", "arguments": '{"a": 2, "b": 3}'}}
+TOOL_CALL = {
+    "id": "c1",
+    "type": "function",
+    "function": {"name": "multiply", "arguments": '{"a": 2, "b": 3}'},
+}
 
 
 @pytest.mark.parametrize(
@@ -486,36 +504,94 @@ TOOL_CALL = {"id": "c1", "type": "function",
         (ChatMessage(role="developer", content="d"), {"role": "system", "content": "d"}),
         (ChatMessage(role="assistant", content=None), {"role": "assistant", "content": ""}),
         (ChatMessage(role="chatbot", content="c"), {"role": "assistant", "content": "c"}),
-        (ChatMessage(role="user", blocks=[TextBlock(text="a"), TextBlock(text="b")]),
-         {"role": "user", "content": "a\nb"}),
-        (ChatMessage(role="assistant", content="", additional_kwargs={"tool_calls": [TOOL_CALL]}),
-         {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]}),
-        (ChatMessage(role="assistant", additional_kwargs={"tool_calls": [
-            {"id": "c1", "name": "multiply", "arguments": {"a": 2, "b": 3}}]}),
-         {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]}),
-        (ChatMessage(role="assistant", additional_kwargs={"tool_calls": [
-            ToolSelection(tool_id="c1", tool_name="multiply", tool_kwargs={"a": 2, "b": 3})]}),
-         {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]}),
-        (ChatMessage(role="assistant", blocks=[
-            ToolCallBlock(tool_call_id="c1", tool_name="multiply", tool_kwargs={"a": 2, "b": 3})]),
-         {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]}),
-        (ChatMessage(role="assistant", blocks=[
-            ToolCallBlock(tool_call_id="c1", tool_name="multiply",
-                          tool_kwargs='{"a": 2, "b": 3}')]),
-         {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]}),
-        (ChatMessage(role="assistant", additional_kwargs={"tool_calls": [
-            types.SimpleNamespace(id="c1", function=types.SimpleNamespace(
-                name="multiply", arguments='{"a": 2, "b": 3}'))]}),
-         {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]}),
-        (ChatMessage(role="tool", content="6", additional_kwargs={"tool_call_id": "c1"}),
-         {"role": "tool", "content": "6", "tool_call_id": "c1"}),
-        (ChatMessage(role="tool", content="6",
-                     additional_kwargs={"tool_call_id": "c1", "name": "multiply"}),
-         {"role": "tool", "content": "6", "tool_call_id": "c1", "name": "multiply"}),
+        (
+            ChatMessage(role="user", blocks=[TextBlock(text="a"), TextBlock(text="b")]),
+            {"role": "user", "content": "a\nb"},
+        ),
+        (
+            ChatMessage(
+                role="assistant", content="", additional_kwargs={"tool_calls": [TOOL_CALL]}
+            ),
+            {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]},
+        ),
+        (
+            ChatMessage(
+                role="assistant",
+                additional_kwargs={
+                    "tool_calls": [{"id": "c1", "name": "multiply", "arguments": {"a": 2, "b": 3}}]
+                },
+            ),
+            {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]},
+        ),
+        (
+            ChatMessage(
+                role="assistant",
+                additional_kwargs={
+                    "tool_calls": [
+                        ToolSelection(
+                            tool_id="c1", tool_name="multiply", tool_kwargs={"a": 2, "b": 3}
+                        )
+                    ]
+                },
+            ),
+            {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]},
+        ),
+        (
+            ChatMessage(
+                role="assistant",
+                blocks=[
+                    ToolCallBlock(
+                        tool_call_id="c1", tool_name="multiply", tool_kwargs={"a": 2, "b": 3}
+                    )
+                ],
+            ),
+            {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]},
+        ),
+        (
+            ChatMessage(
+                role="assistant",
+                blocks=[
+                    ToolCallBlock(
+                        tool_call_id="c1", tool_name="multiply", tool_kwargs='{"a": 2, "b": 3}'
+                    )
+                ],
+            ),
+            {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]},
+        ),
+        (
+            ChatMessage(
+                role="assistant",
+                additional_kwargs={
+                    "tool_calls": [
+                        types.SimpleNamespace(
+                            id="c1",
+                            function=types.SimpleNamespace(
+                                name="multiply", arguments='{"a": 2, "b": 3}'
+                            ),
+                        )
+                    ]
+                },
+            ),
+            {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]},
+        ),
+        (
+            ChatMessage(role="tool", content="6", additional_kwargs={"tool_call_id": "c1"}),
+            {"role": "tool", "content": "6", "tool_call_id": "c1"},
+        ),
+        (
+            ChatMessage(
+                role="tool",
+                content="6",
+                additional_kwargs={"tool_call_id": "c1", "name": "multiply"},
+            ),
+            {"role": "tool", "content": "6", "tool_call_id": "c1", "name": "multiply"},
+        ),
         (ChatMessage(role="function", content="6"), {"role": "tool", "content": "6"}),
         # Tool calls are only read from assistant messages.
-        (ChatMessage(role="user", content="u", additional_kwargs={"tool_calls": [TOOL_CALL]}),
-         {"role": "user", "content": "u"}),
+        (
+            ChatMessage(role="user", content="u", additional_kwargs={"tool_calls": [TOOL_CALL]}),
+            {"role": "user", "content": "u"},
+        ),
     ],
 )
 def test_to_engine_message(message, expected):
@@ -537,14 +613,22 @@ def test_tool_call_without_name_is_refused():
 @pytest.mark.parametrize(
     ("call", "expected"),
     [
-        (TOOL_CALL,
-         ToolSelection(tool_id="c1", tool_name="multiply", tool_kwargs={"a": 2, "b": 3})),
-        ({"id": "c2", "function": {"name": "f", "arguments": ""}},
-         ToolSelection(tool_id="c2", tool_name="f", tool_kwargs={})),
-        ({"id": "c3", "function": {"name": "f", "arguments": "{not json"}},
-         ToolSelection(tool_id="c3", tool_name="f", tool_kwargs={})),
-        ({"id": "c4", "function": {"name": "f", "arguments": {"x": 1}}},
-         ToolSelection(tool_id="c4", tool_name="f", tool_kwargs={"x": 1})),
+        (
+            TOOL_CALL,
+            ToolSelection(tool_id="c1", tool_name="multiply", tool_kwargs={"a": 2, "b": 3}),
+        ),
+        (
+            {"id": "c2", "function": {"name": "f", "arguments": ""}},
+            ToolSelection(tool_id="c2", tool_name="f", tool_kwargs={}),
+        ),
+        (
+            {"id": "c3", "function": {"name": "f", "arguments": "{not json"}},
+            ToolSelection(tool_id="c3", tool_name="f", tool_kwargs={}),
+        ),
+        (
+            {"id": "c4", "function": {"name": "f", "arguments": {"x": 1}}},
+            ToolSelection(tool_id="c4", tool_name="f", tool_kwargs={"x": 1}),
+        ),
     ],
 )
 def test_tool_selection(call, expected):
@@ -647,8 +731,11 @@ def test_no_tool_call():
 
 def test_parallel_tool_calls_kept_only_when_allowed():
     def script(messages: Any, tools: Any) -> str:
-        return tool_call_text("add", {"a": 1, "b": 2}) + "\n" + tool_call_text("multiply",
-                                                                               {"a": 3, "b": 4})
+        return (
+            tool_call_text("add", {"a": 1, "b": 2})
+            + "\n"
+            + tool_call_text("multiply", {"a": 3, "b": 4})
+        )
 
     llm = make_llm(script)
     one = llm.chat_with_tools(TOOLS, user_msg="x")
@@ -663,8 +750,10 @@ def test_parallel_tool_calls_kept_only_when_allowed():
         ({}, ""),
         ({"tool_required": True}, '<tool_call>\n{"name": "'),
         ({"tool_choice": "add"}, '<tool_call>\n{"name": "add", "arguments": '),
-        ({"tool_choice": {"type": "function", "function": {"name": "add"}}},
-         '<tool_call>\n{"name": "add", "arguments": '),
+        (
+            {"tool_choice": {"type": "function", "function": {"name": "add"}}},
+            '<tool_call>\n{"name": "add", "arguments": ',
+        ),
     ],
 )
 def test_tool_choice_reaches_the_engine(kwargs, expected_prefix, monkeypatch):
@@ -721,8 +810,9 @@ def test_stream_with_tools_does_not_leak_tool_call_text():
     assert final.message.content == "Let me compute."
     assert [t.tool_name for t in llm.get_tool_calls_from_response(final)] == ["add"]
     # Intermediate chunks carry no tool calls (an agent reads every chunk).
-    assert all(not llm.get_tool_calls_from_response(c, error_on_no_tool_call=False)
-               for c in chunks[:-1])
+    assert all(
+        not llm.get_tool_calls_from_response(c, error_on_no_tool_call=False) for c in chunks[:-1]
+    )
 
 
 async def test_astream_with_forced_tool_call_yields_only_the_final_chunk():

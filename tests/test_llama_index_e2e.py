@@ -141,8 +141,9 @@ def agent_script(messages: list[dict[str, Any]], tools: Any) -> str:
 async def test_function_agent_calls_a_tool(multiply_tool, streaming):
     engine = ScriptedEngine(agent_script, adapter_names=ADAPTERS)
     llm = LoGoLLM(engine=engine)
-    agent = FunctionAgent(tools=[multiply_tool], llm=llm, streaming=streaming,
-                          system_prompt="You are a calculator.")
+    agent = FunctionAgent(
+        tools=[multiply_tool], llm=llm, streaming=streaming, system_prompt="You are a calculator."
+    )
     with record_selections() as recorder:
         handler = agent.run(user_msg="What is 6 times 7? Use math.")
         streamed = []
@@ -179,8 +180,10 @@ def react_script(messages: list[dict[str, Any]], tools: Any) -> str:
     transcript = "\n".join(m["content"] for m in messages)
     if "Observation: 42" in transcript:
         return "Thought: I can answer without using any more tools.\nAnswer: The answer is 42."
-    return ('Thought: I need to use a tool to help me answer the question.\n'
-            'Action: multiply\nAction Input: {"a": 6, "b": 7}')
+    return (
+        "Thought: I need to use a tool to help me answer the question.\n"
+        'Action: multiply\nAction Input: {"a": 6, "b": 7}'
+    )
 
 
 async def test_react_agent_calls_a_tool(multiply_tool):

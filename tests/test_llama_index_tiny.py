@@ -76,10 +76,13 @@ def test_pinned_mixture_and_base_model(llm, engine):
 def test_one_event_selection_event_and_token_counts(engine):
     debug = LlamaDebugHandler()
     counter = TokenCountingHandler(tokenizer=lambda text: [])
-    llm = LoGoLLM(engine=engine, max_new_tokens=5,
-                  callback_manager=CallbackManager([debug, counter]))
-    messages = [ChatMessage(role="system", content="be brief"),
-                ChatMessage(role="user", content=PROMPT)]
+    llm = LoGoLLM(
+        engine=engine, max_new_tokens=5, callback_manager=CallbackManager([debug, counter])
+    )
+    messages = [
+        ChatMessage(role="system", content="be brief"),
+        ChatMessage(role="user", content=PROMPT),
+    ]
     with record_selections() as recorder:
         response = llm.chat(messages, top_k=2)
     (pair,) = debug.get_event_pairs(CBEventType.LLM)
@@ -87,8 +90,9 @@ def test_one_event_selection_event_and_token_counts(engine):
     (event,) = recorder.events
     assert event.adapters == response.additional_kwargs[SELECTION_KEY]["adapters"]
     assert len(event.adapters) == 2 and set(event.scores) == {"a", "b", "c"}
-    expected_prompt = engine.count_tokens([{"role": "system", "content": "be brief"},
-                                           {"role": "user", "content": PROMPT}])
+    expected_prompt = engine.count_tokens(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}]
+    )
     assert counter.prompt_llm_token_count == expected_prompt
     assert counter.completion_llm_token_count == response.raw["usage"]["completion_tokens"] > 0
 
@@ -132,9 +136,19 @@ def test_tool_history_renders_on_the_real_template(long_engine):
     tool = FunctionTool.from_defaults(fn=multiply)
     history: list[Any] = [
         ChatMessage(role="user", content="6 times 7?"),
-        ChatMessage(role="assistant", content="", additional_kwargs={"tool_calls": [
-            {"id": "c1", "type": "function",
-             "function": {"name": "multiply", "arguments": '{"a": 6, "b": 7}'}}]}),
+        ChatMessage(
+            role="assistant",
+            content="",
+            additional_kwargs={
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "multiply", "arguments": '{"a": 6, "b": 7}'},
+                    }
+                ]
+            },
+        ),
         ChatMessage(role="tool", content="42", additional_kwargs={"tool_call_id": "c1"}),
     ]
     response = llm.chat_with_tools([tool], chat_history=history)

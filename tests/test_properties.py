@@ -1,15 +1,30 @@
-"""Property-based tests: arbitrary prompts, message lists and routing configs never crash the
-engine other than with its documented errors; weights sum to 1; routing is deterministic."""
+"""Property-based tests: arbitrary prompts, message lists, sampling values, routing configs and
+adapter configs never crash the engine other than with its documented errors (refused before any
+model forward where the input is at fault); weights sum to 1; routing is deterministic."""
 
 from __future__ import annotations
 
+import itertools
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
+import strategies
 import tiny
-from hypothesis import HealthCheck, given, settings
+import torch
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from logo_engine import LoGoEngine, LoGoError, RoutingConfig
-from logo_engine.errors import InvalidRequestError, RoutingConfigError
+from logo_engine.errors import (
+    AdapterIncompatibleError,
+    AdapterLoadError,
+    InvalidRequestError,
+    RoutingConfigError,
+)
 
 SETTINGS = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -106,3 +121,84 @@ def test_any_pinned_mixture_works_or_fails_cleanly(eng, mixture):
     if out.selection.adapters:
         assert sum(out.selection.weights) == pytest.approx(1.0)
     assert out.selection.pinned
+
+
+@SETTINGS
+@given(
+    prompt=st.one_of(
+        strategies.unicode_text,
+        st.lists(
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["system", "user"]), "content": strategies.unicode_text}
+            ),
+            max_size=3,
+        ),
+    )
+)
+def test_any_unicode_prompt_is_served_or_refused_before_any_forward(eng, prompt):
+    with tiny.ForwardCounter(eng.model) as forwards:
+        try:
+            out = eng.generate(prompt, max_new_tokens=2)
+        except InvalidRequestError:
+            assert forwards.n == 0
+            return
+    assert isinstance(out.text, str)
+    out.text.encode("utf-8")  # what comes back is valid unicode
+
+
+@SETTINGS
+@given(
+    temperature=strategies.extreme_floats,
+    top_p=strategies.extreme_floats,
+    seed=st.one_of(st.none(), strategies.extreme_ints),
+)
+def test_any_sampling_values_are_served_or_refused_before_any_forward(
+    eng, temperature, top_p, seed
+):
+    with tiny.ForwardCounter(eng.model) as forwards:
+        try:
+            out = eng.generate(
+                "hello", max_new_tokens=2, temperature=temperature, top_p=top_p, seed=seed
+            )
+        except InvalidRequestError:
+            assert forwards.n == 0
+            return
+    assert math.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1
+    assert 1 <= out.usage.completion_tokens <= 2
+
+
+@pytest.fixture(scope="module")
+def fuzz_engine(tokenizer, adapter_dir):
+    engine = LoGoEngine(tiny.tiny_model(), tokenizer, adapters={"a": adapter_dir / "a"})
+    engine.names = itertools.count()  # each example loads under a new name
+    yield engine
+    engine.close()
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(config=strategies.adapter_configs(r=4, alpha=8.0))
+def test_any_adapter_config_loads_cleanly_or_gets_an_adapter_error(fuzz_engine, config):
+    eng = fuzz_engine
+    name = f"fuzzed{next(eng.names)}"
+    folder = Path(tempfile.mkdtemp(prefix="config-"))
+    try:
+        shutil.copy(eng.library.adapters[0].path / "adapter_model.safetensors", folder)
+        (folder / "adapter_config.json").write_text(json.dumps(config))  # NaN/Infinity included
+        names = list(eng.adapter_names)
+        with tiny.ForwardCounter(eng.model) as forwards:
+            try:
+                eng.load_adapters({name: folder})
+            except (AdapterIncompatibleError, AdapterLoadError) as exc:
+                assert forwards.n == 0 and eng.adapter_names == names
+                event(f"refused: {type(exc).__name__}")
+                return
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    event("loaded")
+    for f in eng.library.factors(name).values():
+        assert torch.isfinite(f.lora_a).all() and torch.isfinite(f.lora_b).all()
+    sel = eng.route("hello abc", routing=RoutingConfig(top_k=1))
+    assert all(math.isfinite(v) for v in sel.scores.values())
+    assert eng.generate("hello", adapters={name: 1.0}, max_new_tokens=2).usage.completion_tokens

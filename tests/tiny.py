@@ -6,13 +6,23 @@
   with random (non-zero) A and B, saved as safetensors; for exactness tests.
 - ``train_adapter(model, tokenizer, task, folder, steps=...)``: a peft LoRA adapter trained on one
   of ``TASKS`` (a fixed answer to a family of prompts), so that adapters really differ.
+- ``trained_library(root)``: one trained adapter per task, cached on disk (see below).
 - ``tiny_engine(tmp_path)``: a ready LoGoEngine over the tiny model and three trained adapters.
+- ``ForwardCounter(model)``: counts model forwards (to prove that bad input fails before any).
+
+Trained adapters are cached under ``$LOGO_TEST_CACHE`` (default ``~/.cache/logo/test-adapters``),
+keyed by a hash of everything that determines them (this file's source, the library versions):
+a changed recipe trains anew, an unchanged one costs nothing.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 import random
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,13 +190,76 @@ def train_adapter(
     return folder
 
 
+def recipe_key() -> str:
+    """Hash of what determines the trained adapters: this file and the library versions."""
+    import peft
+    import tokenizers
+    import transformers
+
+    recipe = "\n".join(
+        [
+            Path(__file__).read_text(encoding="utf-8"),
+            torch.__version__,
+            peft.__version__,
+            transformers.__version__,
+            tokenizers.__version__,
+        ]
+    )
+    return hashlib.sha256(recipe.encode()).hexdigest()[:16]
+
+
+def trained_library(cache: Path | None = None) -> Path:
+    """A folder with one adapter trained per task in TASKS, trained once per recipe and cached.
+
+    Concurrent sessions are safe: each trains into a private folder and renames it into place;
+    the loser of a race discards its copy.
+    """
+    root = cache or Path(
+        os.environ.get("LOGO_TEST_CACHE") or Path.home() / ".cache" / "logo" / "test-adapters"
+    )
+    folder = root / recipe_key()
+    if all((folder / task / "adapter_model.safetensors").is_file() for task in TASKS):
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="training-", dir=root))
+    try:
+        tokenizer, model = tiny_tokenizer(), tiny_model()
+        for task in TASKS:
+            train_adapter(model, tokenizer, task, scratch / task)
+        try:
+            os.rename(scratch, folder)
+        except OSError:  # another session finished first
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return folder
+
+
+class ForwardCounter:
+    """Counts forwards of ``model`` (a forward pre-hook) while in a ``with`` block: ``.n``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.n = 0
+
+    def __enter__(self) -> ForwardCounter:
+        self._handle = self.model.register_forward_pre_hook(self._count)
+        return self
+
+    def _count(self, module: torch.nn.Module, args: object) -> None:
+        self.n += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+
 def tiny_engine(folder: Path, **kwargs):
     """A LoGoEngine over a fresh tiny model with one trained adapter per task in TASKS."""
     from logo_engine import LoGoEngine
 
-    tokenizer = tiny_tokenizer()
-    model = tiny_model()
+    trained = trained_library()
     for task in TASKS:
         if not (folder / task / "adapter_config.json").exists():
-            train_adapter(model, tokenizer, task, folder / task)
-    return LoGoEngine(model, tokenizer, adapters=folder, name="tiny-llama", **kwargs)
+            shutil.copytree(trained / task, folder / task)
+    return LoGoEngine(tiny_model(), tiny_tokenizer(), adapters=folder, name="tiny-llama", **kwargs)
