@@ -462,7 +462,9 @@ def check_fits(
                 f"layer is {expected} (was it trained on another model?)"
             )
         if module not in norms:
-            norms[module] = float(layer.weight.detach().to(torch.float64).norm())
+            weight: torch.Tensor = layer.weight  # (out, in)
+            with torch.no_grad():
+                norms[module] = float(weight.to(torch.float64).norm())
         delta = (
             abs(f.scaling)
             * float(f.lora_b.to(torch.float64).norm())
