@@ -23,7 +23,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 from safetensors import SafetensorError
@@ -462,7 +462,7 @@ def check_fits(
                 f"layer is {expected} (was it trained on another model?)"
             )
         if module not in norms:
-            weight: torch.Tensor = layer.weight  # (out, in)
+            weight = cast(torch.Tensor, layer.weight)  # (out, in)
             with torch.no_grad():
                 norms[module] = float(weight.to(torch.float64).norm())
         delta = (
