@@ -183,7 +183,22 @@ ASYNC_CALLS = {
     "agenerate-routed": lambda e: e.agenerate("hello", max_new_tokens=200),
     "agenerate_batch": lambda e: e.agenerate_batch(["hello", "abc 12"], max_new_tokens=200),
     "aroute": lambda e: e.aroute("hello"),
+    # the integrations' async calls go through engine.agenerate
+    "ChatLoGo.ainvoke": lambda e: _chat(e).ainvoke("hello"),
+    "LoGoLLM.acomplete": lambda e: _llm(e).acomplete("hello"),
 }
+
+
+def _chat(engine):
+    from logo_integrations.langchain import ChatLoGo
+
+    return ChatLoGo(engine=engine, max_tokens=200)
+
+
+def _llm(engine):
+    from logo_integrations.llama_index import LoGoLLM
+
+    return LoGoLLM(engine=engine, max_new_tokens=200)
 
 
 @pytest.mark.parametrize("call", sorted(ASYNC_CALLS))
