@@ -154,8 +154,10 @@ def test_nan_activations_are_a_numerical_error_not_empty_text(engine):
     before = snapshot(engine)
     handle = layer.mlp.register_forward_hook(poison)
     try:
-        with pytest.raises(NumericalError, match="non-finite"):
+        with pytest.raises(NumericalError, match="not finite"):
             engine.route("hello")
+        with pytest.raises(NumericalError):  # the probe of a routed generate, before decoding
+            engine.generate("hello", max_new_tokens=4)
         with pytest.raises(NumericalError, match="logits"):
             engine.generate("hello", adapters={"a": 1.0}, max_new_tokens=4)
         with pytest.raises(NumericalError):
@@ -198,6 +200,25 @@ def test_deeply_nested_calibration_file_is_refused(engine, tmp_path):
     path = tmp_path / "calibration.json"
     path.write_text("[" * 200_000 + "]" * 200_000)
     refused_before_forward(engine, lambda: engine.load_calibrations(path), RoutingConfigError)
+
+
+def test_poisoned_prototypes_and_routing_defaults_are_refused(engine, tmp_path):
+    from logo_engine import calibration as calib
+
+    examples = {"a": ["hello abc", "abc def"], "b": ["12 34", "5 6 7"], "c": ["+-*/", "= <>"]}
+    prototypes = engine.fit_prototypes(examples).model_dump(mode="json")
+    prototypes["centroids"]["b"][3] = float("nan")
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"calibrations": [], "prototypes": [prototypes]}))
+    held = engine.prototypes
+    refused_before_forward(
+        engine, lambda: engine.load_calibrations(path), RoutingConfigError, "not finite"
+    )
+    assert engine.prototypes == held
+    routing_file = tmp_path / "routing.json"
+    routing_file.write_text('{"top_k": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    with pytest.raises(RoutingConfigError, match="nested too deeply"):
+        calib.load_routing(routing_file)
 
 
 def test_calibrate_with_a_constant_adapter_score_still_loads(engine, adapter_dir, tmp_path):
