@@ -108,6 +108,7 @@ CLOSED_CALLS = {
     "aroute": lambda e: asyncio.run(e.aroute("hello")),
     "count_tokens": lambda e: e.count_tokens("hello"),
     "calibrate": lambda e: e.calibrate(["hello", "abc"]),
+    "fit_prototypes": lambda e: e.fit_prototypes({"a": ["x"], "b": ["y"], "c": ["z"]}),
     "load_adapters": lambda e: e.load_adapters({"x": e.library.adapters[0].path}),
 }
 
