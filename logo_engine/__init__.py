@@ -21,7 +21,15 @@ from logo_engine.errors import (
     RoutingConfigError,
     UnsafeAdapterError,
 )
-from logo_engine.types import Calibration, Generation, RoutingConfig, Selection, ToolCall, Usage
+from logo_engine.types import (
+    Calibration,
+    Generation,
+    InvalidToolCall,
+    RoutingConfig,
+    Selection,
+    ToolCall,
+    Usage,
+)
 
 __all__ = [
     "AdapterIncompatibleError",
@@ -35,6 +43,7 @@ __all__ = [
     "Generation",
     "GenerationError",
     "InvalidRequestError",
+    "InvalidToolCall",
     "LoGoEngine",
     "LoGoError",
     "ModelLoadError",

@@ -23,7 +23,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union
 
-from logo_engine.chat import Prompt, ToolChoice, parse_tool_calls
+from logo_engine.chat import ParsedAnswer, Prompt, ToolChoice, parse_answer
 from logo_engine.errors import ContextLengthError, EngineClosedError, InvalidRequestError
 from logo_engine.routing import check_top_k, pinned_selection
 from logo_engine.types import FinishReason, Generation, RoutingConfig, Selection, Usage
@@ -111,6 +111,7 @@ class Request:
     response_prefix: str = ""
     has_tools: bool = False
     input_ids: Any = None
+    tools: list[dict[str, Any]] | None = None  # tools offered (None: none, or tool_choice="none")
 
 
 @dataclass
@@ -228,7 +229,11 @@ class _Run:
         assert self.selections is not None  # set by the first step
         out = []
         for request, selection, row in zip(self.requests, self.selections, self.rows, strict=True):
-            tool_calls = parse_tool_calls(row.text)[1] if request.has_tools else []
+            answer = (
+                self.engine._parse_answer(request, row.text)
+                if request.has_tools
+                else ParsedAnswer(row.text)
+            )
             out.append(
                 Generation(
                     text=row.text,
@@ -238,7 +243,9 @@ class _Run:
                         completion_tokens=row.completion_tokens,
                     ),
                     finish_reason=row.finish_reason or "length",
-                    tool_calls=tool_calls,
+                    content=answer.content,
+                    tool_calls=answer.tool_calls,
+                    invalid_tool_calls=answer.invalid_tool_calls,
                 )
             )
         return out
@@ -402,6 +409,10 @@ class BaseEngine(ABC):
             raise EngineClosedError(
                 f"this engine ({self.model_name}) was closed; build a new engine to make calls"
             )
+
+    def _parse_answer(self, request: Request, text: str) -> ParsedAnswer:
+        """Split the answer to a request that offered tools (the Hermes format by default)."""
+        return parse_answer(text)
 
     # ----------------------------------------------------------------------- public API
     def route(

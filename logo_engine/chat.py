@@ -5,22 +5,26 @@ One code path for every caller (engine, LangChain, LlamaIndex). A prompt is a st
 OpenAI function schema. A chat template that knows tools gets them natively; for one that does not
 (SmolLM2's), the tools are described in a system message and the model is asked to answer with
 ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, the Hermes/Qwen format, which
-:func:`parse_tool_calls` reads back for both kinds.
+:func:`parse_answer` reads back for both kinds (or the tokenizer's own response template, when it
+has one: :func:`parse_with_response_template`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 from transformers import PreTrainedTokenizerBase
 
 from logo_engine.errors import InvalidRequestError
-from logo_engine.types import ToolCall
+from logo_engine.types import InvalidToolCall, ToolCall
+
+logger = logging.getLogger(__name__)
 
 Message = Mapping[str, Any]
 Prompt = Union[str, Sequence[Message]]
@@ -29,6 +33,7 @@ ToolChoice = Union[Literal["auto", "none", "required"], str, None]
 ROLES = ("system", "user", "assistant", "tool")
 TOOL_CALL_OPEN = "<tool_call>"  # how a tool call starts in the model's text
 _TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+_NAME_RE = re.compile(r'"name"\s*:\s*"([^"]+)"')
 
 TOOL_SYSTEM_PROMPT = (
     "You can call these tools:\n{tools}\n\n"
@@ -191,59 +196,139 @@ def _render_with_template(
 
 
 def tool_call_prefix(tools: Sequence[Mapping[str, Any]], tool_choice: ToolChoice) -> str:
-    """The start of the assistant turn that forces a tool call ("" when none is forced)."""
+    """The start of the assistant turn that forces a tool call ("" when none is forced).
+
+    ``"required"`` (or ``"any"``) with exactly one tool forces that tool, name included: a small
+    model left to write the name itself may invent one (structured output binds one schema tool
+    this way).
+    """
     if not tools or tool_choice in (None, "auto", "none"):
         return ""
-    if tool_choice in ("required", "any"):
-        return '<tool_call>\n{"name": "'
     names = [_tool_name(t) for t in tools]
+    if tool_choice in ("required", "any"):
+        if len(names) != 1:
+            return '<tool_call>\n{"name": "'
+        tool_choice = names[0]
     if tool_choice not in names:
         raise InvalidRequestError(f"tool_choice {tool_choice!r} is not one of the tools {names}")
     return '<tool_call>\n{"name": ' + json.dumps(tool_choice) + ', "arguments": '
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
-    """Split model output into (content, tool calls).
+@dataclass(frozen=True)
+class ParsedAnswer:
+    """A model's answer split into what callers show: content, tool calls, broken tool calls."""
 
-    Reads ``<tool_call>{json}</tool_call>`` blocks (a missing close tag at the end is tolerated),
-    or a whole answer that is one JSON object with ``name`` and ``arguments``. Blocks that are not
-    valid calls stay in the content.
+    content: str
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    invalid_tool_calls: list[InvalidToolCall] = field(default_factory=list)
+
+
+def parse_answer(text: str) -> ParsedAnswer:
+    """Split an answer given with tools offered into content, tool calls and broken tool calls.
+
+    The Hermes/Qwen format: every ``<tool_call>{json}</tool_call>`` block (a missing close tag at
+    the end is tolerated) becomes a :class:`ToolCall` when its JSON holds a ``name`` and object
+    ``arguments``, else an :class:`InvalidToolCall` holding the block's raw text and the reason.
+    Tool-call markup never stays in the content: with any block found, the content is the text
+    around the blocks, stripped. An answer that is one bare JSON object with ``name`` and
+    ``arguments`` is one call. Otherwise the content is the text unchanged.
     """
     calls: list[ToolCall] = []
+    invalid: list[InvalidToolCall] = []
     kept: list[str] = []
     last = 0
     for match in _TOOL_CALL_RE.finditer(text):
-        call = _to_call(match.group(1))
-        if call is None:
-            continue
         kept.append(text[last : match.start()])
         last = match.end()
-        calls.append(call)
-    kept.append(text[last:])
-    content = "".join(kept).strip() if calls else text
-    if not calls:
-        call = _to_call(text.strip())
-        if call is not None:
-            return "", [call]
-    return content, calls
+        call = _to_call(match.group(1))
+        if isinstance(call, ToolCall):
+            calls.append(call)
+        else:
+            name = _guess_name(match.group(1))
+            invalid.append(InvalidToolCall(name=name, arguments=match.group(0), error=call))
+    if calls or invalid:
+        kept.append(text[last:])
+        return ParsedAnswer("".join(kept).strip(), calls, invalid)
+    bare = _to_call(text.strip())
+    if isinstance(bare, ToolCall):
+        return ParsedAnswer("", [bare])
+    return ParsedAnswer(text)
 
 
-def _to_call(raw: str) -> ToolCall | None:
+def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+    """``(content, tool calls)`` of :func:`parse_answer` (broken calls dropped from both)."""
+    parsed = parse_answer(text)
+    return parsed.content, parsed.tool_calls
+
+
+def parse_with_response_template(
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    *,
+    prefix: str,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> ParsedAnswer:
+    """Parse an answer with the tokenizer's own response template (``tokenizer.parse_response``).
+
+    ``prefix`` is the prompt the answer continues. A tool call the template yields without a name
+    or with non-object arguments is an :class:`InvalidToolCall`. When the template cannot parse
+    the answer at all, the Hermes parser (:func:`parse_answer`) reads it instead.
+    """
+    try:
+        offered: list[Any] | None = [dict(t) for t in tools or []] or None
+        message = tokenizer.parse_response(text, prefix=prefix, tools=offered)
+    except Exception as exc:  # a template that does not fit this answer: read it as Hermes
+        logger.debug("the tokenizer's response template could not parse an answer: %s", exc)
+        return parse_answer(text)
+    content = message.get("content")
+    calls: list[ToolCall] = []
+    invalid: list[InvalidToolCall] = []
+    for raw in message.get("tool_calls") or []:
+        function = raw.get("function", raw) if isinstance(raw, Mapping) else {}
+        call = _to_call(
+            json.dumps(
+                {"name": function.get("name"), "arguments": function.get("arguments", {})},
+                default=str,
+            )
+        )
+        if isinstance(call, ToolCall):
+            call_id = raw.get("id") if isinstance(raw, Mapping) else None
+            calls.append(call.model_copy(update={"id": call_id}) if call_id else call)
+        else:
+            name = function.get("name")
+            invalid.append(
+                InvalidToolCall(
+                    name=name if isinstance(name, str) else None,
+                    arguments=json.dumps(raw, default=str),
+                    error=call,
+                )
+            )
+    return ParsedAnswer(content if isinstance(content, str) else "", calls, invalid)
+
+
+def _to_call(raw: str) -> ToolCall | str:
+    """A tool call from its JSON text, or the reason it is not one."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, ValueError):
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-        return None
+    except (json.JSONDecodeError, ValueError) as exc:
+        return f"the tool call is not valid JSON ({exc})"
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not data["name"]:
+        return "the tool call has no tool name"
     arguments = data.get("arguments", data.get("parameters", {}))
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            return None
+        except json.JSONDecodeError as exc:
+            return f"the tool call's arguments are not valid JSON ({exc})"
     if not isinstance(arguments, dict):
-        return None
+        return "the tool call's arguments are not a JSON object"
     return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=data["name"], arguments=arguments)
+
+
+def _guess_name(raw: str) -> str | None:
+    """The tool name a broken call meant, when its text still shows one."""
+    match = _NAME_RE.search(raw)
+    return match.group(1) if match else None
 
 
 def _tool_name(tool: Mapping[str, Any]) -> str:

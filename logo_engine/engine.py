@@ -28,7 +28,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from logo_engine import calibration as calib
 from logo_engine.base import BaseEngine, Request, RowState, SamplingParams, Tools
 from logo_engine.calibration import CALIBRATION_NAME, ROUTING_NAME, CalibrationKey, ProbeKey
-from logo_engine.chat import Prompt, ToolChoice, render_prompt
+from logo_engine.chat import (
+    ParsedAnswer,
+    Prompt,
+    ToolChoice,
+    parse_answer,
+    parse_with_response_template,
+    render_prompt,
+)
 from logo_engine.decoding import TransformersDecoder, left_pad, positions
 from logo_engine.errors import (
     AdapterLoadError,
@@ -300,12 +307,27 @@ class LoGoEngine(BaseEngine):
         ids = self.tokenizer(rendered.text, add_special_tokens=not templated)["input_ids"]
         if not ids:
             raise InvalidRequestError("prompt encodes to zero tokens")
+        offered = [dict(t) for t in tools or []] if tool_choice != "none" else []
         return Request(
             text=rendered.text,
             n_prompt_tokens=len(ids),
             response_prefix=rendered.response_prefix,
-            has_tools=bool(tools) and tool_choice != "none",
+            has_tools=bool(offered),
             input_ids=ids,
+            tools=offered or None,
+        )
+
+    def _parse_answer(self, request: Request, text: str) -> ParsedAnswer:
+        """The tokenizer's response template when it has one, else the Hermes format.
+
+        ``text`` starts with the forced opening of a tool call, if any, so the template reads it
+        after the prompt without that opening.
+        """
+        if getattr(self.tokenizer, "response_template", None) is None:
+            return parse_answer(text)
+        prefix = request.text[: len(request.text) - len(request.response_prefix)]
+        return parse_with_response_template(
+            self.tokenizer, text, prefix=prefix, tools=request.tools
         )
 
     def _validate_routing(

@@ -91,6 +91,7 @@ class ScriptedEngine(BaseEngine):
             response_prefix=tool_call_prefix(tools, tool_choice) if tools else "",
             has_tools=bool(tools),
             input_ids=(messages, tools),
+            tools=[dict(t) for t in tools] or None,
         )
 
     def _route(self, requests: list[Request], routing: RoutingConfig) -> list[Selection]:

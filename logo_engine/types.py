@@ -1,8 +1,8 @@
 """Public value types: the routing configuration and what a call returns.
 
 ``RoutingConfig`` is a frozen dataclass validated on construction; ``Selection``, ``Usage``,
-``ToolCall`` and ``Generation`` are frozen pydantic models, so they serialise to JSON as they are
-(callbacks, response metadata, traces).
+``ToolCall``, ``InvalidToolCall`` and ``Generation`` are frozen pydantic models, so they serialise
+to JSON as they are (callbacks, response metadata, traces).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from logo_engine.errors import RoutingConfigError
 
@@ -226,12 +226,39 @@ class ToolCall(_Frozen):
     arguments: dict[str, Any] = Field(default_factory=dict)
 
 
+class InvalidToolCall(_Frozen):
+    """A tool call the model wrote that does not parse: kept apart from the answer's content."""
+
+    name: str | None = None
+    """The tool it meant, when the text still shows one."""
+    arguments: str
+    """The call's raw text (for a ``<tool_call>`` block: the whole block, markup included)."""
+    error: str
+    """Why it is not a valid call."""
+
+
 class Generation(_Frozen):
-    """The result of one generation: new text only (special tokens skipped, not stripped)."""
+    """The result of one generation: new text only (special tokens skipped, not stripped).
+
+    With ``tools`` passed, the engine parses the answer once: ``content`` is the text without any
+    tool-call markup, ``tool_calls`` the calls that parse, ``invalid_tool_calls`` those that do not
+    (a caller never has to show raw markup as the answer). Without tools, ``content == text``.
+    """
 
     text: str
     selection: Selection
     usage: Usage
     finish_reason: FinishReason
+    content: str = ""
+    """The answer without tool-call markup (``text`` itself when no tools were passed)."""
     tool_calls: list[ToolCall] = Field(default_factory=list)
     """Tool calls parsed from ``text``; filled only when the request passed ``tools``."""
+    invalid_tool_calls: list[InvalidToolCall] = Field(default_factory=list)
+    """Tool calls in ``text`` that do not parse; filled only when the request passed ``tools``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _content_defaults_to_text(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "content" not in data and "text" in data:
+            return {**data, "content": data["text"]}
+        return data

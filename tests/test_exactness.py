@@ -186,14 +186,11 @@ def test_routed_generation_matches_peft_generate(engine, adapter_dir, tokenizer)
     assert gen.text == expected
 
 
-def test_generate_text_equals_full_decode(engine, tokenizer):
+def test_generate_text_equals_full_decode(engine, adapter_dir, tokenizer):
     """Incremental detokenization gives exactly tokenizer.decode(new ids, skip_special_tokens)."""
     gen = engine.generate("12 ab +", adapters={"a": 0.5, "b": 0.5}, max_new_tokens=20)
     ids = torch.tensor([engine._prepare("12 ab +", None, None).input_ids])
-    oracle = _peft_model(
-        engine_dir := engine.library.adapters[0].path.parent, ["a", "b"], [0.5, 0.5]
-    )
-    assert engine_dir
+    oracle = _peft_model(adapter_dir, ["a", "b"], [0.5, 0.5])
     with torch.inference_mode():
         out = oracle.generate(
             input_ids=ids,
