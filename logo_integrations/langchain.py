@@ -1,9 +1,10 @@
-"""LangChain integration: :class:`ChatLoGo`, a ``BaseChatModel`` over the shared LoGo engine.
+"""LangChain integration: :class:`ChatLoGo`, a ``BaseChatModel`` over a LoGo engine.
 
 Every call goes through the engine's public methods (``route``, ``generate``, ``generate_batch``,
-``stream`` and their async forms): the chat template, routing, tool prompts and tool-call parsing
-live in the engine. This module converts LangChain messages to engine messages and back, and
-reports which adapters answered each call:
+``stream``): the chat template, routing, tool prompts and the parsing of the answer (content, tool
+calls, broken tool calls) live in the engine; what ChatLoGo shares with LoGoLLM (settings, engine
+construction, call resolution) lives in :mod:`logo_integrations._common`. This module converts
+LangChain messages to engine messages and back, and reports which adapters answered each call:
 
 - ``AIMessage.response_metadata["logo_selection"]`` (the :class:`~logo_engine.Selection` as JSON)
   on ``invoke`` results, and on exactly one chunk of a stream (the last one, so that adding
@@ -14,7 +15,9 @@ reports which adapters answered each call:
   ``logo_weights``, ``logo_pinned``, ``logo_selection``) and **run tags** (``logo:<adapter>``), so
   traces can be filtered by adapter: the Runnable entry points (``invoke``, ``stream``,
   ``batch`` and their async forms) route first (the probe) and then start the run with the
-  selection known; the generation then uses exactly that mixture.
+  selection known; the generation then uses exactly that mixture. The selection travels from the
+  entry point to the run by the run's id, never in the call's keyword arguments, so it is neither
+  part of the LLM-cache key nor repeated in the run's invocation parameters.
 
 >>> from logo_integrations.langchain import ChatLoGo
 >>> llm = ChatLoGo()                     # the embedded default model and zoo, loaded on first use
@@ -28,16 +31,22 @@ import asyncio
 import dataclasses
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
+from uuid import UUID
 
+from langchain_core.caches import BaseCache
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.model_profile import ModelProfile
+from langchain_core.load import dumps
+from langchain_core.load.serializable import SerializedConstructor, SerializedNotImplemented
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -49,55 +58,49 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import InvalidToolCall as LCInvalidToolCall
+from langchain_core.messages.tool import ToolCall as LCToolCall
 from langchain_core.messages.tool import (
-    InvalidToolCall,
     ToolCallChunk,
     invalid_tool_call,
     tool_call,
     tool_call_chunk,
 )
-from langchain_core.messages.tool import ToolCall as LCToolCall
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config, get_config_list
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import ConfigDict, Field, PrivateAttr, field_validator
+from langchain_core.utils.json import parse_partial_json
+from langchain_core.utils.uuid import uuid7
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 from logo_engine.base import BaseEngine
-from logo_engine.chat import TOOL_CALL_OPEN, StreamFilter, parse_tool_calls, visible_text
+from logo_engine.chat import StreamFilter
 from logo_engine.errors import InvalidRequestError
-from logo_engine.routing import pinned_selection
-from logo_engine.types import Generation, RoutingConfig, Selection, ToolCall, Usage
+from logo_engine.types import Generation, InvalidToolCall, Selection, Usage
+from logo_integrations._common import (
+    SELECTION_KEY,
+    EngineCall,
+    EngineSlot,
+    LoGoSettings,
+    normalize_tool_choice,
+    openai_tool_call,
+    resolve_call,
+    routing_as_dict,
+    selection_json,
+    tool_names,
+)
 
 logger = logging.getLogger(__name__)
 
 PROVIDER = "logo"  # ls_provider and response_metadata["model_provider"]
-SELECTION_KEY = "logo_selection"  # response_metadata key, run metadata key, call kwarg
 TAG_PREFIX = "logo:"  # run tag per chosen adapter: "logo:sql"
-DEFAULT_MAX_TOKENS = 256  # new tokens per call when max_tokens is None
+INVALID_KEY = "logo_invalid_tool_calls"  # response_metadata: broken calls, with why they are
 
 # Call kwargs that LangChain itself passes or that have no meaning for a local model.
 _IGNORED_KWARGS = frozenset(
     {"stream", "parallel_tool_calls", "strict", "ls_structured_output_format", "response_format"}
-)
-_CALL_KWARGS = frozenset(
-    {
-        "model",
-        "adapters",
-        SELECTION_KEY,
-        "routing",
-        "top_k",
-        "signal",
-        "temperature",
-        "max_tokens",
-        "max_new_tokens",
-        "top_p",
-        "seed",
-        "stop",
-        "tools",
-        "tool_choice",
-    }
 )
 _ROLE_ALIASES = {
     "system": "system",
@@ -147,17 +150,7 @@ def content_text(content: str | list[Any], *, role: str, index: int = 0) -> str:
 
 def to_openai_tool_calls(tool_calls: Sequence[LCToolCall]) -> list[dict[str, Any]]:
     """LangChain tool calls -> OpenAI-style ``tool_calls`` (arguments as a JSON string)."""
-    return [
-        {
-            "id": call.get("id") or "",
-            "type": "function",
-            "function": {
-                "name": call["name"],
-                "arguments": json.dumps(call.get("args", {}), ensure_ascii=False),
-            },
-        }
-        for call in tool_calls
-    ]
+    return [openai_tool_call(c.get("id"), c["name"], c.get("args", {})) for c in tool_calls]
 
 
 def to_engine_message(message: BaseMessage, index: int = 0) -> dict[str, Any]:
@@ -187,8 +180,10 @@ def to_engine_message(message: BaseMessage, index: int = 0) -> dict[str, Any]:
             f"message {index} is a {type(message).__name__}; ChatLoGo takes system, human, AI, "
             "tool and chat messages"
         )
-    out: dict[str, Any] = {"role": role, "content": content_text(message.content, role=role,
-                                                                   index=index)}
+    out: dict[str, Any] = {
+        "role": role,
+        "content": content_text(message.content, role=role, index=index),
+    }
     if isinstance(message, AIMessage) and message.tool_calls:
         out["tool_calls"] = to_openai_tool_calls(message.tool_calls)
     if isinstance(message, ToolMessage):
@@ -205,11 +200,6 @@ def to_engine_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     return [to_engine_message(m, i) for i, m in enumerate(messages)]
 
 
-def to_lc_tool_calls(calls: Sequence[ToolCall]) -> list[LCToolCall]:
-    """Engine tool calls -> LangChain ``ToolCall`` dicts."""
-    return [tool_call(name=c.name, args=dict(c.arguments), id=c.id) for c in calls]
-
-
 def tool_schemas(tools: Sequence[Any], *, strict: bool | None = None) -> list[dict[str, Any]]:
     """Tools as OpenAI function schemas, the form the engine's chat template takes.
 
@@ -218,57 +208,18 @@ def tool_schemas(tools: Sequence[Any], *, strict: bool | None = None) -> list[di
     return [convert_to_openai_tool(t, strict=strict) for t in tools]
 
 
-def normalize_tool_choice(tool_choice: Any, tool_names: Sequence[str]) -> str | None:
-    """LangChain / OpenAI tool choices -> the engine's (None, "auto", "none", "required", name).
-
-    ``"any"``, ``"required"`` and ``True`` force some tool call; a tool name or
-    ``{"type": "function", "function": {"name": ...}}`` forces that tool; ``False`` and ``None``
-    leave the choice to the model.
-    """
-    if tool_choice is None or tool_choice is False:
-        return None
-    if tool_choice is True or tool_choice in ("any", "required"):
-        return "required"
-    if tool_choice in ("auto", "none"):
-        return str(tool_choice)
-    name: Any = tool_choice
-    if isinstance(tool_choice, Mapping):
-        function = tool_choice.get("function", tool_choice)
-        name = function.get("name") if isinstance(function, Mapping) else None
-    if isinstance(name, str) and name in tool_names:
-        return name
-    raise InvalidRequestError(
-        f"tool_choice must be None, 'auto', 'none', 'any', 'required', True or one of the bound "
-        f"tools {list(tool_names)}, got {tool_choice!r}"
-    )
-
-@dataclass(frozen=True)
-class Answer:
-    """An answer split into what LangChain shows: content, tool calls, broken tool calls."""
-
-    content: str
-    tool_calls: list[LCToolCall]
-    invalid_tool_calls: list[InvalidToolCall]
+# ------------------------------------------------------------------ answers (pure)
+def lc_tool_calls(generation: Generation) -> list[LCToolCall]:
+    """The engine's parsed tool calls as LangChain ``ToolCall`` dicts."""
+    return [tool_call(name=c.name, args=dict(c.arguments), id=c.id) for c in generation.tool_calls]
 
 
-def split_answer(generation: Generation, tools_bound: bool) -> Answer:
-    """Split a generation into content and tool calls.
-
-    With tools bound, tool-call markup never stays in the content: parsed calls become
-    ``tool_calls``; a ``<tool_call>`` block that does not parse becomes an ``invalid_tool_call``
-    (so an agent does not show the raw markup as its final answer).
-    """
-    text = generation.text
-    if generation.tool_calls:
-        content = parse_tool_calls(text)[0]
-        return Answer(content, to_lc_tool_calls(generation.tool_calls), [])
-    if tools_bound and TOOL_CALL_OPEN in text:
-        i = text.index(TOOL_CALL_OPEN)
-        broken = invalid_tool_call(
-            name=None, args=text[i:], id=None, error="the model's tool call is not valid JSON"
-        )
-        return Answer(text[:i].rstrip(), [], [broken])
-    return Answer(text, [], [])
+def lc_invalid_tool_calls(generation: Generation) -> list[LCInvalidToolCall]:
+    """The engine's broken tool calls as LangChain ``InvalidToolCall`` dicts (error kept)."""
+    return [
+        invalid_tool_call(name=b.name, args=b.arguments, id=None, error=b.error)
+        for b in generation.invalid_tool_calls
+    ]
 
 
 def usage_metadata(usage: Usage) -> UsageMetadata:
@@ -281,13 +232,22 @@ def usage_metadata(usage: Usage) -> UsageMetadata:
 
 
 def response_metadata(
-    selection: Selection, model_name: str, finish_reason: str | None
+    selection: Selection, model_name: str, generation: Generation
 ) -> dict[str, Any]:
-    """``response_metadata`` of an answer: model, provider, finish reason and the selection."""
-    out: dict[str, Any] = {"model_name": model_name, "model_provider": PROVIDER}
-    if finish_reason is not None:
-        out["finish_reason"] = finish_reason
-    out[SELECTION_KEY] = selection.model_dump(mode="json")
+    """``response_metadata`` of an answer: model, provider, finish reason, the selection.
+
+    Broken tool calls are also listed under ``logo_invalid_tool_calls`` with their error: it is
+    the one place the error survives adding stream chunks (LangChain re-derives the invalid calls
+    of a sum of chunks from their text and drops the error).
+    """
+    out: dict[str, Any] = {
+        "model_name": model_name,
+        "model_provider": PROVIDER,
+        "finish_reason": generation.finish_reason,
+        SELECTION_KEY: selection_json(selection),
+    }
+    if generation.invalid_tool_calls:
+        out[INVALID_KEY] = [b.model_dump(mode="json") for b in generation.invalid_tool_calls]
     return out
 
 
@@ -302,7 +262,7 @@ def selection_run_metadata(selection: Selection | Mapping[str, Any]) -> dict[str
         "logo_adapters": list(sel.adapters),
         "logo_weights": list(sel.weights),
         "logo_pinned": sel.pinned,
-        SELECTION_KEY: sel.model_dump(mode="json"),
+        SELECTION_KEY: selection_json(sel),
     }
 
 
@@ -311,131 +271,120 @@ def selection_tags(selection: Selection) -> list[str]:
     return [TAG_PREFIX + name for name in selection.adapters]
 
 
-def ai_message(generation: Generation, selection: Selection, model_name: str,
-               tools_bound: bool) -> AIMessage:
-    """The ``AIMessage`` of a finished generation."""
-    answer = split_answer(generation, tools_bound)
+def ai_message(generation: Generation, selection: Selection, model_name: str) -> AIMessage:
+    """The ``AIMessage`` of a finished generation (content without any tool-call markup)."""
     return AIMessage(
-        content=answer.content,
-        tool_calls=answer.tool_calls,
-        invalid_tool_calls=answer.invalid_tool_calls,
+        content=generation.content,
+        tool_calls=lc_tool_calls(generation),
+        invalid_tool_calls=lc_invalid_tool_calls(generation),
         usage_metadata=usage_metadata(generation.usage),
-        response_metadata=response_metadata(selection, model_name, generation.finish_reason),
+        response_metadata=response_metadata(selection, model_name, generation),
     )
 
 
-def final_chunk(generation: Generation, selection: Selection, model_name: str,
-                tools_bound: bool, shown: str) -> AIMessageChunk:
+def final_chunk(
+    generation: Generation, selection: Selection, model_name: str, shown: str
+) -> AIMessageChunk:
     """The last chunk of a stream: the content not shown yet, tool calls, usage, metadata.
 
     Only this chunk carries usage and response metadata (chunk addition concatenates strings).
     Tool calls arrive whole, as ``tool_call_chunks`` of this chunk.
     """
-    answer = split_answer(generation, tools_bound)
-    rest = answer.content[len(shown):] if answer.content.startswith(shown) else ""
+    content = generation.content
     chunks: list[ToolCallChunk] = [
         tool_call_chunk(
-            name=c["name"], args=json.dumps(c["args"], ensure_ascii=False), id=c["id"], index=i
+            name=c.name, args=json.dumps(c.arguments, ensure_ascii=False), id=c.id, index=i
         )
-        for i, c in enumerate(answer.tool_calls)
+        for i, c in enumerate(generation.tool_calls)
     ]
     chunks += [
-        tool_call_chunk(name=None, args=bad.get("args"), id=None, index=len(chunks) + i)
-        for i, bad in enumerate(answer.invalid_tool_calls)
+        tool_call_chunk(name=b.name, args=_unparseable(b), id=None, index=len(chunks) + i)
+        for i, b in enumerate(generation.invalid_tool_calls)
     ]
     return AIMessageChunk(
-        content=rest,
+        content=content[len(shown) :] if content.startswith(shown) else "",
         tool_call_chunks=chunks,
         usage_metadata=usage_metadata(generation.usage),
-        response_metadata=response_metadata(selection, model_name, generation.finish_reason),
+        response_metadata=response_metadata(selection, model_name, generation),
         chunk_position="last",
     )
 
 
-# ------------------------------------------------------------------------ one engine call
+def _unparseable(bad: InvalidToolCall) -> str:
+    """A broken call's text as chunk args that LangChain will not read as a valid call."""
+    try:
+        parsed = parse_partial_json(bad.arguments)
+    except ValueError:
+        return bad.arguments
+    return bad.arguments if not isinstance(parsed, dict) else f"({bad.error}) {bad.arguments}"
+
+
+# ---------------------------------------------------- calls prepared before their run
 @dataclass(frozen=True)
-class _Call:
-    """Everything one engine call needs, resolved from fields and call kwargs."""
+class _Prepared:
+    """A call resolved (and routed) before its run started; a batch row's answer, if made."""
 
-    engine: BaseEngine
-    prompt: list[dict[str, Any]]
-    kwargs: dict[str, Any]  # engine.generate(...) keyword arguments, adapters excluded
-    adapters: Mapping[str, float] | None  # pinned mixture (None: route)
-    selection: Selection | None  # routed before the run (ChatLoGo's Runnable entry points)
-
-    @property
-    def tools_bound(self) -> bool:
-        return bool(self.kwargs["tools"]) and self.kwargs["tool_choice"] != "none"
-
-    @property
-    def generate_kwargs(self) -> dict[str, Any]:
-        adapters = self.selection.mixture if self.selection is not None else self.adapters
-        return {**self.kwargs, "adapters": adapters}
-
-    def report(self, generation: Generation) -> Selection:
-        """The selection to report: the pre-routed one (with its scores) when there is one."""
-        return self.selection if self.selection is not None else generation.selection
+    call: EngineCall
+    generation: Generation | None = None
 
 
-@dataclass
-class _PlannedRow:
-    prompt: list[dict[str, Any]]
-    selection: Selection
-    generation: Generation
-    taken: bool = False
+class _PreparedCalls:
+    """Calls prepared by the Runnable entry points, keyed by the id of the run they belong to."""
 
+    def __init__(self) -> None:
+        self._items: dict[UUID, _Prepared] = {}
+        self._lock = threading.Lock()
 
-@dataclass
-class _BatchPlan:
-    """Rows of a batch generated in one engine call, handed to the per-input runs in turn."""
+    def put(self, run_id: UUID, prepared: _Prepared) -> None:
+        with self._lock:
+            self._items[run_id] = prepared
 
-    engine: BaseEngine
-    kwargs: dict[str, Any]
-    rows: list[_PlannedRow]
+    def __contains__(self, run_id: object) -> bool:
+        with self._lock:
+            return run_id in self._items
 
-    def take(self, call: _Call) -> Generation | None:
-        """The planned generation for ``call``'s prompt and selection (None: not planned)."""
-        if (
-            call.engine is not self.engine
-            or call.selection is None
-            or _without_length(call.kwargs) != _without_length(self.kwargs)
-        ):
+    def take(self, run_id: UUID | None) -> _Prepared | None:
+        """Remove and return the call prepared for ``run_id`` (None if there is none)."""
+        if run_id is None:
             return None
-        for row in self.rows:
-            if not row.taken and row.prompt == call.prompt and row.selection == call.selection:
-                row.taken = True
-                return row.generation
-        return None
+        with self._lock:
+            return self._items.pop(run_id, None)
 
 
-def _without_length(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    # A batch runs with the smallest default length of its rows (max_tokens=None is cut per row).
-    return {k: v for k, v in kwargs.items() if k != "max_new_tokens"}
+_PREPARED = _PreparedCalls()
+# The run an entry point is inside: BaseChatModel calls `_stream` without its run manager when it
+# streams (stream(), or invoke with streaming on), so the run id also travels in the context.
+_RUN: ContextVar[UUID | None] = ContextVar("logo_run", default=None)
 
 
-_BATCH_PLAN: ContextVar[_BatchPlan | None] = ContextVar("logo_batch_plan", default=None)
-
-
-def _planned(call: _Call) -> Generation | None:
-    plan = _BATCH_PLAN.get()
-    return plan.take(call) if plan is not None else None
+@contextmanager
+def _inside(run_id: UUID | None) -> Iterator[None]:
+    """Mark the code in the block (and tasks and threads started from it) as run ``run_id``'s."""
+    token = _RUN.set(run_id)
+    try:
+        yield
+    finally:
+        try:
+            _RUN.reset(token)
+        except ValueError:  # an async generator closed from another context: nothing to undo
+            pass
 
 
 # ------------------------------------------------------------------------------ the model
-class ChatLoGo(BaseChatModel):
+class ChatLoGo(LoGoSettings, BaseChatModel):
     """LangChain chat model over a LoGo engine: per-request LoRA adapter selection and merging.
 
     The engine is either passed in (``ChatLoGo(engine=...)``, any
     :class:`~logo_engine.base.BaseEngine`) or loaded on first use with
     ``LoGoEngine.shared(model, adapters=..., device=..., dtype=..., gguf_file=...)``, a
     process-wide cached instance: many ``ChatLoGo`` objects share one loaded model, and
-    constructing one loads nothing.
+    constructing one loads nothing. Unknown constructor arguments are refused.
 
     Per call (``invoke(..., **kwargs)`` or ``.bind(**kwargs)``): ``adapters={name: weight}`` (a
     pinned mixture; ``{}`` = base model only), ``top_k``, ``signal``, ``routing``, ``temperature``,
-    ``max_tokens``, ``top_p``, ``seed``, ``stop``, ``model`` (another base model, loaded lazily;
-    not possible when an engine was passed in) and ``logo_selection`` (a precomputed
-    :class:`~logo_engine.Selection` to reuse, e.g. from ``engine.route``).
+    ``max_tokens`` (or ``max_new_tokens``), ``top_p``, ``seed``, ``stop``, ``model`` (another base
+    model, loaded lazily; not possible when an engine was passed in) and ``logo_selection`` (a
+    precomputed :class:`~logo_engine.Selection` to reuse, e.g. from ``engine.route``).
 
     Example:
         .. code-block:: python
@@ -449,41 +398,8 @@ class ChatLoGo(BaseChatModel):
 
     """
 
-    model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
 
-    model: str | None = Field(
-        default=None,
-        alias="model_name",
-        description="Base model: an HF folder or hub id (None: the embedded default model). "
-        "Ignored when an engine is passed in.",
-    )
-    adapters: Union[str, Path, dict[str, Union[str, Path]], list[Union[str, Path]]] | None = (
-        Field(
-            default=None,
-            description="Adapter library to load: a folder of peft adapters, {name: path} or a "
-            "list of folders (None: the shipped zoo with the default model). Ignored when an "
-            "engine is passed in. The per-call `adapters=` argument is a different thing: a "
-            "pinned mixture {name: weight}.",
-        )
-    )
-    device: str = Field(default="cpu", description="Device the model is loaded on.")
-    dtype: str | None = Field(
-        default=None, description="torch dtype name ('float32', 'bfloat16'...); None: float32."
-    )
-    gguf_file: str | None = Field(default=None, description="GGUF file inside `model`.")
-
-    temperature: float = Field(default=0.0, ge=0.0, description="0: greedy decoding.")
-    max_tokens: int | None = Field(
-        default=None,
-        ge=1,
-        description=f"Most new tokens per call (None: {DEFAULT_MAX_TOKENS}, or what fits the "
-        "context window).",
-    )
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    seed: int | None = Field(default=None, description="Sampling seed (per call).")
-    stop: list[str] | None = Field(
-        default=None, description="Stop strings; the text is cut before the first one."
-    )
     timeout: float | None = Field(
         default=None,
         description="Accepted for compatibility with other chat models; a local call is not "
@@ -497,88 +413,23 @@ class ChatLoGo(BaseChatModel):
     streaming: bool = Field(
         default=False, description="Stream through callbacks even on invoke (on_llm_new_token)."
     )
-
-    top_k: int | None = Field(
-        default=None, ge=1, description="Adapters mixed per request (None: the engine's routing)."
-    )
-    signal: Literal["norm", "entropy"] | None = Field(
-        default=None, description="Routing signal (None: the engine's routing)."
-    )
-    routing: Any | None = Field(
+    api_key: SecretStr | None = Field(
         default=None,
-        description="A logo_engine.RoutingConfig for every call (None: the engine's); top_k and "
-        "signal override its fields.",
-    )
-    mixture: dict[str, float] | None = Field(
-        default=None,
-        description="Pinned mixture {adapter: weight} for every call (None: route each call; "
-        "{}: base model only). Overridden per call by adapters=.",
+        description="Accepted as every LangChain chat model accepts it (and kept secret); a local "
+        "engine needs none.",
     )
 
-    _engine: BaseEngine | None = PrivateAttr(default=None)
-    _given: bool = PrivateAttr(default=False)
+    _slot: EngineSlot = PrivateAttr()
 
     def __init__(self, engine: BaseEngine | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if engine is not None and not isinstance(engine, BaseEngine):
-            raise TypeError(f"engine must be a logo_engine BaseEngine, got {type(engine).__name__}")
-        self._engine = engine
-        self._given = engine is not None
-
-    @field_validator("routing")
-    @classmethod
-    def _check_routing(cls, value: Any) -> Any:
-        if value is not None and not isinstance(value, RoutingConfig):
-            raise ValueError(f"routing must be a logo_engine.RoutingConfig, got {value!r}")
-        return value
+        self._slot = EngineSlot(engine)
 
     # ------------------------------------------------------------------ engine and metadata
     @property
     def engine(self) -> BaseEngine:
         """The engine; loads the shared ``LoGoEngine`` on first use when none was passed in."""
-        if self._engine is None:
-            self._engine = self._load(self.model, self.gguf_file)
-        return self._engine
-
-    def _load(self, model: str | None, gguf_file: str | None) -> BaseEngine:
-        from logo_engine import LoGoEngine
-
-        dtype = None
-        if self.dtype is not None:
-            import torch
-
-            dtype = getattr(torch, self.dtype, None)
-            if not isinstance(dtype, torch.dtype):
-                raise ValueError(f"dtype must name a torch dtype, got {self.dtype!r}")
-        return LoGoEngine.shared(
-            model, adapters=self.adapters, device=self.device, dtype=dtype, gguf_file=gguf_file
-        )
-
-    def _engine_for(self, model: str | None) -> BaseEngine:
-        """The engine serving ``model`` (a per-call override of the base model, or None)."""
-        if model is None or model == self.model:
-            return self.engine
-        if self._engine is not None and model == self._engine.model_name:
-            return self._engine
-        if self._given:
-            raise InvalidRequestError(
-                f"model={model!r}, but this ChatLoGo serves the engine it was given "
-                f"({self._engine.model_name if self._engine else None!r}); build another "
-                "ChatLoGo for another model"
-            )
-        return self._load(model, None)
-
-    def _model_label(self, model: str | None = None) -> str:
-        """The model name for metadata, without loading anything."""
-        if model:
-            return model
-        if self._engine is not None:
-            return self._engine.model_name
-        if self.model:
-            return self.model
-        from logo_engine.models import DEFAULT_MODEL_NAME
-
-        return DEFAULT_MODEL_NAME
+        return self._slot.get(self.engine_spec)
 
     @property
     def _llm_type(self) -> str:
@@ -587,7 +438,7 @@ class ChatLoGo(BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {
-            "model": self._model_label(),
+            "model": self.model_label(self._slot.loaded),
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
             "top_p": self.top_p,
@@ -598,21 +449,19 @@ class ChatLoGo(BaseChatModel):
         }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        """LangSmith standard params, plus the call's selection when it was routed beforehand."""
+        """LangSmith standard params; the entry points add the selection to the run's metadata."""
         params = LangSmithParams(
             ls_provider=PROVIDER,
-            ls_model_name=self._model_label(kwargs.get("model")),
+            ls_model_name=self.model_label(self._slot.loaded, kwargs.get("model")),
             ls_model_type="chat",
             ls_temperature=kwargs.get("temperature", self.temperature),
         )
-        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        max_tokens = kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_tokens))
         if max_tokens:
             params["ls_max_tokens"] = max_tokens
         stops = stop or kwargs.get("stop") or self.stop
         if stops:
             params["ls_stop"] = list(stops)
-        if kwargs.get(SELECTION_KEY) is not None:
-            params.update(selection_run_metadata(kwargs[SELECTION_KEY]))  # type: ignore[typeddict-item]
         return params
 
     def _resolve_model_profile(self) -> ModelProfile | None:
@@ -637,6 +486,60 @@ class ChatLoGo(BaseChatModel):
             "logo_selections": [o.get(SELECTION_KEY) for o in outputs],
         }
 
+    # ---------------------------------------------------------------- serialisation, cache
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        """A ChatLoGo built from settings serialises (``dumpd``) and loads back (``load``)."""
+        return True
+
+    @property
+    def lc_secrets(self) -> dict[str, str]:
+        """``api_key`` is serialised as a reference to this environment variable, not a value."""
+        return {"api_key": "LOGO_API_KEY"}
+
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        """``load(..., valid_namespaces=["logo_integrations"])`` finds the class here."""
+        return ["logo_integrations", "langchain"]
+
+    def to_json(self) -> SerializedConstructor | SerializedNotImplemented:
+        """The settings as a LangChain constructor; an engine passed in does not serialise."""
+        routing = routing_as_dict(self.routing) if self.routing is not None else None
+        if self._slot.given or (self.routing is not None and routing is None):
+            return self.to_json_not_implemented()
+        out = super().to_json()
+        if routing is not None and out["type"] == "constructor":
+            out["kwargs"]["routing"] = routing
+        return out
+
+    def _get_llm_string(self, stop: list[str] | None = None, **kwargs: Any) -> str:
+        """The LLM-cache key: settings and call kwargs, plus the identity of an engine passed in."""
+        key = super()._get_llm_string(stop=stop, **kwargs)
+        engine = self._slot.loaded
+        if self._slot.given and engine is not None:
+            key += f"---engine={type(engine).__qualname__}:{engine.model_name}:"
+            key += ",".join(engine.adapter_names)
+        return key
+
+    def _cached_selection(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: Mapping[str, Any]
+    ) -> Selection | None:
+        """The selection of a cached answer to this exact call (None: not cached).
+
+        Looks the call up as ``BaseChatModel`` will inside the run, so that a cache hit costs no
+        probe; the run then returns the cached answer.
+        """
+        cache = self.cache if isinstance(self.cache, BaseCache) else get_llm_cache()
+        if self.cache is False or cache is None:
+            return None
+        prompt = dumps(
+            [m.model_copy(update={"id": None}) if getattr(m, "id", None) else m for m in messages]
+        )
+        hit = cache.lookup(prompt, self._get_llm_string(stop=stop, **kwargs))
+        if not isinstance(hit, list) or not hit or not isinstance(hit[0], ChatGeneration):
+            return None
+        return Selection.model_validate(hit[0].message.response_metadata[SELECTION_KEY])
+
     # ------------------------------------------------------------------------- tools
     def bind_tools(
         self,
@@ -651,265 +554,298 @@ class ChatLoGo(BaseChatModel):
             tools: ``BaseTool`` objects, functions, pydantic models, TypedDicts or JSON / OpenAI
                 function schemas.
             tool_choice: ``"auto"`` (default), ``"none"``, ``"any"`` / ``"required"`` / ``True``
-                (some tool must be called), or a tool name (that tool must be called). A forced
-                call starts the model's answer with the opening of the call.
+                (some tool must be called; with one tool, that tool), or a tool name (that tool
+                must be called). A forced call starts the model's answer with the opening of the
+                call, name included when the tool is known.
             **kwargs: more call kwargs to bind (``strict`` is used for the schemas).
 
         """
         formatted = tool_schemas(tools, strict=kwargs.pop("strict", None))
-        names = [t["function"]["name"] for t in formatted]
-        choice = normalize_tool_choice(tool_choice, names)
+        choice = normalize_tool_choice(tool_choice, tool_names(formatted))
         if choice is not None:
             kwargs["tool_choice"] = choice
         return self.bind(tools=formatted, **kwargs)
 
     # --------------------------------------------------------------------- call plumbing
-    def _resolve_call(
-        self, engine: BaseEngine, prompt: list[dict[str, Any]], stop: list[str] | None,
-        kwargs: Mapping[str, Any],
-    ) -> _Call:
-        """Fields and call kwargs -> one engine call (validated by the engine when it runs)."""
-        unknown = sorted(set(kwargs) - _CALL_KWARGS - _IGNORED_KWARGS)
-        if unknown:
-            logger.warning("ChatLoGo ignores unsupported keyword arguments %s", unknown)
-        routing = kwargs.get("routing") or self.routing
-        if routing is not None and not isinstance(routing, RoutingConfig):
-            raise InvalidRequestError(f"routing must be a RoutingConfig, got {routing!r}")
-        overrides = {
-            name: value
-            for name in ("top_k", "signal")
-            if (value := kwargs.get(name, getattr(self, name))) is not None
-        }
-        if overrides:
-            routing = dataclasses.replace(routing or engine.routing, **overrides)
-        max_tokens = kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_tokens))
-        stops = stop if stop is not None else kwargs.get("stop", self.stop)
-        tools = kwargs.get("tools") or None
-        if max_tokens is None:  # the default, cut to what fits the context window
-            room = engine.context_window - engine.count_tokens(prompt, tools=tools)
-            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, room))
-        selection = kwargs.get(SELECTION_KEY)
-        if selection is not None and not isinstance(selection, Selection):
-            selection = Selection.model_validate(selection)
-        return _Call(
-            engine=engine,
-            prompt=prompt,
-            kwargs={
-                "max_new_tokens": max_tokens,
-                "temperature": kwargs.get("temperature", self.temperature),
-                "top_p": kwargs.get("top_p", self.top_p),
-                "seed": kwargs.get("seed", self.seed),
-                "stop": list(stops) if stops else None,
-                "routing": routing,
-                "tools": list(tools) if tools else None,
-                "tool_choice": kwargs.get("tool_choice") if tools else None,
-            },
-            adapters=kwargs["adapters"] if "adapters" in kwargs else self.mixture,
-            selection=selection,
+    def _resolve(
+        self, messages: Sequence[BaseMessage], stop: list[str] | None, kwargs: Mapping[str, Any]
+    ) -> EngineCall:
+        engine = self._slot.for_model(self.engine_spec, kwargs.get("model"))
+        return resolve_call(
+            self,
+            engine,
+            to_engine_messages(messages),
+            kwargs,
+            stop=stop,
+            ignored=_IGNORED_KWARGS,
+            owner="ChatLoGo",
         )
 
-    def _call(self, messages: Sequence[BaseMessage], stop: list[str] | None,
-              kwargs: Mapping[str, Any]) -> _Call:
-        engine = self._engine_for(kwargs.get("model"))
-        return self._resolve_call(engine, to_engine_messages(messages), stop, kwargs)
+    def _prepared(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
+        kwargs: Mapping[str, Any],
+    ) -> _Prepared:
+        """The run's call: prepared by the entry point before the run started, or resolved now."""
+        prepared = _PREPARED.take(run_manager.run_id if run_manager is not None else _RUN.get())
+        return prepared or _Prepared(self._resolve(messages, stop, kwargs))
 
-    async def _acall(self, messages: Sequence[BaseMessage], stop: list[str] | None,
-                     kwargs: Mapping[str, Any]) -> _Call:
-        """:meth:`_call` in a worker thread (it may load the model, and it tokenizes)."""
-        return await asyncio.to_thread(self._call, messages, stop, kwargs)
-
-    @staticmethod
-    def _route(call: _Call) -> Selection:
-        """The call's selection before generation: the pinned mixture, or the engine's probe."""
-        if call.adapters is not None:
-            return pinned_selection(call.adapters, call.engine.adapter_names)
-        return call.engine.route(call.prompt, routing=call.kwargs["routing"],
-                                 tools=call.kwargs["tools"], tool_choice=call.kwargs["tool_choice"])
-
-    def _result(self, call: _Call, generation: Generation) -> ChatResult:
+    def _result(self, call: EngineCall, generation: Generation) -> ChatResult:
         selection = call.report(generation)
         name = call.engine.model_name
-        message = ai_message(generation, selection, name, call.tools_bound)
         return ChatResult(
-            generations=[ChatGeneration(message=message)],
-            llm_output={"model_name": name, SELECTION_KEY: selection.model_dump(mode="json")},
+            generations=[ChatGeneration(message=ai_message(generation, selection, name))],
+            llm_output={"model_name": name, SELECTION_KEY: selection_json(selection)},
         )
 
     # ----------------------------------------------------- Runnable entry points: route first
-    @staticmethod
-    def _tagged(config: RunnableConfig | None, selection: Selection) -> RunnableConfig:
-        config = ensure_config(config)
-        return {**config, "tags": [*(config.get("tags") or []), *selection_tags(selection)]}
+    def _prepare_run(
+        self,
+        model_input: LanguageModelInput,
+        config: RunnableConfig | None,
+        stop: list[str] | None,
+        kwargs: Mapping[str, Any],
+        *,
+        cached: bool,
+    ) -> tuple[RunnableConfig, dict[str, Any], UUID | None]:
+        """Resolve and route a call before its run starts, so the selection is in its metadata.
 
-    def _preroute(
-        self, model_input: LanguageModelInput, config: RunnableConfig | None,
-        stop: list[str] | None, kwargs: dict[str, Any],
-    ) -> tuple[RunnableConfig | None, dict[str, Any]]:
-        """Route before the run starts, so the selection is in its metadata and tags.
-
-        If anything fails here (bad input, unknown adapter, a model that does not load), nothing
-        is routed: the run starts as usual and the same error is raised inside it, where callbacks
+        Returns the run's config (selection tags and metadata, and a run id under which the
+        prepared call waits for ``_generate``/``_stream``), the call kwargs to pass on (without a
+        given ``logo_selection``: it travels with the prepared call), and that run id. With
+        ``cached``, an answer in the LLM cache gives the selection and nothing is probed. If
+        anything fails here (bad input, unknown adapter, a model that does not load), nothing is
+        prepared: the run starts as usual and the same error is raised inside it, where callbacks
         and traces record it.
         """
+        config = ensure_config(config)
+        if config.get("run_id") in _PREPARED:  # prepared already (stream falling back to invoke)
+            return config, dict(kwargs), None
         try:
-            given = kwargs.get(SELECTION_KEY)
-            if given is not None:  # a selection computed by the caller (or by batch)
-                selection = Selection.model_validate(given)
-            else:
-                messages = self._convert_input(model_input).to_messages()
-                selection = self._route(self._call(messages, stop, kwargs))
+            messages = self._convert_input(model_input).to_messages()
+            rest = {k: v for k, v in kwargs.items() if k != SELECTION_KEY}
+            selection = self._cached_selection(messages, stop, rest) if cached else None
+            if selection is not None:
+                return _with_selection(config, selection), rest, None
+            call = self._resolve(messages, stop, kwargs).routed()
         except Exception:  # re-raised inside the run
             logger.debug("routing before the run failed; routing inside it", exc_info=True)
-            return config, kwargs
-        return self._tagged(config, selection), {**kwargs, SELECTION_KEY: _as_json(selection)}
+            return config, dict(kwargs), None
+        run_id = config.get("run_id") or uuid7()
+        _PREPARED.put(run_id, _Prepared(call))
+        assert call.selection is not None  # routed() fixed it
+        return {**_with_selection(config, call.selection), "run_id": run_id}, rest, run_id
 
-    async def _apreroute(
-        self, model_input: LanguageModelInput, config: RunnableConfig | None,
-        stop: list[str] | None, kwargs: dict[str, Any],
-    ) -> tuple[RunnableConfig | None, dict[str, Any]]:
-        """:meth:`_preroute` in a worker thread: the event loop keeps running."""
-        return await asyncio.to_thread(self._preroute, model_input, config, stop, kwargs)
+    async def _aprepare_run(
+        self,
+        model_input: LanguageModelInput,
+        config: RunnableConfig | None,
+        stop: list[str] | None,
+        kwargs: Mapping[str, Any],
+        *,
+        cached: bool,
+    ) -> tuple[RunnableConfig, dict[str, Any], UUID | None]:
+        """:meth:`_prepare_run` in a worker thread (it may load the model, and it probes)."""
+        return await asyncio.to_thread(
+            lambda: self._prepare_run(model_input, config, stop, kwargs, cached=cached)
+        )
 
     def invoke(
-        self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
-        stop: list[str] | None = None, **kwargs: Any,
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
     ) -> AIMessage:
         """Answer one input; the selection is routed first and lands in the run's metadata."""
-        config, kwargs = self._preroute(input, config, stop, kwargs)
-        return super().invoke(input, config, stop=stop, **kwargs)
+        config, kwargs, run_id = self._prepare_run(input, config, stop, kwargs, cached=True)
+        try:
+            with _inside(run_id):
+                return super().invoke(input, config, stop=stop, **kwargs)
+        finally:
+            _PREPARED.take(run_id)
 
     async def ainvoke(
-        self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
-        stop: list[str] | None = None, **kwargs: Any,
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
     ) -> AIMessage:
         """:meth:`invoke` without blocking the event loop."""
-        config, kwargs = await self._apreroute(input, config, stop, kwargs)
-        return await super().ainvoke(input, config, stop=stop, **kwargs)
+        config, kwargs, run_id = await self._aprepare_run(input, config, stop, kwargs, cached=True)
+        try:
+            with _inside(run_id):
+                return await super().ainvoke(input, config, stop=stop, **kwargs)
+        finally:
+            _PREPARED.take(run_id)
 
     def stream(
-        self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
-        stop: list[str] | None = None, **kwargs: Any,
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
     ) -> Iterator[AIMessageChunk]:
         """Stream one answer; the last chunk carries usage, finish reason and the selection."""
-        config, kwargs = self._preroute(input, config, stop, kwargs)
-        yield from super().stream(input, config, stop=stop, **kwargs)
+        config, kwargs, run_id = self._prepare_run(input, config, stop, kwargs, cached=False)
+        try:
+            with _inside(run_id):
+                yield from super().stream(input, config, stop=stop, **kwargs)
+        finally:
+            _PREPARED.take(run_id)
 
     async def astream(
-        self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
-        stop: list[str] | None = None, **kwargs: Any,
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
     ) -> AsyncIterator[AIMessageChunk]:
         """:meth:`stream` for ``async for``; every model step runs in a worker thread."""
-        config, kwargs = await self._apreroute(input, config, stop, kwargs)
-        async for chunk in super().astream(input, config, stop=stop, **kwargs):
-            yield chunk
+        config, kwargs, run_id = await self._aprepare_run(input, config, stop, kwargs, cached=False)
+        try:
+            with _inside(run_id):
+                async for chunk in super().astream(input, config, stop=stop, **kwargs):
+                    yield chunk
+        finally:
+            _PREPARED.take(run_id)
 
     def batch(
-        self, inputs: list[LanguageModelInput],
-        config: RunnableConfig | list[RunnableConfig] | None = None, *,
-        return_exceptions: bool = False, **kwargs: Any,
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
     ) -> list[Any]:
         """Answer several inputs with ONE batched probe and ONE batched generation.
 
         Every row gets its own selection. Each input still has its own run (callbacks, traces,
-        metadata), recorded after the batched engine call. If the batched call fails, the inputs
-        run one by one, so that each error lands in the run of the input that caused it.
+        metadata), recorded after the batched engine call. Inputs whose answer is in the LLM cache
+        take no part in it. If the batched call fails, the inputs run one by one, so that each
+        error lands in the run of the input that caused it.
         """
         if len(inputs) < 2:
             return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
         stop = kwargs.pop("stop", None)
         try:
-            plan = self._plan(inputs, stop, kwargs)
+            rows = self._plan_batch(inputs, get_config_list(config, len(inputs)), stop, kwargs)
         except Exception:
             logger.debug("batched call failed; running the inputs one by one", exc_info=True)
-            return super().batch(inputs, config, return_exceptions=return_exceptions, stop=stop,
-                                 **kwargs)
-        token = _BATCH_PLAN.set(plan)
+            return super().batch(
+                inputs, config, return_exceptions=return_exceptions, stop=stop, **kwargs
+            )
+        out: list[Any] = []
         try:
-            out: list[Any] = []
-            for model_input, cfg, row in zip(inputs, get_config_list(config, len(inputs)),
-                                             plan.rows, strict=True):
+            for model_input, (cfg, row_kwargs, run_id) in zip(inputs, rows, strict=True):
                 try:
-                    out.append(BaseChatModel.invoke(
-                        self, model_input, self._tagged(cfg, row.selection), stop=stop,
-                        **{**kwargs, SELECTION_KEY: _as_json(row.selection)},
-                    ))
+                    with _inside(run_id):
+                        out.append(
+                            BaseChatModel.invoke(self, model_input, cfg, stop=stop, **row_kwargs)
+                        )
                 except Exception as exc:
                     if not return_exceptions:
                         raise
                     out.append(exc)
             return out
         finally:
-            _BATCH_PLAN.reset(token)
+            for _, _, run_id in rows:
+                _PREPARED.take(run_id)
 
     async def abatch(
-        self, inputs: list[LanguageModelInput],
-        config: RunnableConfig | list[RunnableConfig] | None = None, *,
-        return_exceptions: bool = False, **kwargs: Any,
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
     ) -> list[Any]:
         """:meth:`batch` without blocking the event loop."""
         if len(inputs) < 2:
-            return await super().abatch(inputs, config, return_exceptions=return_exceptions,
-                                        **kwargs)
+            return await super().abatch(
+                inputs, config, return_exceptions=return_exceptions, **kwargs
+            )
         stop = kwargs.pop("stop", None)
+        configs = get_config_list(config, len(inputs))
         try:
-            plan = await self._aplan(inputs, stop, kwargs)
+            rows = await asyncio.to_thread(self._plan_batch, inputs, configs, stop, kwargs)
         except Exception:
             logger.debug("batched call failed; running the inputs one by one", exc_info=True)
-            return await super().abatch(inputs, config, return_exceptions=return_exceptions,
-                                        stop=stop, **kwargs)
-        token = _BATCH_PLAN.set(plan)
+            return await super().abatch(
+                inputs, config, return_exceptions=return_exceptions, stop=stop, **kwargs
+            )
+        out: list[Any] = []
         try:
-            out: list[Any] = []
-            for model_input, cfg, row in zip(inputs, get_config_list(config, len(inputs)),
-                                             plan.rows, strict=True):
+            for model_input, (cfg, row_kwargs, _) in zip(inputs, rows, strict=True):
                 try:
-                    out.append(await BaseChatModel.ainvoke(
-                        self, model_input, self._tagged(cfg, row.selection), stop=stop,
-                        **{**kwargs, SELECTION_KEY: _as_json(row.selection)},
-                    ))
+                    out.append(
+                        await BaseChatModel.ainvoke(self, model_input, cfg, stop=stop, **row_kwargs)
+                    )
                 except Exception as exc:
                     if not return_exceptions:
                         raise
                     out.append(exc)
             return out
         finally:
-            _BATCH_PLAN.reset(token)
+            for _, _, run_id in rows:
+                _PREPARED.take(run_id)
 
-    def _batch_calls(self, engine: BaseEngine, inputs: Sequence[LanguageModelInput],
-                     stop: list[str] | None, kwargs: Mapping[str, Any]) -> list[_Call]:
+    def _plan_batch(
+        self,
+        inputs: Sequence[LanguageModelInput],
+        configs: Sequence[RunnableConfig],
+        stop: list[str] | None,
+        kwargs: Mapping[str, Any],
+    ) -> list[tuple[RunnableConfig, dict[str, Any], UUID | None]]:
+        """Route and generate every uncached row in one engine call; prepare one run per row."""
         if kwargs.get(SELECTION_KEY) is not None:
             raise InvalidRequestError("a batch routes each input; do not pass logo_selection")
-        return [
-            self._resolve_call(engine, to_engine_messages(self._convert_input(x).to_messages()),
-                               stop, kwargs)
-            for x in inputs
-        ]
-
-    def _plan(self, inputs: Sequence[LanguageModelInput], stop: list[str] | None,
-              kwargs: Mapping[str, Any]) -> _BatchPlan:
-        engine = self._engine_for(kwargs.get("model"))
-        calls = self._batch_calls(engine, inputs, stop, kwargs)
-        first = calls[0]
-        prompts = [c.prompt for c in calls]
-        kwargs_all = {**first.kwargs,
-                      "max_new_tokens": min(c.kwargs["max_new_tokens"] for c in calls)}
-        if first.adapters is not None:
-            selections = [pinned_selection(first.adapters, engine.adapter_names)] * len(calls)
-        else:  # one batched probe
-            selections = engine.route_batch(prompts, routing=first.kwargs["routing"],
-                                            tools=first.kwargs["tools"],
-                                            tool_choice=first.kwargs["tool_choice"])
-        generations = engine.generate_batch(  # one batched generation, a mixture per row
-            prompts, **{**kwargs_all, "adapters": [s.mixture for s in selections]}
+        rows: list[tuple[RunnableConfig, dict[str, Any], UUID | None]] = []
+        todo: list[tuple[int, EngineCall]] = []
+        for i, (model_input, config) in enumerate(zip(inputs, configs, strict=True)):
+            messages = self._convert_input(model_input).to_messages()
+            cached = self._cached_selection(messages, stop, kwargs)
+            if cached is not None:
+                rows.append((_with_selection(ensure_config(config), cached), dict(kwargs), None))
+            else:
+                rows.append((ensure_config(config), dict(kwargs), None))
+                todo.append((i, self._resolve(messages, stop, kwargs)))
+        if not todo:
+            return rows
+        first = todo[0][1]
+        if any(c.engine is not first.engine or c.options != first.options for _, c in todo):
+            raise InvalidRequestError("the rows differ in engine or options; run them one by one")
+        engine = first.engine
+        prompts = [c.prompt for _, c in todo]
+        routed = [c for _, c in todo if c.adapters is None]
+        probed = iter(
+            engine.route_batch(
+                [c.prompt for c in routed],
+                routing=first.options["routing"],
+                tools=first.options["tools"],
+                tool_choice=first.options["tool_choice"],
+            )
+            if routed
+            else []
         )
-        return _BatchPlan(engine, kwargs_all, [
-            _PlannedRow(p, s, g) for p, s, g in zip(prompts, selections, generations, strict=True)
-        ])
-
-    async def _aplan(self, inputs: Sequence[LanguageModelInput], stop: list[str] | None,
-                     kwargs: Mapping[str, Any]) -> _BatchPlan:
-        """:meth:`_plan` in a worker thread."""
-        return await asyncio.to_thread(self._plan, inputs, stop, kwargs)
+        selections = [c.route() if c.adapters is not None else next(probed) for _, c in todo]
+        generations = engine.generate_batch(  # one batched generation, a mixture per row
+            prompts, **{**first.options, "adapters": [s.mixture for s in selections]}
+        )
+        for (i, call), selection, generation in zip(todo, selections, generations, strict=True):
+            run_id = rows[i][0].get("run_id") or uuid7()
+            prepared = _Prepared(dataclasses.replace(call, selection=selection), generation)
+            _PREPARED.put(run_id, prepared)
+            config = {**_with_selection(rows[i][0], selection), "run_id": run_id}
+            rows[i] = (config, rows[i][1], run_id)
+        return rows
 
     # ---------------------------------------------------------------- BaseChatModel hooks
     def _generate(
@@ -919,8 +855,11 @@ class ChatLoGo(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        call = self._call(messages, stop, kwargs)
-        generation = _planned(call) or call.engine.generate(call.prompt, **call.generate_kwargs)
+        prepared = self._prepared(messages, stop, run_manager, kwargs)
+        call = prepared.call
+        generation = prepared.generation or call.engine.generate(
+            call.prompt, **call.generate_kwargs
+        )
         return self._result(call, generation)
 
     async def _agenerate(
@@ -930,8 +869,9 @@ class ChatLoGo(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        call = await self._acall(messages, stop, kwargs)
-        generation = _planned(call) or await call.engine.agenerate(
+        prepared = await asyncio.to_thread(self._prepared, messages, stop, run_manager, kwargs)
+        call = prepared.call
+        generation = prepared.generation or await call.engine.agenerate(
             call.prompt, **call.generate_kwargs
         )
         return self._result(call, generation)
@@ -943,17 +883,14 @@ class ChatLoGo(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        call = self._call(messages, stop, kwargs)
-        text = StreamFilter(call.tools_bound)
-        generation = _planned(call)  # a row of a batch, generated already
-        stream = None
-        pieces: Iterator[str] = iter([generation.text]) if generation is not None else iter(())
-        if generation is None:
-            stream = call.engine.stream(call.prompt, **call.generate_kwargs)
-            pieces = stream
+        prepared = self._prepared(messages, stop, run_manager, kwargs)
+        call = prepared.call
+        shown = StreamFilter(call.tools_bound)
+        generation = prepared.generation  # a row of a batch, generated already
+        stream = None if generation else call.engine.stream(call.prompt, **call.generate_kwargs)
         try:
-            for piece in pieces:
-                delta = text.push(piece)
+            for piece in stream if stream is not None else [generation.text if generation else ""]:
+                delta = shown.push(piece)
                 if delta:
                     chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
                     if run_manager:
@@ -962,13 +899,9 @@ class ChatLoGo(BaseChatModel):
         finally:
             if stream is not None:
                 stream.close()
-        if stream is not None:
-            generation = stream.generation
+        generation = generation or (stream.generation if stream is not None else None)
         assert generation is not None  # set once the stream is exhausted
-        last = ChatGenerationChunk(message=final_chunk(
-            generation, call.report(generation), call.engine.model_name, call.tools_bound,
-            text.shown,
-        ))
+        last = self._last_chunk(call, generation, shown)
         if run_manager:
             run_manager.on_llm_new_token(last.text, chunk=last)
         yield last
@@ -980,15 +913,14 @@ class ChatLoGo(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        call = await self._acall(messages, stop, kwargs)
-        text = StreamFilter(call.tools_bound)
-        generation = _planned(call)
-        stream = None
-        if generation is None:
-            stream = call.engine.astream(call.prompt, **call.generate_kwargs)
+        prepared = await asyncio.to_thread(self._prepared, messages, stop, run_manager, kwargs)
+        call = prepared.call
+        shown = StreamFilter(call.tools_bound)
+        generation = prepared.generation
+        stream = None if generation else call.engine.astream(call.prompt, **call.generate_kwargs)
         try:
             async for piece in _pieces(stream, generation):
-                delta = text.push(piece)
+                delta = shown.push(piece)
                 if delta:
                     chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
                     if run_manager:
@@ -997,16 +929,20 @@ class ChatLoGo(BaseChatModel):
         finally:
             if stream is not None:
                 await stream.aclose()
-        if stream is not None:
-            generation = stream.generation
+        generation = generation or (stream.generation if stream is not None else None)
         assert generation is not None  # set once the stream is exhausted
-        last = ChatGenerationChunk(message=final_chunk(
-            generation, call.report(generation), call.engine.model_name, call.tools_bound,
-            text.shown,
-        ))
+        last = self._last_chunk(call, generation, shown)
         if run_manager:
             await run_manager.on_llm_new_token(last.text, chunk=last)
         yield last
+
+    def _last_chunk(
+        self, call: EngineCall, generation: Generation, shown: StreamFilter
+    ) -> ChatGenerationChunk:
+        message = final_chunk(
+            generation, call.report(generation), call.engine.model_name, shown.shown
+        )
+        return ChatGenerationChunk(message=message)
 
     # ------------------------------------------------------------------- token counting
     def get_num_tokens_from_messages(
@@ -1017,37 +953,47 @@ class ChatLoGo(BaseChatModel):
         return self.engine.count_tokens(to_engine_messages(messages), tools=schemas)
 
     def get_token_ids(self, text: str) -> list[int]:
-        """Token ids of ``text`` with the engine's tokenizer (no chat template)."""
+        """Token ids of ``text`` with the engine's tokenizer, when it has one (no chat template)."""
         tokenizer = getattr(self.engine, "tokenizer", None)
         if tokenizer is None:
             return super().get_token_ids(text)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _as_json(selection: Selection) -> dict[str, Any]:
-    """A selection as the JSON dict passed in call kwargs (and so in invocation params)."""
-    return selection.model_dump(mode="json")
+def _with_selection(config: RunnableConfig, selection: Selection) -> RunnableConfig:
+    """A run config carrying the selection as run tags and run metadata."""
+    return {
+        **config,
+        "tags": [*(config.get("tags") or []), *selection_tags(selection)],
+        "metadata": {**(config.get("metadata") or {}), **selection_run_metadata(selection)},
+    }
 
 
 async def _pieces(stream: Any, generation: Generation | None) -> AsyncIterator[str]:
     """Text pieces of an engine stream, or the whole text of a generation made already."""
     if stream is None:
-        assert generation is not None
-        yield generation.text
+        yield generation.text if generation is not None else ""
         return
     async for piece in stream:
         yield piece
 
 
 __all__ = [
+    "INVALID_KEY",
+    "PROVIDER",
+    "SELECTION_KEY",
     "ChatLoGo",
+    "ai_message",
     "content_text",
+    "final_chunk",
+    "lc_invalid_tool_calls",
+    "lc_tool_calls",
     "normalize_tool_choice",
+    "response_metadata",
     "selection_run_metadata",
-    "split_answer",
     "to_engine_message",
     "to_engine_messages",
-    "to_lc_tool_calls",
     "to_openai_tool_calls",
-    "visible_text",
+    "tool_schemas",
+    "usage_metadata",
 ]

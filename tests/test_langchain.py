@@ -15,6 +15,7 @@ from unittest.mock import MagicMock
 from uuid import UUID
 
 import pytest
+from langchain_core.caches import InMemoryCache
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.messages import (
     AIMessage,
@@ -29,22 +30,25 @@ from langchain_core.outputs import LLMResult
 from langchain_core.tools import tool
 from langchain_core.tracers.context import collect_runs, tracing_v2_enabled
 from langsmith import Client
+from loop_witness import LoopWitness
 from pydantic import BaseModel, Field
 
+from logo_engine import RoutingConfig
 from logo_engine.errors import AdapterNotFoundError, InvalidRequestError, RoutingConfigError
 from logo_engine.testing import ScriptedEngine, tool_call_text
-from logo_engine.types import Generation, Selection, ToolCall, Usage
+from logo_engine.types import Generation, InvalidToolCall, Selection, ToolCall, Usage
 from logo_integrations.langchain import (
+    INVALID_KEY,
     SELECTION_KEY,
     ChatLoGo,
+    ai_message,
     content_text,
+    final_chunk,
     normalize_tool_choice,
     selection_run_metadata,
-    split_answer,
     to_engine_message,
     to_engine_messages,
     to_openai_tool_calls,
-    visible_text,
 )
 
 PROMPTS = ["math: what is 2 + 2 math", "sql: count the rows sql sql", "code: write code code"]
@@ -110,39 +114,29 @@ MESSAGE_TABLE = [
         {
             "role": "assistant",
             "content": "",
-            "tool_calls": [
-                {
-                    "id": "c1",
-                    "type": "function",
-                    "function": {"name": "f", "arguments": '{"x": "é"}'},
-                }
-            ],
+            "tool_calls": [{"id": "c1", "type": "function",
+                            "function": {"name": "f", "arguments": '{"x": "é"}'}}],
         },
     ),
     (
         AIMessage(
-            [
-                {"type": "text", "text": "some text"},
-                {"type": "tool_use", "id": "c1", "name": "f", "input": {}},
-            ],
+            [{"type": "text", "text": "some text"},
+             {"type": "tool_use", "id": "c1", "name": "f", "input": {}}],
             tool_calls=[{"name": "f", "args": {}, "id": "c1"}],
         ),
         {
             "role": "assistant",
             "content": "some text",
-            "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-            ],
+            "tool_calls": [{"id": "c1", "type": "function",
+                            "function": {"name": "f", "arguments": "{}"}}],
         },
     ),
     (
         ToolMessage('{"result": 3}', tool_call_id="c1", name="f"),
         {"role": "tool", "content": '{"result": 3}', "tool_call_id": "c1", "name": "f"},
     ),
-    (
-        ToolMessage("err", tool_call_id="c2", status="error"),
-        {"role": "tool", "content": "err", "tool_call_id": "c2"},
-    ),
+    (ToolMessage("err", tool_call_id="c2", status="error"),
+     {"role": "tool", "content": "err", "tool_call_id": "c2"}),
     (FunctionMessage("3", name="f"), {"role": "tool", "content": "3", "name": "f"}),
     (ChatMessage(role="developer", content="d"), {"role": "system", "content": "d"}),
     (ChatMessage(role="human", content="h"), {"role": "user", "content": "h"}),
@@ -170,20 +164,16 @@ def test_to_engine_message_refuses(message):
 
 def test_content_text_table():
     assert content_text("x", role="user") == "x"
-    assert (
-        content_text([{"type": "text", "text": "a"}, {"type": "reasoning"}], role="assistant")
-        == "a"
-    )
+    assert content_text([{"type": "text", "text": "a"}, {"type": "reasoning"}],
+                        role="assistant") == "a"
     assert content_text([{"type": "json", "json": {"ok": "é"}}], role="tool") == (
         '{"type": "json", "json": {"ok": "é"}}'
     )
 
 
 def test_tool_calls_to_openai():
-    calls = [
-        {"name": "f", "args": {"a": 1}, "id": "x", "type": "tool_call"},
-        {"name": "g", "args": {}, "id": None, "type": "tool_call"},
-    ]
+    calls = [{"name": "f", "args": {"a": 1}, "id": "x", "type": "tool_call"},
+             {"name": "g", "args": {}, "id": None, "type": "tool_call"}]
     assert to_openai_tool_calls(calls) == [
         {"id": "x", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}},
         {"id": "", "type": "function", "function": {"name": "g", "arguments": "{}"}},
@@ -193,16 +183,9 @@ def test_tool_calls_to_openai():
 @pytest.mark.parametrize(
     ("choice", "expected"),
     [
-        (None, None),
-        (False, None),
-        ("auto", "auto"),
-        ("none", "none"),
-        ("any", "required"),
-        ("required", "required"),
-        (True, "required"),
-        ("f", "f"),
-        ({"type": "function", "function": {"name": "g"}}, "g"),
-        ({"name": "g"}, "g"),
+        (None, None), (False, None), ("auto", "auto"), ("none", "none"), ("any", "required"),
+        ("required", "required"), (True, "required"), ("f", "f"),
+        ({"type": "function", "function": {"name": "g"}}, "g"), ({"name": "g"}, "g"),
     ],
 )
 def test_normalize_tool_choice(choice, expected):
@@ -215,47 +198,74 @@ def test_normalize_tool_choice_refuses(choice):
         normalize_tool_choice(choice, ["f", "g"])
 
 
-@pytest.mark.parametrize(
-    ("text", "visible"),
-    [
-        ("hello", "hello"),
-        ("", ""),
-        ("  ", ""),
-        ('{"name"', ""),
-        ("  {", ""),
-        ("Sure <tool_call>{", "Sure "),
-        ("Sure <tool", "Sure "),
-        ("Sure <", "Sure "),
-        ("a < b", "a < b"),
-        ("x<tool_call>", "x"),
-    ],
-)
-def test_visible_text(text, visible):
-    assert visible_text(text) == visible
-
-
-def _gen(text: str, calls: list[ToolCall] | None = None) -> Generation:
+def _gen(
+    text: str,
+    content: str | None = None,
+    calls: list[ToolCall] | None = None,
+    bad: list[InvalidToolCall] | None = None,
+) -> Generation:
     return Generation(
         text=text,
-        selection=Selection(),
-        usage=Usage(prompt_tokens=1, completion_tokens=1),
+        content=text if content is None else content,
+        selection=Selection(adapters=["sql"], weights=[1.0]),
+        usage=Usage(prompt_tokens=3, completion_tokens=2),
         finish_reason="stop",
         tool_calls=calls or [],
+        invalid_tool_calls=bad or [],
     )
 
 
-def test_split_answer_table():
-    call = ToolCall(id="c", name="f", arguments={"a": 1})
-    parsed = split_answer(
-        _gen('Ok <tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>', [call]), True
-    )
-    assert parsed.content == "Ok"
-    assert parsed.tool_calls == [{"name": "f", "args": {"a": 1}, "id": "c", "type": "tool_call"}]
-    broken = split_answer(_gen('Ok <tool_call>{"name": "f", "argu'), True)
-    assert broken.content == "Ok" and not broken.tool_calls
-    assert broken.invalid_tool_calls[0]["args"] == '<tool_call>{"name": "f", "argu'
-    plain = split_answer(_gen("a <tool_call> b"), False)  # no tools bound: text stays text
-    assert plain.content == "a <tool_call> b" and not plain.invalid_tool_calls
+CALL = ToolCall(id="c", name="f", arguments={"a": "é"})
+BAD = InvalidToolCall(name="g", arguments='<tool_call>{"name": "g", "argu', error="not JSON")
+
+
+@pytest.mark.parametrize(
+    ("generation", "content", "calls", "bad"),
+    [
+        (_gen("plain"), "plain", [], []),
+        (
+            _gen("Ok <tool_call>...</tool_call>", "Ok", [CALL]),
+            "Ok",
+            [{"name": "f", "args": {"a": "é"}, "id": "c", "type": "tool_call"}],
+            [],
+        ),
+        (
+            _gen("Ok " + BAD.arguments, "Ok", [], [BAD]),
+            "Ok",
+            [],
+            [{"name": "g", "args": BAD.arguments, "id": None, "error": "not JSON",
+              "type": "invalid_tool_call"}],
+        ),
+    ],
+)
+def test_ai_message_translates_the_engine_answer(generation, content, calls, bad):
+    selection = Selection(adapters=["math"], weights=[1.0])
+    message = ai_message(generation, selection, "m")
+    assert (message.content, message.tool_calls, message.invalid_tool_calls) == (content, calls, bad)
+    assert message.usage_metadata == {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}
+    meta = message.response_metadata
+    assert meta[SELECTION_KEY] == selection.model_dump(mode="json")  # the selection given
+    assert (meta["model_name"], meta["model_provider"], meta["finish_reason"]) == (
+        "m", "logo", "stop")
+    assert meta.get(INVALID_KEY, []) == [b.model_dump() for b in generation.invalid_tool_calls]
+    # The last stream chunk, added to what was streamed before it, gives the same message.
+    shown = content[:2]
+    full = AIMessageChunk(content=shown) + final_chunk(generation, selection, "m", shown)
+    assert full.content == content
+    assert [(c["name"], c["args"]) for c in full.tool_calls] == [
+        (c["name"], c["args"]) for c in calls]
+    assert [c["name"] for c in full.invalid_tool_calls] == [c["name"] for c in bad]
+    assert full.response_metadata == meta
+
+
+def test_a_broken_call_that_looks_like_json_stays_invalid_when_chunks_add_up():
+    # A response template may give a nameless call as JSON; LangChain would read it back as a
+    # valid call with an empty name when chunks are added.
+    nameless = InvalidToolCall(arguments='{"x": 1}', error="the tool call has no tool name")
+    chunk = final_chunk(_gen("t", "", [], [nameless]), Selection(), "m", "")
+    full = AIMessageChunk(content="") + chunk
+    assert full.tool_calls == [] and len(full.invalid_tool_calls) == 1
+    assert full.response_metadata[INVALID_KEY][0]["error"] == "the tool call has no tool name"
 
 
 def test_selection_run_metadata():
@@ -401,16 +411,13 @@ def test_on_llm_end_sees_the_selection(llm, engine):
 
 def test_streamed_tokens_reach_callbacks(engine):
     handler = Recorder()
-    text = "".join(
-        c.content
-        for c in ChatLoGo(engine=engine).stream("alpha beta gamma", config={"callbacks": [handler]})
-    )
+    text = "".join(c.content for c in ChatLoGo(engine=engine).stream(
+        "alpha beta gamma", config={"callbacks": [handler]}))
     assert "".join(handler.tokens) == text == "alpha beta gamma"
     assert len([t for t in handler.tokens if t]) == 3
     handler = Recorder()
     message = ChatLoGo(engine=engine, streaming=True).invoke(
-        "alpha beta gamma", config={"callbacks": [handler]}
-    )
+        "alpha beta gamma", config={"callbacks": [handler]})
     assert [t for t in handler.tokens if t] == ["alpha ", "beta ", "gamma"]
     assert message.response_metadata[SELECTION_KEY]["adapters"]
     assert _end_selection(handler.ends[0]) == message.response_metadata[SELECTION_KEY]
@@ -430,8 +437,7 @@ async def test_async_streamed_tokens_reach_async_callbacks(engine):
 
     handler = AsyncRecorder()
     message = await ChatLoGo(engine=engine, streaming=True).ainvoke(
-        "alpha beta gamma", config={"callbacks": [handler]}
-    )
+        "alpha beta gamma", config={"callbacks": [handler]})
     assert [t for t in handler.tokens if t] == ["alpha ", "beta ", "gamma"]
     assert _end_selection(handler.ends[0]) == message.response_metadata[SELECTION_KEY]
 
@@ -486,37 +492,56 @@ def test_batch_falls_back_row_by_row_on_a_bad_row(engine):
 
 # ----------------------------------------------------------------------------- the event loop
 async def test_async_calls_do_not_block_the_event_loop():
-    engine = CountingEngine(delay=0.05)
-    llm = ChatLoGo(engine=engine)
-    ticks = 0
-    stop = asyncio.Event()
+    witness = LoopWitness()
 
-    async def ticker() -> None:
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
-            await asyncio.sleep(0.005)
+    class WitnessedEngine(CountingEngine):
+        def _decode(self, requests, selections, params, rows):
+            for step in super()._decode(requests, selections, params, rows):
+                witness.check()  # every decoding step
+                yield step
 
-    task = asyncio.create_task(ticker())
-    await llm.ainvoke("one two three four five six")
-    [c async for c in llm.astream("one two three four five six")]
-    await llm.abatch(["one two three", "four five six"])
-    stop.set()
-    await task
-    assert ticks > 30  # ~0.75 s of decoding, during which the loop kept ticking
+    llm = ChatLoGo(engine=WitnessedEngine())
+
+    async def calls() -> None:
+        await llm.ainvoke("one two three four five six")
+        [c async for c in llm.astream("one two three four five six")]
+        await llm.abatch(["one two three", "four five six"])
+
+    await witness.run(calls())
+    witness.assert_loop_was_free(min_checks=6 + 6 + 3)
+
+
+async def test_the_first_async_call_loads_the_model_off_the_event_loop(monkeypatch):
+    from logo_engine import LoGoEngine
+
+    witness = LoopWitness()
+
+    def slow_load(cls, *args, **kwargs):
+        witness.check()  # the load is in progress: the loop must be free to answer
+        return ScriptedEngine()
+
+    monkeypatch.setattr(LoGoEngine, "shared", classmethod(slow_load))
+    for call in ("ainvoke", "astream", "abatch"):
+        llm = ChatLoGo()
+        if call == "ainvoke":
+            await witness.run(llm.ainvoke("hello there"))
+        elif call == "astream":
+            await witness.run(_drain(llm.astream("hello there")))
+        else:
+            await witness.run(llm.abatch(["hello", "there"]))
+    witness.assert_loop_was_free(min_checks=3)
+
+
+async def _drain(stream: Any) -> list[Any]:
+    return [x async for x in stream]
 
 
 def test_construction_loads_nothing(monkeypatch):
     from logo_engine import LoGoEngine
 
     loads: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(
-        LoGoEngine,
-        "shared",
-        classmethod(
-            lambda cls, *a, **k: loads.append((a, k)) or ScriptedEngine(model_name="loaded")
-        ),
-    )
+    monkeypatch.setattr(LoGoEngine, "shared", classmethod(
+        lambda cls, *a, **k: loads.append((a, k)) or ScriptedEngine(model_name="loaded")))
     llm = ChatLoGo(model="some/model", adapters="some/zoo", temperature=0.1)
     assert loads == []
     assert llm._get_ls_params()["ls_model_name"] == "some/model"
@@ -524,12 +549,8 @@ def test_construction_loads_nothing(monkeypatch):
     assert ChatLoGo()._get_ls_params()["ls_model_name"] == "SmolLM2-135M-Instruct"
     assert loads == []
     llm.invoke("hello there")
-    assert loads == [
-        (
-            ("some/model",),
-            {"adapters": "some/zoo", "device": "cpu", "dtype": None, "gguf_file": None},
-        )
-    ]
+    assert loads == [(("some/model",), {"adapters": "some/zoo", "device": "cpu", "dtype": None,
+                                        "gguf_file": None})]
     llm.invoke("again")
     assert len(loads) == 1
     llm.invoke("hello", model="other/model")  # a per-call base model: its own shared engine
@@ -543,20 +564,61 @@ def test_model_override_needs_a_loadable_model(llm):
     assert llm._get_ls_params(model="x")["ls_model_name"] == "x"
 
 
-def test_bad_fields_are_refused():
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"foo": 1},
+        {"base_url": "http://x"},
+        {"top_k": 0},
+        {"routing": 3},
+        {"routing": {"k": 2}},
+        {"routing": {"top_k": 0}},
+        {"dtype": "float8"},
+        {"max_tokens": 1, "max_new_tokens": 2},
+        {"model": "a", "base_model": "b"},
+        {"signal": "cosine"},
+    ],
+)
+def test_unknown_or_bad_constructor_arguments_are_refused(kwargs):
     with pytest.raises(ValueError):
-        ChatLoGo(routing={"top_k": 2})
-    with pytest.raises(ValueError):
-        ChatLoGo(top_k=0)
+        ChatLoGo(**kwargs)
+
+
+def test_constructor_names_and_their_aliases():
+    assert ChatLoGo(max_new_tokens=2).max_tokens == 2
+    assert ChatLoGo(model_name="x").model == ChatLoGo(base_model="x").model == "x"
+    assert ChatLoGo(max_tokens=3, max_new_tokens=3).max_tokens == 3  # the same value twice
+    assert ChatLoGo(routing={"top_k": 2, "signal": "entropy"}).routing == RoutingConfig(
+        top_k=2, signal="entropy"
+    )
+    assert ChatLoGo(api_key="k").api_key.get_secret_value() == "k"
     with pytest.raises(TypeError):
         ChatLoGo(engine="not an engine")
+
+
+def test_per_call_aliases_and_warnings_once(engine, caplog):
+    llm = ChatLoGo(engine=engine)
+    with caplog.at_level("WARNING", logger="logo_integrations._common"):
+        assert llm.invoke("one two three four", max_new_tokens=2, frobnicate=1).content == (
+            "one two "
+        )
+    assert caplog.text.count("frobnicate") == 1  # resolved once per call, not once per step
+
+
+def test_the_call_is_resolved_and_tokens_counted_once(engine, monkeypatch):
+    counted: list[Any] = []
+    count = engine.count_tokens
+    monkeypatch.setattr(engine, "count_tokens", lambda *a, **k: counted.append(a) or count(*a, **k))
+    llm = ChatLoGo(engine=engine)  # max_tokens None: the default is cut to the context window
+    llm.invoke(PROMPTS[0])
+    list(llm.stream(PROMPTS[0]))
+    assert len(counted) == 2 and engine.probes == [1, 1]
 
 
 def test_token_counts_come_from_the_engine(llm, engine):
     messages = [SystemMessage("be brief"), HumanMessage("count these words")]
     assert llm.get_num_tokens_from_messages(messages) == engine.count_tokens(
-        to_engine_messages(messages)
-    )
+        to_engine_messages(messages))
 
 
 # --------------------------------------------------------------------------------- tools
@@ -582,12 +644,8 @@ def test_streaming_with_tools_hides_the_call_markup():
     for chunk in chunks[1:]:
         full = full + chunk
     assert full.tool_calls == [
-        {
-            "name": "get_weather",
-            "args": {"city": "Zürich"},
-            "id": full.tool_calls[0]["id"],
-            "type": "tool_call",
-        }
+        {"name": "get_weather", "args": {"city": "Zürich"}, "id": full.tool_calls[0]["id"],
+         "type": "tool_call"}
     ]
     assert sum(bool(c.tool_call_chunks) for c in chunks) == 1
 
@@ -597,13 +655,21 @@ def test_a_broken_tool_call_is_an_invalid_tool_call():
     llm = ChatLoGo(engine=engine).bind_tools([get_weather])
     message = llm.invoke("Weather?")
     assert message.content == "Sure." and message.tool_calls == []
-    assert message.invalid_tool_calls[0]["args"].startswith("<tool_call>")
+    (bad,) = message.invalid_tool_calls
+    assert bad["name"] == "get_weather" and bad["args"].startswith("<tool_call>")
+    assert "not valid JSON" in bad["error"]
     chunks = list(llm.stream("Weather?"))
     assert all("<tool" not in c.content for c in chunks)
     full = chunks[0]
     for chunk in chunks[1:]:
         full = full + chunk
-    assert full.tool_calls == [] and full.invalid_tool_calls
+    assert full.content == "Sure. " and full.tool_calls == []  # shown before the markup began
+    assert [b["name"] for b in full.invalid_tool_calls] == ["get_weather"]
+    # Adding chunks drops the error of an invalid call: it survives in response_metadata.
+    assert full.response_metadata[INVALID_KEY] == [
+        {"name": "get_weather", "arguments": bad["args"], "error": bad["error"]}
+    ]
+    assert message.response_metadata[INVALID_KEY] == full.response_metadata[INVALID_KEY]
 
 
 def test_tool_choice_forces_the_named_tool():
@@ -612,13 +678,8 @@ def test_tool_choice_forces_the_named_tool():
     message = llm.invoke("Hello")
     assert message.tool_calls[0]["name"] == "get_time"
     assert message.tool_calls[0]["args"] == {"city": "Oslo"}
-    assert (
-        ChatLoGo(engine=engine)
-        .bind_tools([get_weather], tool_choice="none")
-        .invoke("Hello")
-        .tool_calls
-        == []
-    )
+    assert ChatLoGo(engine=engine).bind_tools([get_weather], tool_choice="none").invoke(
+        "Hello").tool_calls == []
     with pytest.raises(InvalidRequestError):
         ChatLoGo(engine=engine).bind_tools([get_weather], tool_choice="get_time")
 
@@ -644,9 +705,8 @@ class Person(BaseModel):
 
 
 def test_structured_output_pydantic_typeddict_json_schema():
-    engine = CountingEngine(
-        lambda m, t: tool_call_text(t[0]["function"]["name"], {"name": "Åsa", "age": 41})
-    )
+    engine = CountingEngine(lambda m, t: tool_call_text(t[0]["function"]["name"],
+                                                        {"name": "Åsa", "age": 41}))
     llm = ChatLoGo(engine=engine)
     assert llm.with_structured_output(Person).invoke("Åsa is 41") == Person(name="Åsa", age=41)
     schema = Person.model_json_schema()
@@ -705,10 +765,7 @@ def test_langsmith_batch_gives_each_run_its_own_selection(llm):
         llm.batch(PROMPTS)
     creates, updates = _llm_runs(client)
     assert sorted(c["extra"]["metadata"]["logo_adapter"] for c in creates) == [
-        "code",
-        "math",
-        "sql",
-    ]
+        "code", "math", "sql"]
     assert len(updates) == 3
 
 
@@ -753,3 +810,117 @@ def test_a_precomputed_selection_is_reused_without_a_probe(llm, engine):
     assert message.response_metadata[SELECTION_KEY] == selection.model_dump(mode="json")
     assert engine.calls[-1]["selection"].mixture == {"sql": 1.0}
     assert handler.starts[0]["metadata"]["logo_adapters"] == ["sql"]
+
+
+# ---------------------------------------------------------------------- the LLM cache
+def test_identical_calls_hit_the_cache_without_a_probe(engine):
+    cache = InMemoryCache()
+    llm = ChatLoGo(engine=engine, cache=cache)
+    handler = Recorder()
+    first = llm.invoke(PROMPTS[1], config={"callbacks": [handler]})
+    second = llm.invoke(PROMPTS[1], config={"callbacks": [handler]})
+    assert len(cache._cache) == 1
+    assert engine.probes == [1] and engine.decodes == [1]  # the second call did no engine work
+    assert second.content == first.content
+    assert second.response_metadata[SELECTION_KEY] == first.response_metadata[SELECTION_KEY]
+    # The cached answer's selection still reaches the second run's metadata and tags.
+    assert [s["metadata"]["logo_adapter"] for s in handler.starts] == ["sql", "sql"]
+    assert "logo:sql" in handler.starts[1]["tags"]
+    llm.invoke(PROMPTS[1], temperature=0.5, seed=1)  # other arguments: another entry
+    assert len(cache._cache) == 2 and engine.decodes == [1, 1]
+
+
+async def test_async_and_batch_calls_use_the_cache(engine):
+    cache = InMemoryCache()
+    llm = ChatLoGo(engine=engine, cache=cache)
+    await llm.ainvoke(PROMPTS[0])
+    assert (await llm.ainvoke(PROMPTS[0])).response_metadata[SELECTION_KEY]["adapters"][0] == "math"
+    assert engine.decodes == [1]
+    out = llm.batch(PROMPTS)  # the first row is cached: the batch generates the other two
+    assert engine.probes == [1, 2] and engine.decodes == [1, 2]
+    assert [m.response_metadata[SELECTION_KEY]["adapters"][0] for m in out] == [
+        "math", "sql", "code"]
+    assert len(cache._cache) == 3
+    assert [m.content for m in llm.batch(PROMPTS)] == [m.content for m in out]
+    assert engine.decodes == [1, 2]
+
+
+def test_engines_passed_in_do_not_share_cache_entries():
+    cache = InMemoryCache()
+    a = ChatLoGo(engine=ScriptedEngine(["from a"]), cache=cache)
+    b = ChatLoGo(engine=ScriptedEngine(["from b"], adapter_names=("x", "y")), cache=cache)
+    assert a.invoke("hi").content == "from a"
+    assert b.invoke("hi").content == "from b"
+    assert len(cache._cache) == 2
+
+
+def test_the_selection_is_not_in_call_kwargs_or_invocation_params(llm, engine):
+    client = _mock_client()
+    with tracing_v2_enabled(project_name="unit", client=client):
+        llm.invoke(PROMPTS[1])
+    (create,), _ = _llm_runs(client)
+    assert SELECTION_KEY not in create["extra"]["invocation_params"]
+    assert create["extra"]["metadata"][SELECTION_KEY]["adapters"][0] == "sql"
+    assert json.dumps(create, default=str).count('"probe_ms"') == 1  # once, in the metadata
+
+
+# ------------------------------------------------------------------- structured output
+class InventsNames(ScriptedEngine):
+    """A small model: asked for a tool call, it invents a tool name unless the engine forces it."""
+
+    def _decode(self, requests, selections, params, rows):
+        forced = requests[0].response_prefix
+        answer = '{"name": "Åsa", "age": 41}}\n</tool_call>'
+        self._script = lambda m, t: (
+            forced + answer if '"arguments": ' in forced else tool_call_text("person_info", {})
+        )
+        return super()._decode(requests, selections, params, rows)
+
+
+def test_structured_output_forces_the_one_schema_tool():
+    llm = ChatLoGo(engine=InventsNames())
+    assert llm.with_structured_output(Person).invoke("Åsa is 41") == Person(name="Åsa", age=41)
+    assert list(llm.with_structured_output(Person).stream("x")) == [Person(name="Åsa", age=41)]
+    for choice in ("any", "required", True):  # one bound tool: its name is forced
+        message = llm.bind_tools([Person], tool_choice=choice).invoke("x")
+        assert message.tool_calls[0]["name"] == "Person"
+    free = llm.bind_tools([Person]).invoke("x")  # auto: the model names the tool itself
+    assert free.tool_calls[0]["name"] == "person_info"
+    two = llm.bind_tools([Person, get_weather], tool_choice="any").invoke("x")
+    assert two.tool_calls[0]["name"] == "person_info"  # several tools: the model picks
+
+
+# ------------------------------------------------------------------------ serialisation
+def test_settings_serialise_and_load_back():
+    from langchain_core.load import dumpd, dumps, load, loads
+
+    llm = ChatLoGo(
+        model="some/model",
+        adapters={"sql": "zoo/sql"},
+        top_k=2,
+        routing={"top_k": 1, "signal": "entropy"},
+        max_new_tokens=9,
+        api_key="secret-key",
+    )
+    assert "secret-key" not in dumps(llm)
+    loaded = loads(
+        dumps(llm),
+        valid_namespaces=["logo_integrations"],
+        allowed_objects=[ChatLoGo],
+        secrets_map={"LOGO_API_KEY": "secret-key"},
+    )
+    assert isinstance(loaded, ChatLoGo) and loaded.model_dump() == llm.model_dump()
+    assert loaded.routing == RoutingConfig(top_k=1, signal="entropy")
+    with pytest.raises(ValueError, match="not allowed"):  # the default allowlist is core only
+        load(dumpd(llm), valid_namespaces=["logo_integrations"])
+
+
+def test_what_cannot_serialise_says_so(engine):
+    from langchain_core.load import dumpd
+
+    assert dumpd(ChatLoGo(engine=engine))["type"] == "not_implemented"
+
+    def my_scorer(outputs: Any) -> Any:
+        return outputs.norm(dim=-1)
+
+    assert dumpd(ChatLoGo(routing=RoutingConfig(signal=my_scorer)))["type"] == "not_implemented"

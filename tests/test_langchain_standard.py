@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from langchain_core.language_models import BaseChatModel
+from langchain_core.load import dumpd
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
@@ -99,6 +100,16 @@ class TestChatLoGoScriptedUnit(ChatModelUnitTests):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         return {"engine": scripted_engine()}
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="an engine passed in is a live object, so a ChatLoGo built over one serialises as "
+        "'not_implemented' and does not load back (one built from settings does: "
+        "test_langchain.py::test_settings_serialise_and_load_back)",
+    )
+    def test_serdes(self, model: BaseChatModel, snapshot: Any) -> None:
+        assert dumpd(model)["type"] == "not_implemented"
+        super().test_serdes(model, snapshot)
 
 
 OVERRIDE_REASON = (

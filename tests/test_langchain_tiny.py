@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import tiny
 from langchain_core.language_models import BaseChatModel
+from langchain_core.load import dumpd, load
 from langchain_core.messages import AIMessage
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
@@ -88,7 +91,33 @@ class _TinyParams:
 
 
 class TestChatLoGoTinyUnit(_TinyParams, ChatModelUnitTests):
-    pass
+    @pytest.mark.xfail(
+        strict=True,
+        reason="the standard test compares with a stored snapshot (these settings hold temporary "
+        "folders) and loads with allowed_objects='all', which admits only langchain's own partner "
+        "classes; test_serialises_and_loads_back checks the round trip with allowed_objects="
+        "[ChatLoGo]",
+    )
+    def test_serdes(self, model: BaseChatModel, snapshot: Any) -> None:
+        super().test_serdes(model, snapshot)
+
+    def test_serialises_and_loads_back(self, model: BaseChatModel) -> None:
+        serialised = dumpd(model)
+        assert serialised["type"] == "constructor"
+        assert serialised["kwargs"]["model"] == self.base
+        assert serialised["kwargs"]["api_key"] == {
+            "lc": 1,
+            "type": "secret",
+            "id": ["LOGO_API_KEY"],
+        }  # a reference to the environment, never the value
+        with mock.patch.dict(os.environ, {"LOGO_API_KEY": "test"}):
+            loaded = load(
+                serialised,
+                valid_namespaces=["logo_integrations"],
+                allowed_objects=[ChatLoGo],  # a third-party class is never in "all"
+                secrets_from_env=True,
+            )
+        assert isinstance(loaded, ChatLoGo) and loaded.model_dump() == model.model_dump()
 
 
 NO_TOOL_FOLLOWING = (
@@ -113,7 +142,7 @@ class TestChatLoGoTinyIntegration(_TinyParams, ChatModelIntegrationTests):
         return self.other  # another base-model folder: loaded lazily on the first such call
 
     def test_lazy_shared_engine(self, model: ChatLoGo) -> None:
-        assert model._engine is None  # constructing loads nothing
+        assert model._slot.loaded is None  # constructing loads nothing
         result = model.invoke("abc abc")
         assert isinstance(result, AIMessage)
         again = ChatLoGo(**self.chat_model_params)
