@@ -74,8 +74,9 @@ def build_llm(scripted: bool, adapters: str | None = None) -> ChatLoGo:
     return ChatLoGo(engine=engine, max_tokens=96)
 
 
-def run_loop(llm: ChatLoGo, question: str, *, tool_choice: str | None = None,
-             max_steps: int = 4) -> list[BaseMessage]:
+def run_loop(
+    llm: ChatLoGo, question: str, *, tool_choice: str | None = None, max_steps: int = 4
+) -> list[BaseMessage]:
     """The tool-calling agent loop; returns the conversation."""
     by_name = {t.name: t for t in TOOLS}
     messages: list[BaseMessage] = [SystemMessage(SYSTEM), HumanMessage(question)]
@@ -98,8 +99,14 @@ def run_create_agent(llm: ChatLoGo, question: str) -> list[BaseMessage]:
     return list(agent.invoke({"messages": [HumanMessage(question)]})["messages"])
 
 
-def ask(question: str, *, scripted: bool, adapters: str | None = None,
-        tool_choice: str | None = None, create_agent: bool = False) -> dict[str, Any]:
+def ask(
+    question: str,
+    *,
+    scripted: bool,
+    adapters: str | None = None,
+    tool_choice: str | None = None,
+    create_agent: bool = False,
+) -> dict[str, Any]:
     """Run the agent on one question; returns the answer, tool calls and selections."""
     llm = build_llm(scripted, adapters)
     if create_agent:
@@ -113,13 +120,19 @@ def ask(question: str, *, scripted: bool, adapters: str | None = None,
         "answer": str(answers[-1].content).strip() if answers else "",
         "tool_calls": [
             f"{c['name']}({c['args']}) -> {results.get(c['id'])}"
-            for m in answers for c in m.tool_calls
+            for m in answers
+            for c in m.tool_calls
         ],
         "invalid_tool_calls": [c.get("args") for m in answers for c in m.invalid_tool_calls],
         # {adapter: weight} of every model call, from the answers' response metadata
         "selections": [
-            dict(zip(m.response_metadata[SELECTION_KEY]["adapters"],
-                     m.response_metadata[SELECTION_KEY]["weights"], strict=True))
+            dict(
+                zip(
+                    m.response_metadata[SELECTION_KEY]["adapters"],
+                    m.response_metadata[SELECTION_KEY]["weights"],
+                    strict=True,
+                )
+            )
             for m in answers
         ],
     }
@@ -135,13 +148,21 @@ def main(argv: list[str] | None = None) -> None:
         help="tool choice of the agent's first call: auto, required or a tool name "
         "(default: required on the real engine, auto on the scripted one)",
     )
-    parser.add_argument("--create-agent", action="store_true",
-                        help="use langchain.agents.create_agent (pip install langchain)")
+    parser.add_argument(
+        "--create-agent",
+        action="store_true",
+        help="use langchain.agents.create_agent (pip install langchain)",
+    )
     args = parser.parse_args(argv)
     tool_choice = args.tool_choice or ("auto" if args.scripted else "required")
     for question in args.questions or QUESTIONS:
-        r = ask(question, scripted=args.scripted, adapters=args.adapters,
-                tool_choice=tool_choice, create_agent=args.create_agent)
+        r = ask(
+            question,
+            scripted=args.scripted,
+            adapters=args.adapters,
+            tool_choice=tool_choice,
+            create_agent=args.create_agent,
+        )
         print(f"Q: {r['question']}")
         for line in r["tool_calls"]:
             print(f"   tool: {line}")

@@ -49,8 +49,13 @@ class RecordingSession(requests.Session):
         super().__init__()
         self.sent: list[tuple[str, str, dict[str, Any]]] = []
 
-    def request(self, method: str | bytes, url: str | bytes, *args: Any,  # type: ignore[override]
-                **kwargs: Any) -> requests.Response:
+    def request(
+        self,
+        method: str | bytes,
+        url: str | bytes,
+        *args: Any,  # type: ignore[override]
+        **kwargs: Any,
+    ) -> requests.Response:
         data = kwargs.get("data")
         if isinstance(data, (bytes, bytearray)) and data:
             self.sent.append((str(method), str(url), json.loads(data)))
@@ -100,8 +105,12 @@ def trace(scripted: bool, client: Client | None = None) -> list[dict[str, Any]]:
     """
     session = RecordingSession()
     if client is None:
-        client = Client(api_url="http://localhost:1984", api_key="offline", session=session,
-                        auto_batch_tracing=False)
+        client = Client(
+            api_url="http://localhost:1984",
+            api_key="offline",
+            session=session,
+            auto_batch_tracing=False,
+        )
     tracer = LangChainTracer(client=client, project_name="logo-demo")
     chain = (
         ChatPromptTemplate.from_messages([("system", "Answer briefly."), ("human", "{question}")])
@@ -141,13 +150,16 @@ def describe(run: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scripted", action="store_true", help="use a scripted engine")
-    parser.add_argument("--langsmith", action="store_true",
-                        help="upload to LangSmith (LANGSMITH_API_KEY, network)")
+    parser.add_argument(
+        "--langsmith", action="store_true", help="upload to LangSmith (LANGSMITH_API_KEY, network)"
+    )
     args = parser.parse_args(argv)
     if args.langsmith:
         trace(args.scripted, client=Client())
-        print("Uploaded to LangSmith project 'logo-demo'. Filter with "
-              '`and(eq(metadata_key, "logo_adapter"), eq(metadata_value, "sql"))`.')
+        print(
+            "Uploaded to LangSmith project 'logo-demo'. Filter with "
+            '`and(eq(metadata_key, "logo_adapter"), eq(metadata_value, "sql"))`.'
+        )
         return
     runs = trace(args.scripted)
     llm_runs = [r for r in runs if r.get("run_type") == "llm"]

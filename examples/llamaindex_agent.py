@@ -84,14 +84,14 @@ def scripted_react(messages: list[dict[str, Any]], tools: Any) -> str:
 def build_llm(scripted: bool, react: bool, adapters: str | None = None) -> LoGoLLM:
     """The real default engine (loaded on first use), or a scripted one named like the zoo."""
     if not scripted:
-        return LoGoLLM(adapters=adapters, max_new_tokens=96)
+        return LoGoLLM(adapters=adapters, max_tokens=96)
     from logo_engine.testing import ScriptedEngine
 
     engine = ScriptedEngine(
         scripted_react if react else scripted_agent,
         adapter_names=("arithmetic", "unit_conversion", "sql"),
     )
-    return LoGoLLM(engine=engine, max_new_tokens=96)
+    return LoGoLLM(engine=engine, max_tokens=96)
 
 
 async def ask(

@@ -114,13 +114,13 @@ def scripted_answer(messages: list[dict[str, Any]], tools: Any) -> str:
 def build_llm(scripted: bool, adapters: str | None = None) -> LoGoLLM:
     """The real default engine (loaded on first use), or a scripted one named like the zoo."""
     if not scripted:
-        return LoGoLLM(adapters=adapters, max_new_tokens=64)
+        return LoGoLLM(adapters=adapters, max_tokens=64)
     from logo_engine.testing import ScriptedEngine
 
     engine = ScriptedEngine(
         scripted_answer, adapter_names=("capital", "unit_conversion", "sql", "arithmetic")
     )
-    return LoGoLLM(engine=engine, max_new_tokens=64)
+    return LoGoLLM(engine=engine, max_tokens=64)
 
 
 def run(

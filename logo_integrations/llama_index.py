@@ -1,16 +1,21 @@
-"""LlamaIndex integration: :class:`LoGoLLM`, a ``FunctionCallingLLM`` over the shared LoGo engine.
+"""LlamaIndex integration: :class:`LoGoLLM`, a ``FunctionCallingLLM`` over a LoGo engine.
 
 Every call goes through the engine's public methods (``generate``, ``stream``, ``agenerate``,
-``astream``): the chat template, routing, tool prompts and tool-call parsing all live in the
-engine, so chat and completion, streamed or not, share one code path. This module only converts
-LlamaIndex objects to engine arguments and back, and reports which adapters answered:
+``astream``): the chat template, routing, tool prompts and the parsing of the answer live in the
+engine; what LoGoLLM shares with ChatLoGo (settings, engine construction, call resolution) lives in
+:mod:`logo_integrations._common`. Chat and completion share one code path: the ``complete*``
+methods are the ``chat*`` core with LlamaIndex's own response converters
+(``llama_index.core.base.llms.generic_utils``). This module converts LlamaIndex objects to engine
+arguments and back, and reports which adapters answered:
 
 - in ``additional_kwargs["logo_selection"]`` of every ``CompletionResponse`` / ``ChatResponse``,
   with the token usage and the finish reason;
 - in ``raw`` (``{"model", "logo_selection", "usage", "finish_reason"}``, plain JSON), where
   ``TokenCountingHandler`` reads ``raw["usage"]``;
 - hence in the callback manager's LLM end-event payload (its response);
-- as a :class:`LoGoSelectionEvent` instrumentation event inside the LLM call's span.
+- as a :class:`LoGoSelectionEvent` instrumentation event inside the LLM call's span;
+- in ``response.metadata["logo_selections"]`` of a query engine's (synthesizer's) response: the
+  selections of every LLM call made while synthesizing it.
 
 >>> from logo_integrations.llama_index import LoGoLLM, record_selections
 >>> llm = LoGoLLM()                      # the embedded default model; loaded on first use
@@ -23,20 +28,28 @@ LlamaIndex objects to engine arguments and back, and reports which adapters answ
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
+import inspect
 import logging
+import threading
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterator,
+    Callable,
     Generator,
     Iterator,
     Mapping,
     Sequence,
 )
 from contextlib import contextmanager
-from pathlib import Path
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Union
 
+from llama_index.core.base.llms.generic_utils import (
+    astream_chat_response_to_completion_response,
+    chat_response_to_completion_response,
+    stream_chat_response_to_completion_response,
+)
+from llama_index.core.base.llms.generic_utils import messages_to_prompt as join_messages
 from llama_index.core.base.llms.types import (
     AudioBlock,
     ChatMessage,
@@ -53,18 +66,39 @@ from llama_index.core.base.llms.types import (
     ToolCallBlock,
     VideoBlock,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
+from llama_index.core.base.response.schema import AsyncStreamingResponse, StreamingResponse
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
+from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events import BaseEvent
+from llama_index.core.instrumentation.events.synthesis import SynthesizeEndEvent
+from llama_index.core.instrumentation.span import BaseSpan
+from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
 from logo_engine.base import BaseEngine
-from logo_engine.chat import StreamFilter, has_chat_template, parse_tool_calls, visible_text
+from logo_engine.chat import Prompt, StreamFilter
 from logo_engine.errors import InvalidRequestError
-from logo_engine.types import Generation, RoutingConfig, Selection, ToolCall, Usage
+from logo_engine.types import Generation, Selection, Usage
+from logo_integrations._common import (
+    DEFAULT_MAX_TOKENS,
+    SELECTION_KEY,
+    EngineCall,
+    EngineSlot,
+    LoGoSettings,
+    ModelFacts,
+    engine_has_chat_template,
+    engine_tool_call,
+    normalize_tool_choice,
+    openai_tool_call,
+    peek_model,
+    resolve_call,
+    selection_json,
+    tool_arguments,
+)
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -72,7 +106,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 dispatcher = get_dispatcher(__name__)
 
-SELECTION_KEY = "logo_selection"  # key in additional_kwargs and raw (as in ChatLoGo)
+RESPONSE_SELECTIONS_KEY = "logo_selections"  # in a synthesized Response's metadata
+INVALID_KEY = "invalid_tool_calls"  # in a ChatResponse's additional_kwargs: broken tool calls
 
 # LlamaIndex roles -> the engine's four roles.
 _ROLES = {
@@ -86,22 +121,6 @@ _ROLES = {
     MessageRole.FUNCTION: "tool",
 }
 _NON_TEXT_BLOCKS = (ImageBlock, AudioBlock, VideoBlock, DocumentBlock)
-# Per-call keyword arguments understood by LoGoLLM's methods.
-_CALL_KWARGS = frozenset(
-    {
-        "adapters",
-        "routing",
-        "top_k",
-        "max_new_tokens",
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "seed",
-        "stop",
-        "tools",
-        "tool_choice",
-    }
-)
 
 
 # --------------------------------------------------------------------------- events
@@ -110,17 +129,12 @@ class LoGoSelectionEvent(BaseEvent):
 
     Emitted once per call by :class:`LoGoLLM`, inside the call's span (``span_id`` is the span of
     ``LoGoLLM.complete`` / ``chat`` / ...), before the LLM end event. For streams it is emitted as
-    soon as the selection is known, before the first chunk.
+    soon as the selection is known, before the first chunk. It carries the engine's whole
+    :class:`~logo_engine.Selection`; ``adapters``, ``weights``, ``scores`` and ``pinned`` read it.
     """
 
     base_model: str = Field(description="Name of the base model.")
-    adapters: list[str] = Field(description="Chosen adapters, by weight descending.")
-    weights: list[float] = Field(description="Their weights (sum 1; empty: base model only).")
-    scores: dict[str, float] = Field(description="Every adapter's routing score.")
-    pinned: bool = Field(description="True when the caller pinned the mixture (no routing).")
-    signal: str | None = Field(default=None, description="Routing signal ('norm', ...).")
-    top_k: int | None = Field(default=None, description="Adapters kept per request.")
-    probe_ms: float = Field(default=0.0, description="Time spent probing, in milliseconds.")
+    selection: Selection = Field(description="The engine's selection for this call, whole.")
 
     @classmethod
     def class_name(cls) -> str:
@@ -130,29 +144,27 @@ class LoGoSelectionEvent(BaseEvent):
     @classmethod
     def from_selection(cls, selection: Selection, base_model: str) -> LoGoSelectionEvent:
         """Build the event of one call's selection (in the currently active span)."""
-        return cls(
-            base_model=base_model,
-            adapters=list(selection.adapters),
-            weights=list(selection.weights),
-            scores=dict(selection.scores),
-            pinned=selection.pinned,
-            signal=selection.signal,
-            top_k=selection.top_k,
-            probe_ms=selection.probe_ms,
-        )
+        return cls(base_model=base_model, selection=selection)
 
     @property
-    def selection(self) -> Selection:
-        """The engine's :class:`~logo_engine.Selection` (probe layer and module not included)."""
-        return Selection(
-            adapters=self.adapters,
-            weights=self.weights,
-            scores=self.scores,
-            signal=self.signal,
-            top_k=self.top_k,
-            probe_ms=self.probe_ms,
-            pinned=self.pinned,
-        )
+    def adapters(self) -> list[str]:
+        """Chosen adapters, by weight descending (empty: base model only)."""
+        return list(self.selection.adapters)
+
+    @property
+    def weights(self) -> list[float]:
+        """Their weights (sum 1)."""
+        return list(self.selection.weights)
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """Every adapter's routing score (empty for a pinned mixture)."""
+        return dict(self.selection.scores)
+
+    @property
+    def pinned(self) -> bool:
+        """True when the caller pinned the mixture (no routing)."""
+        return self.selection.pinned
 
 
 class SelectionRecorder(BaseEventHandler):
@@ -190,6 +202,159 @@ def record_selections() -> Iterator[SelectionRecorder]:
         yield recorder
     finally:
         root.event_handlers = [h for h in root.event_handlers if h is not recorder]
+
+
+# ------------------------------------------------- selections in synthesized responses
+class _SelectionSpan(BaseSpan):
+    """An open span, and the selections of the LoGo calls made inside it so far."""
+
+    selections: list[Selection] = Field(default_factory=list)
+
+
+class _SelectionSpans(BaseSpanHandler[_SelectionSpan]):
+    """Tracks open spans, so a selection can be credited to every span it was made under."""
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "LoGoSelectionSpans"
+
+    def new_span(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        parent_span_id: str | None = None,
+        tags: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> _SelectionSpan:
+        return _SelectionSpan(id_=id_, parent_id=parent_span_id)
+
+    def prepare_to_exit_span(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        result: Any | None = None,
+        **kwargs: Any,
+    ) -> _SelectionSpan | None:
+        return self.open_spans.get(id_)
+
+    def prepare_to_drop_span(
+        self,
+        id_: str,
+        bound_args: inspect.BoundArguments,
+        instance: Any | None = None,
+        err: BaseException | None = None,
+        **kwargs: Any,
+    ) -> _SelectionSpan | None:
+        return self.open_spans.get(id_)
+
+    def credit(self, span_id: str | None, selection: Selection) -> None:
+        """Add ``selection`` to the span it was made in and to all that span's open ancestors."""
+        with self.lock:
+            while span_id is not None and (span := self.open_spans.get(span_id)) is not None:
+                span.selections.append(selection)
+                span_id = span.parent_id
+
+    def selections(self, span_id: str | None) -> list[Selection]:
+        with self.lock:
+            span = self.open_spans.get(span_id) if span_id is not None else None
+            return list(span.selections) if span is not None else []
+
+
+class _ResponseSelections(BaseEventHandler):
+    """Writes the selections behind a synthesized response into ``response.metadata``.
+
+    The LLM calls made while synthesizing are credited through the span tree. A streamed response
+    calls the LLM later, while its tokens are read; its token generator is wrapped so that the
+    calls made while reading it are added as they happen.
+    """
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "LoGoResponseSelections"
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        spans = _RESPONSE_HANDLERS[0] if _RESPONSE_HANDLERS else None
+        if spans is None:
+            return
+        if isinstance(event, LoGoSelectionEvent):
+            spans.credit(event.span_id, event.selection)
+            sink = _STREAM_SINK.get()
+            if sink is not None:
+                sink(event.selection)
+        elif isinstance(event, SynthesizeEndEvent):
+            response = event.response
+            if not hasattr(response, "metadata"):
+                return
+            add = _adder(response)
+            for selection in spans.selections(event.span_id):
+                add(selection)
+            if isinstance(response, StreamingResponse) and response.response_gen is not None:
+                response.response_gen = _reading(response.response_gen, add)
+            elif isinstance(response, AsyncStreamingResponse) and response.response_gen is not None:
+                response.response_gen = _areading(response.response_gen, add)
+
+
+# While a streamed response's tokens are read: where the selections of LLM calls go.
+_STREAM_SINK: ContextVar[Callable[[Selection], None] | None] = ContextVar(
+    "logo_stream_sink", default=None
+)
+
+
+def _adder(response: Any) -> Callable[[Selection], None]:
+    """A function adding one selection to ``response.metadata["logo_selections"]``."""
+
+    def add(selection: Selection) -> None:
+        metadata = response.metadata if response.metadata is not None else {}
+        metadata.setdefault(RESPONSE_SELECTIONS_KEY, []).append(selection_json(selection))
+        response.metadata = metadata
+
+    return add
+
+
+def _reading(tokens: Iterator[str], add: Callable[[Selection], None]) -> Generator[str, None, None]:
+    """``tokens``, with the selections of LLM calls made while reading them given to ``add``."""
+    while True:
+        reset = _STREAM_SINK.set(add)
+        try:
+            token = next(tokens)
+        except StopIteration:
+            return
+        finally:
+            _STREAM_SINK.reset(reset)
+        yield token
+
+
+async def _areading(
+    tokens: AsyncIterator[str], add: Callable[[Selection], None]
+) -> AsyncGenerator[str, None]:
+    """:func:`_reading` for async token generators."""
+    while True:
+        reset = _STREAM_SINK.set(add)
+        try:
+            token = await tokens.__anext__()
+        except StopAsyncIteration:
+            return
+        finally:
+            _STREAM_SINK.reset(reset)
+        yield token
+
+
+_RESPONSE_HANDLERS: list[_SelectionSpans] = []
+_RESPONSE_LOCK = threading.Lock()
+
+
+def _attach_response_selections() -> None:
+    """Attach the two handlers above to the root dispatcher, once per process."""
+    with _RESPONSE_LOCK:
+        if _RESPONSE_HANDLERS:
+            return
+        spans = _SelectionSpans()
+        root = get_dispatcher()
+        root.add_span_handler(spans)
+        root.add_event_handler(_ResponseSelections())
+        _RESPONSE_HANDLERS.append(spans)
 
 
 # ------------------------------------------------------------- message conversion (pure)
@@ -240,9 +405,7 @@ def message_tool_calls(message: ChatMessage) -> list[dict[str, Any]]:
     calls = [_openai_tool_call(c) for c in raw]
     if not calls:
         calls = [
-            _openai_tool_call(
-                {"id": b.tool_call_id or "", "name": b.tool_name, "arguments": b.tool_kwargs}
-            )
+            openai_tool_call(b.tool_call_id, b.tool_name, b.tool_kwargs)
             for b in message.blocks
             if isinstance(b, ToolCallBlock)
         ]
@@ -250,6 +413,8 @@ def message_tool_calls(message: ChatMessage) -> list[dict[str, Any]]:
 
 
 def _openai_tool_call(call: Any) -> dict[str, Any]:
+    call_id: Any
+    name: Any
     if isinstance(call, ToolSelection):
         call_id, name, arguments = call.tool_id, call.tool_name, call.tool_kwargs
     elif isinstance(call, Mapping):
@@ -263,38 +428,16 @@ def _openai_tool_call(call: Any) -> dict[str, Any]:
         name, arguments = getattr(function, "name", None), getattr(function, "arguments", {})
     if not isinstance(name, str) or not name:
         raise InvalidRequestError(f"a tool call needs a function name, got {call!r}")
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
-    return {
-        "id": str(call_id or ""),
-        "type": "function",
-        "function": {"name": name, "arguments": arguments},
-    }
-
-
-def tool_call_dict(call: ToolCall) -> dict[str, Any]:
-    """An engine :class:`~logo_engine.ToolCall` as an OpenAI-style dict (JSON string arguments)."""
-    return {
-        "id": call.id,
-        "type": "function",
-        "function": {
-            "name": call.name,
-            "arguments": json.dumps(call.arguments, ensure_ascii=False),
-        },
-    }
+    return openai_tool_call(str(call_id or ""), name, arguments)
 
 
 def tool_selection(call: Mapping[str, Any]) -> ToolSelection:
     """An OpenAI-style tool-call dict as LlamaIndex's ``ToolSelection``."""
     function = call["function"]
-    arguments = function.get("arguments", {})
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError:
-            arguments = {}
     return ToolSelection(
-        tool_id=call.get("id", ""), tool_name=function["name"], tool_kwargs=arguments
+        tool_id=call.get("id", ""),
+        tool_name=function["name"],
+        tool_kwargs=tool_arguments(function.get("arguments", {})),
     )
 
 
@@ -305,37 +448,12 @@ def tool_schema(tool: BaseTool | Mapping[str, Any]) -> dict[str, Any]:
     return tool.metadata.to_openai_tool(skip_length_check=True)
 
 
-def normalize_tool_choice(tool_choice: Any) -> str | None:
-    """Map LlamaIndex/OpenAI tool choices to the engine's (None, "auto", "none", "required", name).
-
-    Accepts ``"any"`` (Anthropic's "required") and ``{"type": "function", "function": {"name":
-    ...}}`` dicts.
-    """
-    if tool_choice is None or tool_choice in ("auto", "none", "required"):
-        return tool_choice
-    if tool_choice == "any":
-        return "required"
-    if isinstance(tool_choice, Mapping):
-        function = tool_choice.get("function", tool_choice)
-        name = function.get("name") if isinstance(function, Mapping) else None
-        if isinstance(name, str) and name:
-            return name
-    if isinstance(tool_choice, str) and tool_choice:
-        return tool_choice
-    raise InvalidRequestError(
-        "tool_choice must be None, 'auto', 'none', 'required', a tool name or "
-        f"{{'type': 'function', 'function': {{'name': ...}}}}, got {tool_choice!r}"
-    )
+# ------------------------------------------------------------- responses (pure)
+def usage_counts(usage: Usage) -> dict[str, Any]:
+    """Engine token counts as the JSON LlamaIndex handlers read (``raw["usage"]``)."""
+    return usage.model_dump(mode="json")
 
 
-def answer_content(generation: Generation) -> str:
-    """The text of an answer without its tool-call markup (the whole text when it made none)."""
-    if not generation.tool_calls:
-        return generation.text
-    return parse_tool_calls(generation.text)[0]
-
-
-# ------------------------------------------------------------- response metadata (pure)
 def response_metadata(
     selection: Selection,
     model_name: str,
@@ -349,10 +467,10 @@ def response_metadata(
     finish reason are known only at the end of a stream, so intermediate chunks carry just the
     selection.
     """
-    additional: dict[str, Any] = {SELECTION_KEY: selection.model_dump(mode="json")}
-    raw: dict[str, Any] = {"model": model_name, SELECTION_KEY: selection.model_dump(mode="json")}
+    additional: dict[str, Any] = {SELECTION_KEY: selection_json(selection)}
+    raw: dict[str, Any] = {"model": model_name, SELECTION_KEY: selection_json(selection)}
     if usage is not None:
-        counts = usage.model_dump(mode="json")
+        counts = usage_counts(usage)
         additional.update(counts)
         raw["usage"] = counts
     if finish_reason is not None:
@@ -361,57 +479,44 @@ def response_metadata(
     return additional, raw
 
 
-def completion_response(
-    generation: Generation, model_name: str, text: str | None = None, delta: str | None = None
-) -> CompletionResponse:
-    """The ``CompletionResponse`` of a finished generation."""
-    additional, raw = response_metadata(
-        generation.selection, model_name, generation.usage, generation.finish_reason
-    )
-    if generation.tool_calls:
-        additional["tool_calls"] = [tool_call_dict(c) for c in generation.tool_calls]
-    return CompletionResponse(
-        text=generation.text if text is None else text,
-        delta=delta,
-        additional_kwargs=additional,
-        raw=raw,
-    )
-
-
 def chat_response(
     generation: Generation, model_name: str, delta: str | None = None
 ) -> ChatResponse:
     """The ``ChatResponse`` of a finished generation.
 
-    Content without tool-call markup, tool calls in ``message.additional_kwargs["tool_calls"]``,
-    selection and usage in the response's ``additional_kwargs`` and ``raw``.
+    Content without any tool-call markup, parsed calls in ``message.additional_kwargs
+    ["tool_calls"]``; calls that do not parse in ``additional_kwargs["invalid_tool_calls"]`` (with
+    why), never in the content; selection and usage in ``additional_kwargs`` and ``raw``.
     """
     message_kwargs: dict[str, Any] = {}
     if generation.tool_calls:
-        message_kwargs["tool_calls"] = [tool_call_dict(c) for c in generation.tool_calls]
+        message_kwargs["tool_calls"] = [engine_tool_call(c) for c in generation.tool_calls]
     additional, raw = response_metadata(
         generation.selection, model_name, generation.usage, generation.finish_reason
     )
+    if generation.invalid_tool_calls:
+        additional[INVALID_KEY] = [b.model_dump(mode="json") for b in generation.invalid_tool_calls]
     message = ChatMessage(
-        role=MessageRole.ASSISTANT,
-        content=answer_content(generation),
-        additional_kwargs=message_kwargs,
+        role=MessageRole.ASSISTANT, content=generation.content, additional_kwargs=message_kwargs
     )
     return ChatResponse(message=message, delta=delta, additional_kwargs=additional, raw=raw)
 
 
 # ------------------------------------------------------------------------------ the LLM
-class LoGoLLM(FunctionCallingLLM):
+class LoGoLLM(LoGoSettings, FunctionCallingLLM):
     """LlamaIndex LLM over a LoGo engine: per-request LoRA adapter selection and merging.
 
     The engine is either passed in (``LoGoLLM(engine=...)``, any
     :class:`~logo_engine.base.BaseEngine`) or loaded on first use with
-    ``LoGoEngine.shared(base_model, adapters=..., routing=..., device=..., dtype=...,
-    gguf_file=...)``, a process-wide cached instance: many ``LoGoLLM`` objects share one model.
+    ``LoGoEngine.shared(model, adapters=..., device=..., dtype=..., gguf_file=...)``, a
+    process-wide cached instance: many ``LoGoLLM`` objects share one model, whatever their
+    routing. Loading never happens in ``__init__``, ``metadata`` or ``to_payload`` (which
+    LlamaIndex reads on the event loop), and async calls load in a worker thread. Unknown
+    constructor arguments are refused.
 
     Per call, every method accepts ``adapters={name: weight}`` (a pinned mixture; ``{}`` = base
-    model only; ``None`` = route), ``routing=RoutingConfig(...)`` or ``top_k=``,
-    ``max_new_tokens`` (or ``max_tokens``), ``temperature``, ``top_p``, ``seed``, ``stop``,
+    model only; ``None`` = route), ``routing=RoutingConfig(...)``, ``top_k=``, ``signal=``,
+    ``max_tokens`` (or ``max_new_tokens``), ``temperature``, ``top_p``, ``seed``, ``stop``,
     ``tools`` (LlamaIndex tools or OpenAI function schemas) and ``tool_choice``.
 
     Chat and completion share the engine's code path: ``complete(p)`` is ``chat([user: p])``
@@ -419,54 +524,21 @@ class LoGoLLM(FunctionCallingLLM):
     chat messages are joined with ``messages_to_prompt`` and ``metadata.is_chat_model`` is False.
     """
 
-    base_model: str | None = Field(
-        default=None,
-        description="HF folder or hub id of the base model (None: the embedded default model). "
-        "Ignored when an engine is passed in.",
-    )
-    adapters: Union[str, Path, dict[str, Union[str, Path]]] | None = Field(
-        default=None,
-        description="Adapter library to load: a folder of peft adapters or {name: path} (None: "
-        "the shipped zoo). Ignored when an engine is passed in. The per-call `adapters=` "
-        "argument is a different thing: a pinned mixture {name: weight}.",
-    )
-    gguf_file: str | None = Field(default=None, description="GGUF file inside base_model.")
-    device: str = Field(default="cpu", description="Device the model is loaded on.")
-    dtype: str | None = Field(
-        default=None, description="torch dtype name ('float32', 'bfloat16'...); None: default."
-    )
-    routing: Any | None = Field(
-        default=None,
-        description="RoutingConfig for every call (None: the engine's). "
-        "Per call: routing=, top_k=.",
-    )
-    mixture: dict[str, float] | None = Field(
-        default=None,
-        description="Pinned mixture {adapter: weight} for every call (None: route each call; "
-        "{}: base model only). Overridden per call by adapters=.",
-    )
-    max_new_tokens: int = Field(
-        default=256, gt=0, description="Most new tokens per call (metadata.num_output)."
-    )
-    temperature: float = Field(default=0.0, ge=0.0, description="0: greedy decoding.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    seed: int | None = Field(default=None, description="Sampling seed (per call).")
-    stop: list[str] | None = Field(default=None, description="Stop strings (cut from text).")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
 
-    _engine: BaseEngine | None = PrivateAttr(default=None)
+    context_window: int | None = Field(
+        default=None,
+        ge=1,
+        description="Context window for LlamaIndex's prompt packing (None: the model's).",
+    )
+
+    _slot: EngineSlot = PrivateAttr()
+    _facts: ModelFacts | None = PrivateAttr(default=None)
 
     def __init__(self, engine: BaseEngine | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if engine is not None and not isinstance(engine, BaseEngine):
-            raise TypeError(f"engine must be a logo_engine BaseEngine, got {type(engine).__name__}")
-        self._engine = engine
-
-    @field_validator("routing")
-    @classmethod
-    def _check_routing(cls, value: Any) -> Any:
-        if value is not None and not isinstance(value, RoutingConfig):
-            raise ValueError(f"routing must be a logo_engine.RoutingConfig, got {value!r}")
-        return value
+        self._slot = EngineSlot(engine)
+        _attach_response_selections()
 
     @classmethod
     def class_name(cls) -> str:
@@ -477,129 +549,193 @@ class LoGoLLM(FunctionCallingLLM):
     @property
     def engine(self) -> BaseEngine:
         """The engine; loads the shared ``LoGoEngine`` on first use when none was passed in."""
-        if self._engine is None:
-            from logo_engine import LoGoEngine
-
-            dtype = None
-            if self.dtype is not None:
-                import torch
-
-                dtype = getattr(torch, self.dtype, None)
-                if not isinstance(dtype, torch.dtype):
-                    raise ValueError(f"dtype must name a torch dtype, got {self.dtype!r}")
-            self._engine = LoGoEngine.shared(
-                self.base_model,
-                adapters=self.adapters,
-                routing=self.routing,
-                device=self.device,
-                dtype=dtype,
-                gguf_file=self.gguf_file,
-            )
-        return self._engine
+        return self._slot.get(self.engine_spec)
 
     async def _aengine(self) -> BaseEngine:
         """The engine, loaded in a worker thread if needed (loading must not block the loop)."""
-        if self._engine is not None:
-            return self._engine
-        return await asyncio.to_thread(lambda: self.engine)
+        return await self._slot.aget(self.engine_spec)
 
-    @property
-    def _chat_template(self) -> bool:
-        tokenizer = getattr(self.engine, "tokenizer", None)
-        return tokenizer is None or has_chat_template(tokenizer)
+    def _known_facts(self) -> ModelFacts:
+        """What the model's files say, read once (the engine's own values once it is loaded)."""
+        if self._facts is None:
+            self._facts = peek_model(self.model)
+        return self._facts
 
     @property
     def metadata(self) -> LLMMetadata:
-        """Context window and model name from the engine.
+        """Context window, output length and model name; never loads the model.
 
-        A chat and function-calling model when the tokenizer has a chat template.
+        From the loaded engine when there is one, else from the model folder's config files (the
+        embedded default once converted); ``context_window=`` overrides. A chat and
+        function-calling model when the tokenizer has a chat template.
         """
-        engine = self.engine
-        chat = self._chat_template
+        engine = self._slot.loaded
+        if engine is not None:
+            window: int | None = engine.context_window
+            chat: bool | None = engine_has_chat_template(engine)
+        else:
+            facts = self._known_facts()
+            window, chat = facts.context_window, facts.chat_template
+        chat = True if chat is None else chat
         return LLMMetadata(
-            context_window=engine.context_window,
-            num_output=self.max_new_tokens,
+            context_window=self.context_window or window or DEFAULT_CONTEXT_WINDOW,
+            num_output=self.max_tokens or DEFAULT_MAX_TOKENS,
             is_chat_model=chat,
             is_function_calling_model=chat,
-            model_name=engine.model_name,
+            model_name=self.model_label(engine),
         )
 
     def to_payload(self) -> dict[str, Any]:
-        """Metadata plus the adapter library and routing defaults (for events and callbacks)."""
-        routing = self.routing or self.engine.routing
+        """Metadata, the adapter library and the routing defaults (for events and callbacks).
+
+        Never loads the model: ``adapter_names`` is None until it is loaded.
+        """
+        engine = self._slot.loaded
+        routing = self.routing or (engine.routing if engine is not None else None)
         return {
             **super().to_payload(),
-            "adapter_names": self.engine.adapter_names,
+            "adapter_names": engine.adapter_names if engine is not None else None,
             "mixture": self.mixture,
-            "top_k": routing.top_k,
-            "signal": routing.signal_name,
+            "top_k": self.top_k or (routing.top_k if routing is not None else None),
+            "signal": self.signal or (routing.signal_name if routing is not None else None),
         }
 
     # --------------------------------------------------------------------- call plumbing
-    def _engine_kwargs(self, engine: BaseEngine, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Per-call keyword arguments (LlamaIndex names) -> ``engine.generate`` arguments."""
-        unknown = sorted(set(kwargs) - _CALL_KWARGS)
-        if unknown:
-            logger.warning("LoGoLLM ignores unsupported keyword arguments %s", unknown)
-        max_new = kwargs.get("max_new_tokens", kwargs.get("max_tokens"))
-        routing = kwargs.get("routing") or self.routing
-        if kwargs.get("top_k") is not None:
-            routing = dataclasses.replace(routing or engine.routing, top_k=kwargs["top_k"])
-        tools = kwargs.get("tools")
-        stop = kwargs.get("stop", self.stop)
-        if isinstance(stop, str):
-            stop = [stop]
-        return {
-            "max_new_tokens": self.max_new_tokens if max_new is None else max_new,
-            "temperature": kwargs.get("temperature", self.temperature),
-            "top_p": kwargs.get("top_p", self.top_p),
-            "seed": kwargs.get("seed", self.seed),
-            "stop": list(stop) if stop else None,
-            "adapters": kwargs["adapters"] if "adapters" in kwargs else self.mixture,
-            "routing": routing,
-            "tools": [tool_schema(t) for t in tools] if tools else None,
-            "tool_choice": normalize_tool_choice(kwargs.get("tool_choice")),
-        }
+    def _call(self, engine: BaseEngine, prompt: Prompt, kwargs: Mapping[str, Any]) -> EngineCall:
+        """Settings and per-call arguments (LlamaIndex tools converted) -> one engine call."""
+        if kwargs.get("tools"):
+            kwargs = {**kwargs, "tools": [tool_schema(t) for t in kwargs["tools"]]}
+        return resolve_call(self, engine, prompt, kwargs, owner="LoGoLLM")
 
-    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> str | list[dict[str, Any]]:
+    def _chat_prompt(self, engine: BaseEngine, messages: Sequence[ChatMessage]) -> Prompt:
         """Messages for the chat template, or one string for a model without a template."""
-        if self._chat_template:
+        if engine_has_chat_template(engine):
             return to_engine_messages(messages)
-        return self.messages_to_prompt(messages)
+        return (self.messages_to_prompt or join_messages)(messages)
 
     def _completion_prompt(self, prompt: str, formatted: bool) -> str:
-        return prompt if formatted else self.completion_to_prompt(prompt)
+        if formatted or self.completion_to_prompt is None:
+            return prompt
+        return self.completion_to_prompt(prompt)
 
     def _emit(self, selection: Selection, engine: BaseEngine) -> None:
         """Dispatch the selection event in the active span (the LLM call's)."""
         dispatcher.event(LoGoSelectionEvent.from_selection(selection, engine.model_name))
 
-    @staticmethod
-    def _holds_tool_calls(call: dict[str, Any]) -> bool:
-        return bool(call["tools"]) and call["tool_choice"] != "none"
+    # ------------------------------------------------------- the one core, sync and async
+    def _respond(
+        self, engine: BaseEngine, prompt: Prompt, kwargs: Mapping[str, Any]
+    ) -> ChatResponse:
+        call = self._call(engine, prompt, kwargs)
+        generation = engine.generate(call.prompt, **call.generate_kwargs)
+        self._emit(generation.selection, engine)
+        return chat_response(generation, engine.model_name)
+
+    async def _arespond(
+        self, engine: BaseEngine, prompt: Prompt, kwargs: Mapping[str, Any]
+    ) -> ChatResponse:
+        call = await asyncio.to_thread(self._call, engine, prompt, kwargs)
+        generation = await engine.agenerate(call.prompt, **call.generate_kwargs)
+        self._emit(generation.selection, engine)
+        return chat_response(generation, engine.model_name)
+
+    def _respond_stream(
+        self, engine: BaseEngine, prompt: Prompt, kwargs: Mapping[str, Any]
+    ) -> ChatResponseGen:
+        """Stream an answer. The probe runs, and the selection event is emitted, right now."""
+        call = self._call(engine, prompt, kwargs)
+        stream = engine.stream(call.prompt, **call.generate_kwargs)
+        selection = stream.selection
+        self._emit(selection, engine)
+        name = engine.model_name
+        additional, raw = response_metadata(selection, name)
+        shown = StreamFilter(hold_tool_calls=call.tools_bound)
+
+        def gen() -> Generator[ChatResponse, None, None]:
+            try:
+                for piece in stream:
+                    delta = shown.push(piece)
+                    if delta:
+                        yield _chunk(shown.shown, delta, additional, raw)
+            finally:
+                stream.close()
+            assert stream.generation is not None  # set once the stream is exhausted
+            yield _final_chunk(stream.generation, name, shown)
+
+        return gen()
+
+    async def _arespond_stream(
+        self, engine: BaseEngine, prompt: Prompt, kwargs: Mapping[str, Any]
+    ) -> ChatResponseAsyncGen:
+        """:meth:`_respond_stream` for ``async for``; every model step runs in a worker thread."""
+        call = await asyncio.to_thread(self._call, engine, prompt, kwargs)
+        stream = engine.astream(call.prompt, **call.generate_kwargs)
+        selection = await stream.aselection()
+        self._emit(selection, engine)
+        name = engine.model_name
+        additional, raw = response_metadata(selection, name)
+        shown = StreamFilter(hold_tool_calls=call.tools_bound)
+
+        async def gen() -> AsyncGenerator[ChatResponse, None]:
+            try:
+                async for piece in stream:
+                    delta = shown.push(piece)
+                    if delta:
+                        yield _chunk(shown.shown, delta, additional, raw)
+            finally:
+                await stream.aclose()
+            assert stream.generation is not None
+            yield _final_chunk(stream.generation, name, shown)
+
+        return gen()
+
+    # ------------------------------------------------------------------------------ chat
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """Answer a conversation through the chat template; tool calls parsed with tools."""
+        engine = self.engine
+        return self._respond(engine, self._chat_prompt(engine, messages), kwargs)
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """:meth:`chat` without blocking the event loop (load and generation in worker threads)."""
+        engine = await self._aengine()
+        return await self._arespond(engine, self._chat_prompt(engine, messages), kwargs)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        """Stream a chat answer; the selection is on every chunk, usage on the last.
+
+        With tools, tool-call markup is never sent as a delta: the last chunk carries the parsed
+        calls in ``message.additional_kwargs["tool_calls"]``.
+        """
+        engine = self.engine
+        return self._respond_stream(engine, self._chat_prompt(engine, messages), kwargs)
+
+    @llm_chat_callback()
+    async def astream_chat(
+        self, messages: Sequence[ChatMessage], **kwargs: Any
+    ) -> ChatResponseAsyncGen:
+        """:meth:`stream_chat` for ``async for``; every model step runs in a worker thread."""
+        engine = await self._aengine()
+        return await self._arespond_stream(engine, self._chat_prompt(engine, messages), kwargs)
 
     # ------------------------------------------------------------------------ completion
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         """Complete ``prompt`` (one user turn through the chat template, if the model has one)."""
         engine = self.engine
-        generation = engine.generate(
-            self._completion_prompt(prompt, formatted), **self._engine_kwargs(engine, kwargs)
-        )
-        self._emit(generation.selection, engine)
-        return completion_response(generation, engine.model_name)
+        response = self._respond(engine, self._completion_prompt(prompt, formatted), kwargs)
+        return chat_response_to_completion_response(response)
 
     @llm_completion_callback()
     async def acomplete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponse:
-        """:meth:`complete` without blocking the event loop (generation in a worker thread)."""
+        """:meth:`complete` without blocking the event loop."""
         engine = await self._aengine()
-        generation = await engine.agenerate(
-            self._completion_prompt(prompt, formatted), **self._engine_kwargs(engine, kwargs)
-        )
-        self._emit(generation.selection, engine)
-        return completion_response(generation, engine.model_name)
+        response = await self._arespond(engine, self._completion_prompt(prompt, formatted), kwargs)
+        return chat_response_to_completion_response(response)
 
     @llm_completion_callback()
     def stream_complete(
@@ -612,28 +748,8 @@ class LoGoLLM(FunctionCallingLLM):
         returns.
         """
         engine = self.engine
-        stream = engine.stream(
-            self._completion_prompt(prompt, formatted), **self._engine_kwargs(engine, kwargs)
-        )
-        selection = stream.selection
-        self._emit(selection, engine)
-        name = engine.model_name
-        additional, raw = response_metadata(selection, name)
-
-        def gen() -> Generator[CompletionResponse, None, None]:
-            text = ""
-            try:
-                for delta in stream:
-                    text += delta
-                    yield CompletionResponse(
-                        text=text, delta=delta, additional_kwargs=dict(additional), raw=dict(raw)
-                    )
-            finally:
-                stream.close()
-            assert stream.generation is not None  # set once the stream is exhausted
-            yield completion_response(stream.generation, name, text=text, delta="")
-
-        return gen()
+        chunks = self._respond_stream(engine, self._completion_prompt(prompt, formatted), kwargs)
+        return stream_chat_response_to_completion_response(chunks)
 
     @llm_completion_callback()
     async def astream_complete(
@@ -641,105 +757,10 @@ class LoGoLLM(FunctionCallingLLM):
     ) -> CompletionResponseAsyncGen:
         """:meth:`stream_complete` for ``async for``; every model step runs in a worker thread."""
         engine = await self._aengine()
-        stream = engine.astream(
-            self._completion_prompt(prompt, formatted), **self._engine_kwargs(engine, kwargs)
+        chunks = await self._arespond_stream(
+            engine, self._completion_prompt(prompt, formatted), kwargs
         )
-        selection = await stream.aselection()
-        self._emit(selection, engine)
-        name = engine.model_name
-        additional, raw = response_metadata(selection, name)
-
-        async def gen() -> AsyncIterator[CompletionResponse]:
-            text = ""
-            try:
-                async for delta in stream:
-                    text += delta
-                    yield CompletionResponse(
-                        text=text, delta=delta, additional_kwargs=dict(additional), raw=dict(raw)
-                    )
-            finally:
-                await stream.aclose()
-            assert stream.generation is not None
-            yield completion_response(stream.generation, name, text=text, delta="")
-
-        return gen()
-
-    # ------------------------------------------------------------------------------ chat
-    @llm_chat_callback()
-    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        """Answer a conversation through the chat template; tool calls parsed with tools."""
-        engine = self.engine
-        generation = engine.generate(
-            self._chat_prompt(messages), **self._engine_kwargs(engine, kwargs)
-        )
-        self._emit(generation.selection, engine)
-        return chat_response(generation, engine.model_name)
-
-    @llm_chat_callback()
-    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        """:meth:`chat` without blocking the event loop (generation in a worker thread)."""
-        engine = await self._aengine()
-        generation = await engine.agenerate(
-            self._chat_prompt(messages), **self._engine_kwargs(engine, kwargs)
-        )
-        self._emit(generation.selection, engine)
-        return chat_response(generation, engine.model_name)
-
-    @llm_chat_callback()
-    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        """Stream a chat answer; the selection is on every chunk, usage on the last.
-
-        With tools, tool-call markup is never sent as a delta: the last chunk carries the parsed
-        calls in ``message.additional_kwargs["tool_calls"]``.
-        """
-        engine = self.engine
-        call = self._engine_kwargs(engine, kwargs)
-        stream = engine.stream(self._chat_prompt(messages), **call)
-        selection = stream.selection
-        self._emit(selection, engine)
-        name = engine.model_name
-        additional, raw = response_metadata(selection, name)
-        shown = StreamFilter(hold_tool_calls=self._holds_tool_calls(call))
-
-        def gen() -> Generator[ChatResponse, None, None]:
-            try:
-                for piece in stream:
-                    delta = shown.push(piece)
-                    if delta:
-                        yield _chunk(shown.shown, delta, additional, raw)
-            finally:
-                stream.close()
-            assert stream.generation is not None
-            yield _final_chunk(stream.generation, name, shown)
-
-        return gen()
-
-    @llm_chat_callback()
-    async def astream_chat(
-        self, messages: Sequence[ChatMessage], **kwargs: Any
-    ) -> ChatResponseAsyncGen:
-        """:meth:`stream_chat` for ``async for``; every model step runs in a worker thread."""
-        engine = await self._aengine()
-        call = self._engine_kwargs(engine, kwargs)
-        stream = engine.astream(self._chat_prompt(messages), **call)
-        selection = await stream.aselection()
-        self._emit(selection, engine)
-        name = engine.model_name
-        additional, raw = response_metadata(selection, name)
-        shown = StreamFilter(hold_tool_calls=self._holds_tool_calls(call))
-
-        async def gen() -> AsyncIterator[ChatResponse]:
-            try:
-                async for piece in stream:
-                    delta = shown.push(piece)
-                    if delta:
-                        yield _chunk(shown.shown, delta, additional, raw)
-            finally:
-                await stream.aclose()
-            assert stream.generation is not None
-            yield _final_chunk(stream.generation, name, shown)
-
-        return gen()
+        return astream_chat_response_to_completion_response(chunks)
 
     # -------------------------------------------------------------------- function calling
     def _prepare_chat_with_tools(
@@ -754,9 +775,9 @@ class LoGoLLM(FunctionCallingLLM):
     ) -> dict[str, Any]:
         """Chat arguments for a call with tools: the messages, OpenAI tool schemas, tool choice.
 
-        ``tool_required`` forces a call (``tool_choice="required"``) unless a tool choice is
-        given. ``allow_parallel_tool_calls=False`` keeps only the first call of a non-streamed
-        answer (see :meth:`_validate_chat_with_tools_response`).
+        ``tool_required`` forces a call (``tool_choice="required"``; with one tool, that tool)
+        unless a tool choice is given. ``allow_parallel_tool_calls=False`` keeps only the first
+        call of a non-streamed answer (see :meth:`_validate_chat_with_tools_response`).
         """
         messages = list(chat_history or [])
         if user_msg is not None:
@@ -791,10 +812,17 @@ class LoGoLLM(FunctionCallingLLM):
     ) -> list[ToolSelection]:
         """The tool calls of a chat response as ``ToolSelection`` objects.
 
-        Raises ``ValueError`` when there is none and ``error_on_no_tool_call`` is True.
+        Raises ``ValueError`` when there is none and ``error_on_no_tool_call`` is True; when the
+        model wrote a call that does not parse, the message says why.
         """
         calls = message_tool_calls(response.message)
         if not calls and error_on_no_tool_call:
+            broken = response.additional_kwargs.get(INVALID_KEY) or []
+            if broken:
+                raise ValueError(
+                    "Expected at least one tool call, but the model's tool call does not parse: "
+                    f"{broken[0]['error']} ({broken[0]['arguments']!r})"
+                )
             raise ValueError("Expected at least one tool call, but got 0 tool calls.")
         return [tool_selection(c) for c in calls]
 
@@ -813,27 +841,24 @@ def _chunk(
 
 def _final_chunk(generation: Generation, model_name: str, shown: StreamFilter) -> ChatResponse:
     """The last stream chunk: full content, tool calls, usage; delta = what was held back."""
-    return chat_response(
-        generation, model_name, delta=shown.final_delta(answer_content(generation))
-    )
+    return chat_response(generation, model_name, delta=shown.final_delta(generation.content))
 
 
 __all__ = [
+    "INVALID_KEY",
+    "RESPONSE_SELECTIONS_KEY",
     "SELECTION_KEY",
     "LoGoLLM",
     "LoGoSelectionEvent",
     "SelectionRecorder",
-    "answer_content",
     "chat_response",
-    "completion_response",
     "message_tool_calls",
     "normalize_tool_choice",
     "record_selections",
     "response_metadata",
     "to_engine_message",
     "to_engine_messages",
-    "tool_call_dict",
     "tool_schema",
     "tool_selection",
-    "visible_text",
+    "usage_counts",
 ]

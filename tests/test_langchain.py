@@ -5,7 +5,6 @@ The LangSmith tests inject a mocked ``langsmith.Client`` (no network; sockets ar
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import threading
@@ -114,29 +113,39 @@ MESSAGE_TABLE = [
         {
             "role": "assistant",
             "content": "",
-            "tool_calls": [{"id": "c1", "type": "function",
-                            "function": {"name": "f", "arguments": '{"x": "é"}'}}],
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "f", "arguments": '{"x": "é"}'},
+                }
+            ],
         },
     ),
     (
         AIMessage(
-            [{"type": "text", "text": "some text"},
-             {"type": "tool_use", "id": "c1", "name": "f", "input": {}}],
+            [
+                {"type": "text", "text": "some text"},
+                {"type": "tool_use", "id": "c1", "name": "f", "input": {}},
+            ],
             tool_calls=[{"name": "f", "args": {}, "id": "c1"}],
         ),
         {
             "role": "assistant",
             "content": "some text",
-            "tool_calls": [{"id": "c1", "type": "function",
-                            "function": {"name": "f", "arguments": "{}"}}],
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
         },
     ),
     (
         ToolMessage('{"result": 3}', tool_call_id="c1", name="f"),
         {"role": "tool", "content": '{"result": 3}', "tool_call_id": "c1", "name": "f"},
     ),
-    (ToolMessage("err", tool_call_id="c2", status="error"),
-     {"role": "tool", "content": "err", "tool_call_id": "c2"}),
+    (
+        ToolMessage("err", tool_call_id="c2", status="error"),
+        {"role": "tool", "content": "err", "tool_call_id": "c2"},
+    ),
     (FunctionMessage("3", name="f"), {"role": "tool", "content": "3", "name": "f"}),
     (ChatMessage(role="developer", content="d"), {"role": "system", "content": "d"}),
     (ChatMessage(role="human", content="h"), {"role": "user", "content": "h"}),
@@ -164,16 +173,20 @@ def test_to_engine_message_refuses(message):
 
 def test_content_text_table():
     assert content_text("x", role="user") == "x"
-    assert content_text([{"type": "text", "text": "a"}, {"type": "reasoning"}],
-                        role="assistant") == "a"
+    assert (
+        content_text([{"type": "text", "text": "a"}, {"type": "reasoning"}], role="assistant")
+        == "a"
+    )
     assert content_text([{"type": "json", "json": {"ok": "é"}}], role="tool") == (
         '{"type": "json", "json": {"ok": "é"}}'
     )
 
 
 def test_tool_calls_to_openai():
-    calls = [{"name": "f", "args": {"a": 1}, "id": "x", "type": "tool_call"},
-             {"name": "g", "args": {}, "id": None, "type": "tool_call"}]
+    calls = [
+        {"name": "f", "args": {"a": 1}, "id": "x", "type": "tool_call"},
+        {"name": "g", "args": {}, "id": None, "type": "tool_call"},
+    ]
     assert to_openai_tool_calls(calls) == [
         {"id": "x", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}},
         {"id": "", "type": "function", "function": {"name": "g", "arguments": "{}"}},
@@ -183,9 +196,16 @@ def test_tool_calls_to_openai():
 @pytest.mark.parametrize(
     ("choice", "expected"),
     [
-        (None, None), (False, None), ("auto", "auto"), ("none", "none"), ("any", "required"),
-        ("required", "required"), (True, "required"), ("f", "f"),
-        ({"type": "function", "function": {"name": "g"}}, "g"), ({"name": "g"}, "g"),
+        (None, None),
+        (False, None),
+        ("auto", "auto"),
+        ("none", "none"),
+        ("any", "required"),
+        ("required", "required"),
+        (True, "required"),
+        ("f", "f"),
+        ({"type": "function", "function": {"name": "g"}}, "g"),
+        ({"name": "g"}, "g"),
     ],
 )
 def test_normalize_tool_choice(choice, expected):
@@ -233,27 +253,42 @@ BAD = InvalidToolCall(name="g", arguments='<tool_call>{"name": "g", "argu', erro
             _gen("Ok " + BAD.arguments, "Ok", [], [BAD]),
             "Ok",
             [],
-            [{"name": "g", "args": BAD.arguments, "id": None, "error": "not JSON",
-              "type": "invalid_tool_call"}],
+            [
+                {
+                    "name": "g",
+                    "args": BAD.arguments,
+                    "id": None,
+                    "error": "not JSON",
+                    "type": "invalid_tool_call",
+                }
+            ],
         ),
     ],
 )
 def test_ai_message_translates_the_engine_answer(generation, content, calls, bad):
     selection = Selection(adapters=["math"], weights=[1.0])
     message = ai_message(generation, selection, "m")
-    assert (message.content, message.tool_calls, message.invalid_tool_calls) == (content, calls, bad)
+    assert (message.content, message.tool_calls, message.invalid_tool_calls) == (
+        content,
+        calls,
+        bad,
+    )
     assert message.usage_metadata == {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}
     meta = message.response_metadata
     assert meta[SELECTION_KEY] == selection.model_dump(mode="json")  # the selection given
     assert (meta["model_name"], meta["model_provider"], meta["finish_reason"]) == (
-        "m", "logo", "stop")
+        "m",
+        "logo",
+        "stop",
+    )
     assert meta.get(INVALID_KEY, []) == [b.model_dump() for b in generation.invalid_tool_calls]
     # The last stream chunk, added to what was streamed before it, gives the same message.
     shown = content[:2]
     full = AIMessageChunk(content=shown) + final_chunk(generation, selection, "m", shown)
     assert full.content == content
     assert [(c["name"], c["args"]) for c in full.tool_calls] == [
-        (c["name"], c["args"]) for c in calls]
+        (c["name"], c["args"]) for c in calls
+    ]
     assert [c["name"] for c in full.invalid_tool_calls] == [c["name"] for c in bad]
     assert full.response_metadata == meta
 
@@ -411,13 +446,16 @@ def test_on_llm_end_sees_the_selection(llm, engine):
 
 def test_streamed_tokens_reach_callbacks(engine):
     handler = Recorder()
-    text = "".join(c.content for c in ChatLoGo(engine=engine).stream(
-        "alpha beta gamma", config={"callbacks": [handler]}))
+    text = "".join(
+        c.content
+        for c in ChatLoGo(engine=engine).stream("alpha beta gamma", config={"callbacks": [handler]})
+    )
     assert "".join(handler.tokens) == text == "alpha beta gamma"
     assert len([t for t in handler.tokens if t]) == 3
     handler = Recorder()
     message = ChatLoGo(engine=engine, streaming=True).invoke(
-        "alpha beta gamma", config={"callbacks": [handler]})
+        "alpha beta gamma", config={"callbacks": [handler]}
+    )
     assert [t for t in handler.tokens if t] == ["alpha ", "beta ", "gamma"]
     assert message.response_metadata[SELECTION_KEY]["adapters"]
     assert _end_selection(handler.ends[0]) == message.response_metadata[SELECTION_KEY]
@@ -437,7 +475,8 @@ async def test_async_streamed_tokens_reach_async_callbacks(engine):
 
     handler = AsyncRecorder()
     message = await ChatLoGo(engine=engine, streaming=True).ainvoke(
-        "alpha beta gamma", config={"callbacks": [handler]})
+        "alpha beta gamma", config={"callbacks": [handler]}
+    )
     assert [t for t in handler.tokens if t] == ["alpha ", "beta ", "gamma"]
     assert _end_selection(handler.ends[0]) == message.response_metadata[SELECTION_KEY]
 
@@ -540,8 +579,13 @@ def test_construction_loads_nothing(monkeypatch):
     from logo_engine import LoGoEngine
 
     loads: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(LoGoEngine, "shared", classmethod(
-        lambda cls, *a, **k: loads.append((a, k)) or ScriptedEngine(model_name="loaded")))
+    monkeypatch.setattr(
+        LoGoEngine,
+        "shared",
+        classmethod(
+            lambda cls, *a, **k: loads.append((a, k)) or ScriptedEngine(model_name="loaded")
+        ),
+    )
     llm = ChatLoGo(model="some/model", adapters="some/zoo", temperature=0.1)
     assert loads == []
     assert llm._get_ls_params()["ls_model_name"] == "some/model"
@@ -549,8 +593,12 @@ def test_construction_loads_nothing(monkeypatch):
     assert ChatLoGo()._get_ls_params()["ls_model_name"] == "SmolLM2-135M-Instruct"
     assert loads == []
     llm.invoke("hello there")
-    assert loads == [(("some/model",), {"adapters": "some/zoo", "device": "cpu", "dtype": None,
-                                        "gguf_file": None})]
+    assert loads == [
+        (
+            ("some/model",),
+            {"adapters": "some/zoo", "device": "cpu", "dtype": None, "gguf_file": None},
+        )
+    ]
     llm.invoke("again")
     assert len(loads) == 1
     llm.invoke("hello", model="other/model")  # a per-call base model: its own shared engine
@@ -618,7 +666,8 @@ def test_the_call_is_resolved_and_tokens_counted_once(engine, monkeypatch):
 def test_token_counts_come_from_the_engine(llm, engine):
     messages = [SystemMessage("be brief"), HumanMessage("count these words")]
     assert llm.get_num_tokens_from_messages(messages) == engine.count_tokens(
-        to_engine_messages(messages))
+        to_engine_messages(messages)
+    )
 
 
 # --------------------------------------------------------------------------------- tools
@@ -644,8 +693,12 @@ def test_streaming_with_tools_hides_the_call_markup():
     for chunk in chunks[1:]:
         full = full + chunk
     assert full.tool_calls == [
-        {"name": "get_weather", "args": {"city": "Zürich"}, "id": full.tool_calls[0]["id"],
-         "type": "tool_call"}
+        {
+            "name": "get_weather",
+            "args": {"city": "Zürich"},
+            "id": full.tool_calls[0]["id"],
+            "type": "tool_call",
+        }
     ]
     assert sum(bool(c.tool_call_chunks) for c in chunks) == 1
 
@@ -678,8 +731,13 @@ def test_tool_choice_forces_the_named_tool():
     message = llm.invoke("Hello")
     assert message.tool_calls[0]["name"] == "get_time"
     assert message.tool_calls[0]["args"] == {"city": "Oslo"}
-    assert ChatLoGo(engine=engine).bind_tools([get_weather], tool_choice="none").invoke(
-        "Hello").tool_calls == []
+    assert (
+        ChatLoGo(engine=engine)
+        .bind_tools([get_weather], tool_choice="none")
+        .invoke("Hello")
+        .tool_calls
+        == []
+    )
     with pytest.raises(InvalidRequestError):
         ChatLoGo(engine=engine).bind_tools([get_weather], tool_choice="get_time")
 
@@ -705,8 +763,9 @@ class Person(BaseModel):
 
 
 def test_structured_output_pydantic_typeddict_json_schema():
-    engine = CountingEngine(lambda m, t: tool_call_text(t[0]["function"]["name"],
-                                                        {"name": "Åsa", "age": 41}))
+    engine = CountingEngine(
+        lambda m, t: tool_call_text(t[0]["function"]["name"], {"name": "Åsa", "age": 41})
+    )
     llm = ChatLoGo(engine=engine)
     assert llm.with_structured_output(Person).invoke("Åsa is 41") == Person(name="Åsa", age=41)
     schema = Person.model_json_schema()
@@ -765,7 +824,10 @@ def test_langsmith_batch_gives_each_run_its_own_selection(llm):
         llm.batch(PROMPTS)
     creates, updates = _llm_runs(client)
     assert sorted(c["extra"]["metadata"]["logo_adapter"] for c in creates) == [
-        "code", "math", "sql"]
+        "code",
+        "math",
+        "sql",
+    ]
     assert len(updates) == 3
 
 
@@ -839,7 +901,10 @@ async def test_async_and_batch_calls_use_the_cache(engine):
     out = llm.batch(PROMPTS)  # the first row is cached: the batch generates the other two
     assert engine.probes == [1, 2] and engine.decodes == [1, 2]
     assert [m.response_metadata[SELECTION_KEY]["adapters"][0] for m in out] == [
-        "math", "sql", "code"]
+        "math",
+        "sql",
+        "code",
+    ]
     assert len(cache._cache) == 3
     assert [m.content for m in llm.batch(PROMPTS)] == [m.content for m in out]
     assert engine.decodes == [1, 2]

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import json
 import sys
-import time
 import types
 from typing import Any
 
@@ -38,11 +35,13 @@ from llama_index.core.instrumentation.events.llm import (
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.tools import FunctionTool
+from loop_witness import LoopWitness
 
 import logo_integrations
 from logo_engine import AdapterNotFoundError, InvalidRequestError, RoutingConfig
 from logo_engine.testing import ScriptedEngine, tool_call_text
 from logo_integrations.llama_index import (
+    INVALID_KEY,
     SELECTION_KEY,
     LoGoLLM,
     LoGoSelectionEvent,
@@ -51,7 +50,6 @@ from logo_integrations.llama_index import (
     record_selections,
     to_engine_message,
     tool_selection,
-    visible_text,
 )
 
 ADAPTERS = ("math", "sql", "code")
@@ -163,70 +161,128 @@ def test_model_without_chat_template_is_a_completion_model():
     assert "be brief" in call["messages"][0]["content"]
 
 
-def test_engine_is_loaded_lazily_through_shared(monkeypatch):
+class FakeLoader:
+    """Stands in for LoGoEngine.shared: records its arguments, returns a scripted engine."""
+
+    def __init__(self, on_load: Any = None) -> None:
+        self.calls: list[tuple[Any, dict[str, Any]]] = []
+        self.on_load = on_load
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeLoader:
+        loader = self
+
+        class FakeLoGoEngine:
+            @staticmethod
+            def shared(base_model: Any = None, **kwargs: Any) -> ScriptedEngine:
+                loader.calls.append((base_model, kwargs))
+                if loader.on_load is not None:
+                    loader.on_load()
+                return ScriptedEngine(["loaded"], adapter_names=ADAPTERS, context_window=777)
+
+        module = types.ModuleType("logo_engine.engine")
+        module.LoGoEngine = FakeLoGoEngine  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "logo_engine.engine", module)
+        return self
+
+
+def test_engine_is_loaded_lazily_through_shared_without_routing_in_the_key(monkeypatch):
     import torch
 
-    calls: list[tuple[Any, dict[str, Any]]] = []
-
-    class FakeLoGoEngine:
-        @staticmethod
-        def shared(base_model: Any = None, **kwargs: Any) -> ScriptedEngine:
-            calls.append((base_model, kwargs))
-            return ScriptedEngine(adapter_names=ADAPTERS)
-
-    module = types.ModuleType("logo_engine.engine")
-    module.LoGoEngine = FakeLoGoEngine  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "logo_engine.engine", module)
-    routing = RoutingConfig(top_k=2)
+    loader = FakeLoader().install(monkeypatch)
     llm = LoGoLLM(
-        base_model="some/dir", adapters={"sql": "x/sql"}, routing=routing, dtype="bfloat16"
+        base_model="some/dir",
+        adapters={"sql": "x/sql"},
+        routing=RoutingConfig(top_k=2),
+        dtype="bfloat16",
     )
-    assert calls == []  # nothing loaded in __init__
-    assert llm.complete("hello").text == "hello"
+    assert llm.model == "some/dir"  # base_model is an alias of model
+    assert loader.calls == []  # nothing loaded in __init__
+    assert llm.complete("hello").text == "loaded"
     llm.complete("again")
-    assert calls == [
-        (
-            "some/dir",
-            {
-                "adapters": {"sql": "x/sql"},
-                "routing": routing,
-                "device": "cpu",
-                "dtype": torch.bfloat16,
-                "gguf_file": None,
-            },
-        )
-    ]
+    # Routing is per call: another LoGoLLM with other routing shares the same load arguments.
+    LoGoLLM(
+        model="some/dir",
+        adapters={"sql": "x/sql"},
+        routing=RoutingConfig(top_k=1),
+        dtype="bfloat16",
+    ).complete("x")
+    expected = (
+        "some/dir",
+        {"adapters": {"sql": "x/sql"}, "device": "cpu", "dtype": torch.bfloat16, "gguf_file": None},
+    )
+    assert loader.calls == [expected, expected]  # LoGoEngine.shared caches by these alone
 
 
-async def test_lazy_loading_in_async_call_uses_a_worker_thread(monkeypatch):
-    import threading
+def test_metadata_and_payload_never_load_the_model(monkeypatch, tmp_path):
+    loader = FakeLoader().install(monkeypatch)
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 512}))
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    llm = LoGoLLM(model=str(tmp_path), max_tokens=64)
+    meta = llm.metadata
+    payload = llm.to_payload()
+    assert loader.calls == []
+    # Before loading: what the model folder's config files say.
+    assert (meta.context_window, meta.num_output, meta.is_chat_model) == (512, 64, True)
+    assert meta.model_name == str(tmp_path)
+    assert payload["adapter_names"] is None and payload["class_name"] == "LoGoLLM"
+    llm.complete("x")
+    assert len(loader.calls) == 1
+    # Once loaded: the engine's own values.
+    assert llm.metadata.context_window == 777 and llm.metadata.model_name == "scripted-model"
+    assert llm.to_payload()["adapter_names"] == list(ADAPTERS)
+    assert LoGoLLM(model=str(tmp_path), context_window=300).metadata.context_window == 300
+    unknown = LoGoLLM(model=str(tmp_path / "missing")).metadata  # no files: LlamaIndex defaults
+    assert (unknown.context_window, unknown.num_output, unknown.is_chat_model) == (3900, 256, True)
 
-    threads: list[str] = []
 
-    class FakeLoGoEngine:
-        @staticmethod
-        def shared(base_model: Any = None, **kwargs: Any) -> ScriptedEngine:
-            threads.append(threading.current_thread().name)
-            return ScriptedEngine(adapter_names=ADAPTERS)
+@pytest.mark.parametrize("method", ["acomplete", "achat", "astream_complete", "astream_chat"])
+async def test_the_first_async_call_loads_the_model_off_the_event_loop(monkeypatch, method):
+    witness = LoopWitness()
+    loader = FakeLoader(on_load=witness.check).install(monkeypatch)
+    llm = LoGoLLM(callback_manager=CallbackManager([LlamaDebugHandler()]))
+    arg: Any = "x" if "complete" in method else USER
 
-    module = types.ModuleType("logo_engine.engine")
-    module.LoGoEngine = FakeLoGoEngine  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "logo_engine.engine", module)
-    llm = LoGoLLM(callback_manager=CallbackManager([]))
-    llm._engine = None
-    # The callback decorator reads to_payload() (hence the engine) first: load it async-first.
-    engine = await llm._aengine()
-    assert threads and threads[0] != threading.main_thread().name
-    assert llm.engine is engine
+    async def call() -> Any:
+        result = await getattr(llm, method)(arg)  # the real path, callback wrappers included
+        return await drain(result) if method.startswith("astream") else result
+
+    result = await witness.run(call())
+    assert len(loader.calls) == 1
+    witness.assert_loop_was_free(min_checks=1)
+    last = result[-1] if isinstance(result, list) else result
+    assert last.additional_kwargs[SELECTION_KEY]["adapters"]
 
 
 def test_bad_arguments():
     with pytest.raises(TypeError):
         LoGoLLM(engine="not an engine")
-    with pytest.raises(ValueError):
-        LoGoLLM(routing={"top_k": 2})
-    with pytest.raises(ValueError):
-        LoGoLLM(max_new_tokens=0)
+    for kwargs in (
+        {"routing": 3},
+        {"routing": {"k": 1}},
+        {"max_new_tokens": 0},
+        {"max_tokens": 0},
+        {"foo": 1},
+        {"base_url": "http://x"},
+        {"model": "a", "base_model": "b"},
+        {"max_tokens": 1, "max_new_tokens": 2},
+        {"dtype": "int3"},
+        {"context_window": 0},
+        {"signal": "cosine"},
+    ):
+        with pytest.raises(ValueError):
+            LoGoLLM(**kwargs)
+
+
+def test_conventional_names_and_aliases():
+    llm = LoGoLLM(
+        model_name="m",
+        max_new_tokens=9,
+        top_k=2,
+        signal="entropy",
+        routing={"weighting": "uniform"},
+    )
+    assert (llm.model, llm.max_tokens, llm.top_k, llm.signal) == ("m", 9, 2, "entropy")
+    assert llm.routing == RoutingConfig(weighting="uniform")
 
 
 # ------------------------------------------------------------------------- completion / chat
@@ -321,7 +377,7 @@ def test_sampling_arguments_reach_the_engine():
 
 def test_unknown_keyword_arguments_are_ignored_with_a_warning(caplog):
     llm = make_llm(["ok"])
-    with caplog.at_level("WARNING", logger="logo_integrations.llama_index"):
+    with caplog.at_level("WARNING", logger="logo_integrations._common"):
         assert llm.complete("x", frequency_penalty=0.5).text == "ok"
     assert "frequency_penalty" in caplog.text
 
@@ -372,28 +428,22 @@ def test_stream_stopped_early_closes_cleanly():
 
 @pytest.mark.parametrize("method", ["acomplete", "achat", "astream_complete", "astream_chat"])
 async def test_async_calls_do_not_block_the_event_loop(method):
-    def slow(messages: Any, tools: Any) -> str:
-        time.sleep(0.3)
+    witness = LoopWitness()
+
+    def script(messages: Any, tools: Any) -> str:
+        witness.check()  # the scripted model at work
         return "done"
 
-    llm = make_llm(slow)
-    ticks = 0
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
-            await asyncio.sleep(0.01)
-
-    task = asyncio.create_task(ticker())
+    llm = make_llm(script)
     arg: Any = "x" if "complete" in method else USER
-    result = await getattr(llm, method)(arg)
-    if method.startswith("astream"):
-        await drain(result)
-    stop.set()
-    await task
-    assert ticks >= 10
+
+    async def call() -> None:
+        result = await getattr(llm, method)(arg)
+        if method.startswith("astream"):
+            await drain(result)
+
+    await witness.run(call())
+    witness.assert_loop_was_free(min_checks=1)
 
 
 # ------------------------------------------------------------------ events and callbacks
@@ -451,6 +501,8 @@ async def test_exactly_one_llm_event_per_call_with_the_selection(
     assert selected.scores == response.additional_kwargs[SELECTION_KEY]["scores"]
     assert selected.base_model == "scripted-model"
     assert not selected.pinned
+    # The event carries the whole selection, whatever fields it has.
+    assert selected.selection.model_dump(mode="json") == response.additional_kwargs[SELECTION_KEY]
     json.dumps(selected.model_dump(mode="json"))
 
 
@@ -639,52 +691,25 @@ def test_tool_selection(call, expected):
     ("choice", "expected"),
     [
         (None, None),
+        (False, None),
         ("auto", "auto"),
         ("none", "none"),
         ("required", "required"),
         ("any", "required"),
+        (True, "required"),
         ("multiply", "multiply"),
         ({"type": "function", "function": {"name": "multiply"}}, "multiply"),
         ({"name": "multiply"}, "multiply"),
     ],
 )
 def test_normalize_tool_choice(choice, expected):
-    assert normalize_tool_choice(choice) == expected
+    assert normalize_tool_choice(choice, ["multiply", "add"]) == expected
 
 
-@pytest.mark.parametrize("choice", [3, {"type": "function"}, ""])
+@pytest.mark.parametrize("choice", [3, {"type": "function"}, "", "divide"])
 def test_normalize_tool_choice_refuses(choice):
-    with pytest.raises(InvalidRequestError):
-        normalize_tool_choice(choice)
-
-
-@pytest.mark.parametrize(
-    ("text", "visible"),
-    [
-        ("", ""),
-        ("   ", ""),
-        ("Hello", "Hello"),
-        ("Hello <", "Hello "),
-        ("Hello <tool", "Hello "),
-        ("Hello <tool_call", "Hello "),
-        ("Hello <tool_call>\n{", "Hello "),
-        ("a < b", "a < b"),
-        ("a <b>", "a <b>"),
-        ("<tool_call>", ""),
-        ('{"name": "f"', ""),
-        ('  {"name"', ""),
-        ("Sure. <tool_call>{} </tool_call> more", "Sure. "),
-    ],
-)
-def test_visible_text(text, visible):
-    assert visible_text(text) == visible
-
-
-def test_visible_text_only_grows():
-    answer = 'Let me check <b> then <tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
-    shown = [visible_text(answer[:i]) for i in range(len(answer) + 1)]
-    assert all(b.startswith(a) for a, b in itertools.pairwise(shown))
-    assert shown[-1] == "Let me check <b> then "
+    with pytest.raises(InvalidRequestError, match="tool_choice"):
+        normalize_tool_choice(choice, ["multiply", "add"])
 
 
 # ------------------------------------------------------------------------- function calling
@@ -767,7 +792,7 @@ def test_tool_choice_reaches_the_engine(kwargs, expected_prefix, monkeypatch):
         return request
 
     monkeypatch.setattr(engine, "_prepare", spy)
-    llm = LoGoLLM(engine=engine)
+    llm = LoGoLLM(engine=engine, max_tokens=16)  # a set length: no prompt count first
     llm.chat_with_tools(TOOLS, user_msg="x", **kwargs)
     assert prefixes == [expected_prefix]
 
@@ -861,3 +886,77 @@ def test_structured_predict_through_a_forced_tool_call():
     llm = make_llm(script)
     song = llm.structured_predict(Song, PromptTemplate("Write a song about {topic}"), topic="cats")
     assert song == Song(title="Hey", length_s=180)
+
+
+# -------------------------------------------------------- broken calls, forced single tool
+BROKEN = '<tool_call>\n{"name": "multiply", "argu'
+
+
+def test_a_broken_tool_call_never_becomes_the_answer():
+    llm = make_llm(lambda m, t: "Let me compute. " + BROKEN)
+    response = llm.chat_with_tools(TOOLS, user_msg="6 times 7?")
+    assert response.message.content == "Let me compute."  # no markup in the content
+    assert "tool_calls" not in response.message.additional_kwargs
+    (bad,) = response.additional_kwargs[INVALID_KEY]
+    assert bad["name"] == "multiply" and bad["arguments"] == BROKEN
+    assert "not valid JSON" in bad["error"]
+    assert llm.get_tool_calls_from_response(response, error_on_no_tool_call=False) == []
+    with pytest.raises(ValueError, match="does not parse: the tool call is not valid JSON"):
+        llm.get_tool_calls_from_response(response)
+    chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg="6 times 7?"))
+    assert all("<tool" not in (c.delta or "") + (c.message.content or "") for c in chunks)
+    assert chunks[-1].additional_kwargs[INVALID_KEY] == [bad]
+    # Without tools the same text is just text.
+    assert llm.chat(USER).message.content == "Let me compute. " + BROKEN
+
+
+async def test_a_function_agent_does_not_answer_with_raw_markup():
+    from llama_index.core.agent.workflow import FunctionAgent
+
+    llm = make_llm(lambda m, t: "Let me compute. " + BROKEN if t else "no tools")
+    agent = FunctionAgent(tools=[multiply], llm=llm)
+    result = await agent.run(user_msg="What is 6 times 7?")
+    assert str(result.response.content) == "Let me compute."
+
+
+class InventsNames(ScriptedEngine):
+    """A small model: asked for a tool call, it invents a tool name unless the engine forces it."""
+
+    def _decode(self, requests, selections, params, rows):
+        forced = requests[0].response_prefix
+        answer = '{"title": "Hey", "length_s": 180}}\n</tool_call>'
+        self._script = lambda m, t: (
+            forced + answer if '"arguments": ' in forced else tool_call_text("song_tool", {})
+        )
+        return super()._decode(requests, selections, params, rows)
+
+
+def test_one_tool_and_a_required_call_force_that_tool():
+    from llama_index.core.bridge.pydantic import BaseModel
+    from llama_index.core.prompts import PromptTemplate
+
+    class Song(BaseModel):
+        """A song."""
+
+        title: str
+        length_s: int
+
+    llm = LoGoLLM(engine=InventsNames(adapter_names=ADAPTERS))
+    song = llm.structured_predict(Song, PromptTemplate("Write a song about {topic}"), topic="cats")
+    assert song == Song(title="Hey", length_s=180)
+    one = [FunctionTool.from_defaults(fn=multiply)]
+    for kwargs in ({"tool_required": True}, {"tool_choice": "any"}, {"tool_choice": "required"}):
+        response = llm.chat_with_tools(one, user_msg="x", **kwargs)
+        assert [t.tool_name for t in llm.get_tool_calls_from_response(response)] == ["multiply"]
+    free = llm.chat_with_tools(one, user_msg="x")  # the model names the tool itself
+    assert [t.tool_name for t in llm.get_tool_calls_from_response(free)] == ["song_tool"]
+
+
+def test_signal_per_call_and_as_a_field():
+    llm = make_llm(["ok"])
+    assert llm.complete("sql", signal="entropy").additional_kwargs[SELECTION_KEY]["signal"] == (
+        "entropy"
+    )
+    assert make_llm(["ok"], signal="entropy", top_k=1).complete("sql").additional_kwargs[
+        SELECTION_KEY
+    ]["adapters"] == ["sql"]

@@ -21,7 +21,12 @@ from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.span_handlers import SimpleSpanHandler
 
 from logo_engine.testing import ScriptedEngine, tool_call_text
-from logo_integrations.llama_index import SELECTION_KEY, LoGoLLM, record_selections
+from logo_integrations.llama_index import (
+    RESPONSE_SELECTIONS_KEY,
+    SELECTION_KEY,
+    LoGoLLM,
+    record_selections,
+)
 
 ADAPTERS = ("geography", "chemistry", "math")
 DOCS = [
@@ -104,6 +109,25 @@ def test_query_engine_answer_and_its_selection(index, spans):
     chain = _ancestors(spans, event.span_id)
     assert chain[0].startswith("LoGoLLM.chat-")
     assert any(s.startswith("RetrieverQueryEngine.query-") for s in chain)
+    # The response itself carries the selection of the LLM call behind it.
+    assert response.metadata[RESPONSE_SELECTIONS_KEY] == [event.selection.model_dump(mode="json")]
+
+
+def test_a_response_lists_every_llm_call_behind_it(index):
+    llm = LoGoLLM(engine=ScriptedEngine(rag_script, adapter_names=ADAPTERS))
+    engine = index.as_query_engine(llm=llm, similarity_top_k=2, response_mode="refine")
+    with record_selections() as recorder:
+        response = engine.query("What is the capital of Zorbia? (geography)")
+        other = engine.query("At what degrees does water boil? chemistry")
+    assert len(recorder.events) == 4  # refine: one LLM call per retrieved chunk
+    assert response.metadata[RESPONSE_SELECTIONS_KEY] == [
+        e.selection.model_dump(mode="json") for e in recorder.events[:2]
+    ]
+    assert other.metadata[RESPONSE_SELECTIONS_KEY] == [
+        e.selection.model_dump(mode="json") for e in recorder.events[2:]
+    ]
+    node_ids = {n.node.node_id for n in response.source_nodes}
+    assert node_ids <= set(response.metadata)  # LlamaIndex's own metadata is kept
 
 
 async def test_async_streaming_query_engine(index):
@@ -114,6 +138,19 @@ async def test_async_streaming_query_engine(index):
         text = "".join([t async for t in response.async_response_gen()])
     assert "100 degrees" in text
     assert [e.adapters[0] for e in recorder.events] == ["chemistry"]
+    # The LLM is called while the stream is read: its selection is there once it has been.
+    assert response.metadata[RESPONSE_SELECTIONS_KEY] == [
+        recorder.events[0].selection.model_dump(mode="json")
+    ]
+
+
+def test_sync_streaming_query_engine_response_gets_its_selection(index):
+    llm = LoGoLLM(engine=ScriptedEngine(rag_script, adapter_names=ADAPTERS))
+    engine = index.as_query_engine(llm=llm, similarity_top_k=1, streaming=True)
+    response = engine.query("At what degrees does water boil? chemistry")
+    assert "100 degrees" in "".join(response.response_gen)
+    (selection,) = response.metadata[RESPONSE_SELECTIONS_KEY]
+    assert selection["adapters"][0] == "chemistry"
 
 
 @pytest.fixture()
