@@ -211,7 +211,18 @@ def tool_call_prefix(tools: Sequence[Mapping[str, Any]], tool_choice: ToolChoice
         tool_choice = names[0]
     if tool_choice not in names:
         raise InvalidRequestError(f"tool_choice {tool_choice!r} is not one of the tools {names}")
-    return '<tool_call>\n{"name": ' + json.dumps(tool_choice) + ', "arguments": '
+    tool = tools[names.index(tool_choice)]
+    opening = "{" + "".join(f"{json.dumps(p)}: " for p in _first_required(tool))
+    return '<tool_call>\n{"name": ' + json.dumps(tool_choice) + ', "arguments": ' + opening
+
+
+def _first_required(tool: Mapping[str, Any]) -> list[str]:
+    """The first required parameter of a tool schema, as a list of at most one name."""
+    parameters = tool.get("function", tool).get("parameters") or {}
+    required = parameters.get("required") or [] if isinstance(parameters, Mapping) else []
+    properties = parameters.get("properties") or {} if isinstance(parameters, Mapping) else {}
+    first = next((p for p in properties if p in required), None)
+    return [first] if isinstance(first, str) else []
 
 
 @dataclass(frozen=True)

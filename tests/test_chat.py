@@ -30,11 +30,16 @@ WEATHER = {
     "type": "function",
     "function": {
         "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        "parameters": {
+            "type": "object",
+            "properties": {"units": {"type": "string"}, "city": {"type": "string"}},
+            "required": ["city"],
+        },
     },
 }
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
 OPEN = '<tool_call>\n{"name": "'
+FORCED_WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": '
 
 
 # --------------------------------------------------------------------------- messages
@@ -141,10 +146,12 @@ def test_tools_go_into_a_system_turn_and_history_is_written_as_text(tok):
         ([WEATHER, TIME], "none", ""),
         ([WEATHER, TIME], "required", OPEN),
         ([WEATHER, TIME], "any", OPEN),
-        ([WEATHER, TIME], "get_time", '<tool_call>\n{"name": "get_time", "arguments": '),
-        # One tool and a forced call: the name is forced too.
-        ([WEATHER], "required", '<tool_call>\n{"name": "get_weather", "arguments": '),
-        ([WEATHER], "any", '<tool_call>\n{"name": "get_weather", "arguments": '),
+        # A named tool: its name, the arguments' brace and its first required parameter.
+        ([WEATHER, TIME], "get_time", '<tool_call>\n{"name": "get_time", "arguments": {'),
+        ([WEATHER, TIME], "get_weather", FORCED_WEATHER),
+        # One tool and a forced call: that tool is forced, name included.
+        ([WEATHER], "required", FORCED_WEATHER),
+        ([WEATHER], "any", FORCED_WEATHER),
         ([], "required", ""),
     ],
 )
@@ -154,7 +161,10 @@ def test_tool_call_prefix(tools, choice, prefix):
 
 def test_forced_prefix_ends_the_rendered_prompt(tok):
     rendered = render_prompt(tok, "x", tools=[WEATHER], tool_choice="required")
-    assert rendered.response_prefix == '<tool_call>\n{"name": "get_weather", "arguments": '
+    assert rendered.response_prefix == FORCED_WEATHER
+    # The forced opening continued by the model is a complete, parseable call.
+    call = parse_answer(rendered.response_prefix + '"Oslo"}}\n</tool_call>').tool_calls[0]
+    assert (call.name, call.arguments) == ("get_weather", {"city": "Oslo"})
     assert rendered.text.endswith("<|im_start|>assistant\n" + rendered.response_prefix)
     with pytest.raises(InvalidRequestError, match="not one of the tools"):
         tool_call_prefix([WEATHER], "get_time")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import threading
 import time
 from typing import Any
@@ -931,13 +932,18 @@ def test_the_selection_is_not_in_call_kwargs_or_invocation_params(llm, engine):
 
 # ------------------------------------------------------------------- structured output
 class InventsNames(ScriptedEngine):
-    """A small model: asked for a tool call, it invents a tool name unless the engine forces it."""
+    """A small model: asked for a tool call, it invents a tool name unless the engine forces it.
+
+    A forced opening (name, brace, first parameter) is continued into a whole call.
+    """
 
     def _decode(self, requests, selections, params, rows):
-        forced = requests[0].response_prefix
-        answer = '{"name": "Åsa", "age": 41}}\n</tool_call>'
-        self._script = lambda m, t: (
-            forced + answer if '"arguments": ' in forced else tool_call_text("person_info", {})
+        forced = re.match(
+            r'<tool_call>\n{"name": ("[^"]+"), "arguments": {', requests[0].response_prefix
+        )
+        name = json.loads(forced.group(1)) if forced else "person_info"
+        self._script = lambda m, t: tool_call_text(
+            name, {"name": "Åsa", "age": 41} if forced else {}
         )
         return super()._decode(requests, selections, params, rows)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 from typing import Any
@@ -774,10 +775,10 @@ def test_parallel_tool_calls_kept_only_when_allowed():
     [
         ({}, ""),
         ({"tool_required": True}, '<tool_call>\n{"name": "'),
-        ({"tool_choice": "add"}, '<tool_call>\n{"name": "add", "arguments": '),
+        ({"tool_choice": "add"}, '<tool_call>\n{"name": "add", "arguments": {"a": '),
         (
             {"tool_choice": {"type": "function", "function": {"name": "add"}}},
-            '<tool_call>\n{"name": "add", "arguments": ',
+            '<tool_call>\n{"name": "add", "arguments": {"a": ',
         ),
     ],
 )
@@ -920,14 +921,18 @@ async def test_a_function_agent_does_not_answer_with_raw_markup():
 
 
 class InventsNames(ScriptedEngine):
-    """A small model: asked for a tool call, it invents a tool name unless the engine forces it."""
+    """A small model: asked for a tool call, it invents a tool name unless the engine forces it.
+
+    A forced opening (name, brace, first parameter) is continued into a whole call.
+    """
 
     def _decode(self, requests, selections, params, rows):
-        forced = requests[0].response_prefix
-        answer = '{"title": "Hey", "length_s": 180}}\n</tool_call>'
-        self._script = lambda m, t: (
-            forced + answer if '"arguments": ' in forced else tool_call_text("song_tool", {})
+        forced = re.match(
+            r'<tool_call>\n{"name": ("[^"]+"), "arguments": {', requests[0].response_prefix
         )
+        name = json.loads(forced.group(1)) if forced else "song_tool"
+        arguments = {"Song": {"title": "Hey", "length_s": 180}, "multiply": {"a": 6, "b": 7}}
+        self._script = lambda m, t: tool_call_text(name, arguments.get(name, {}))
         return super()._decode(requests, selections, params, rows)
 
 

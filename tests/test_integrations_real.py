@@ -1,0 +1,43 @@
+"""Both integrations on the embedded SmolLM2-135M-Instruct and the shipped zoo (``pytest -m slow``).
+
+Structured output goes through one forced tool call: the engine writes the tool's name, the
+arguments' brace and its first required parameter, and the 135M model completes the call.
+"""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel, Field
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "Convert 3 km to metres."
+
+
+class Conversion(BaseModel):
+    """A unit conversion."""
+
+    value: float = Field(description="the number to convert")
+    unit: str = Field(description="the unit it is in")
+
+
+def test_langchain_structured_output_on_the_real_model():
+    from logo_integrations import ChatLoGo
+
+    llm = ChatLoGo(max_tokens=48)
+    out = llm.with_structured_output(Conversion, include_raw=True).invoke(QUESTION)
+    assert out["parsing_error"] is None and isinstance(out["parsed"], Conversion)
+    assert out["parsed"].value == 3.0
+    (call,) = out["raw"].tool_calls
+    assert call["name"] == "Conversion"  # forced: the model did not have to write it
+    assert out["raw"].response_metadata["logo_selection"]["adapters"]
+
+
+def test_llama_index_structured_predict_on_the_real_model():
+    from llama_index.core.prompts import PromptTemplate
+
+    from logo_integrations import LoGoLLM
+
+    llm = LoGoLLM(max_tokens=48)
+    out = llm.structured_predict(Conversion, PromptTemplate("{question}"), question=QUESTION)
+    assert isinstance(out, Conversion) and out.value == 3.0
