@@ -32,21 +32,43 @@ class StepCounter:
         self._handle.remove()
 
 
-async def cancel_and_check_stopped(engine, consume) -> None:
-    """Cancel a task consuming a stream mid-way; no model step may run after it settles."""
-    counter = StepCounter(engine)
-    try:
-        task = asyncio.create_task(consume())
-        await asyncio.sleep(0.1)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await asyncio.sleep(0.05)  # let the in-flight step end
-        steps = counter.steps
-        await asyncio.sleep(0.2)
-        assert counter.steps == steps, "generation went on after cancellation"
-    finally:
-        counter.remove()
+class DecodeWatch:
+    """Counts decoding steps and sees every decode loop of the engine end (early or not)."""
+
+    def __init__(self, engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.steps = 0
+        self.open = 0  # decode loops running or suspended: only these can still make steps
+        self.stepped = threading.Event()
+        decode = engine._decode
+
+        def watched(*args):
+            self.open += 1
+            try:
+                for step in decode(*args):
+                    self.steps += 1
+                    self.stepped.set()
+                    yield step
+            finally:
+                self.open -= 1
+
+        monkeypatch.setattr(engine, "_decode", watched)
+
+
+async def cancel_and_check_stopped(engine, monkeypatch, consume, max_steps: int) -> None:
+    """Cancel a task consuming a stream mid-way: once it has settled, its decode loop is closed.
+
+    No timing: the task is cancelled after its first decoding step, and a closed loop can make
+    no more steps.
+    """
+    watch = DecodeWatch(engine, monkeypatch)
+    task = asyncio.create_task(consume())
+    while not watch.stepped.is_set():
+        await asyncio.sleep(0.001)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert watch.open == 0, "the decode loop was left running after cancellation"
+    assert 1 <= watch.steps < max_steps
 
 
 def test_langchain_stream_closed_early_stops_generation(engine):
@@ -66,14 +88,14 @@ def test_langchain_stream_closed_early_stops_generation(engine):
     )
 
 
-async def test_langchain_astream_cancelled_stops_generation(engine):
+async def test_langchain_astream_cancelled_stops_generation(engine, monkeypatch):
     chat = ChatLoGo(engine=engine, max_tokens=200)
 
     async def consume():
         async for _ in chat.astream("hello", adapters={"b": 1.0}):
             await asyncio.sleep(0)
 
-    await cancel_and_check_stopped(engine, consume)
+    await cancel_and_check_stopped(engine, monkeypatch, consume, max_steps=200)
     out = await chat.ainvoke("hello", adapters={"b": 1.0})
     assert out.content == engine.generate("hello", adapters={"b": 1.0}, max_new_tokens=200).text
 
@@ -93,7 +115,7 @@ def test_llama_index_stream_closed_early_stops_generation(engine):
     assert text == engine.generate("hello", adapters={}, max_new_tokens=100).text
 
 
-async def test_llama_index_astream_cancelled_stops_generation(engine):
+async def test_llama_index_astream_cancelled_stops_generation(engine, monkeypatch):
     llm = LoGoLLM(engine=engine, max_new_tokens=200)
 
     async def consume():
@@ -103,7 +125,7 @@ async def test_llama_index_astream_cancelled_stops_generation(engine):
         async for _ in gen:
             await asyncio.sleep(0)
 
-    await cancel_and_check_stopped(engine, consume)
+    await cancel_and_check_stopped(engine, monkeypatch, consume, max_steps=200)
 
 
 def test_soak_through_both_integrations(engine):
