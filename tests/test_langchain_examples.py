@@ -75,6 +75,7 @@ def test_tracing_example_main_prints(tracing, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # several real generations; a shared CPU can be slow
 def test_examples_on_the_real_default_engine(agent, tracing):
     # Needs the embedded default model and the shipped adapter zoo.
     result = agent.ask(agent.QUESTIONS[0], scripted=False, tool_choice="required")

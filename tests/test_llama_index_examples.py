@@ -62,6 +62,7 @@ def test_agent_example_main_prints(agent, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # several real generations; a shared CPU can be slow
 def test_examples_on_the_real_default_engine(rag, agent):
     # Needs the embedded default model and the shipped adapter zoo.
     results = rag.run(rag.QUESTIONS[:1], scripted=False)
