@@ -113,6 +113,12 @@ class EngineSlot:
         self._engine = given
         self._lock = threading.Lock()
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> EngineSlot:
+        """Copies of a model object share its engine (a model is never copied)."""
+        copy = EngineSlot(self._engine)
+        copy.given = self.given
+        return copy
+
     @property
     def loaded(self) -> BaseEngine | None:
         """The engine if it exists already (never builds one)."""

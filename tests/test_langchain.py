@@ -995,3 +995,12 @@ def test_what_cannot_serialise_says_so(engine):
         return outputs.norm(dim=-1)
 
     assert dumpd(ChatLoGo(routing=RoutingConfig(signal=my_scorer)))["type"] == "not_implemented"
+
+
+def test_a_deep_copy_shares_the_engine(engine):
+    import copy
+
+    llm = ChatLoGo(engine=engine, top_k=1)
+    twin = copy.deepcopy(llm)
+    assert twin.engine is engine and twin.top_k == 1
+    assert twin.invoke(PROMPTS[1]).content == llm.invoke(PROMPTS[1]).content

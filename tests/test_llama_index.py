@@ -965,3 +965,12 @@ def test_signal_per_call_and_as_a_field():
     assert make_llm(["ok"], signal="entropy", top_k=1).complete("sql").additional_kwargs[
         SELECTION_KEY
     ]["adapters"] == ["sql"]
+
+
+def test_a_deep_copy_shares_the_engine():
+    import copy
+
+    llm = make_llm(["ok"], top_k=1)
+    twin = copy.deepcopy(llm)
+    assert twin.engine is llm.engine and twin.top_k == 1
+    assert twin.complete("x").text == "ok"
