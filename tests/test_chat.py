@@ -48,7 +48,10 @@ FORCED_WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": '
     [
         ("hi", [{"role": "user", "content": "hi"}]),
         ([{"role": "system", "content": "s"}], [{"role": "system", "content": "s"}]),
-        ([{"role": "assistant", "content": None}], [{"role": "assistant", "content": ""}]),
+        (
+            [{"role": "user", "content": "u"}, {"role": "assistant", "content": None}],
+            [{"role": "user", "content": "u"}, {"role": "assistant", "content": ""}],
+        ),
         (
             [{"role": "tool", "content": "3", "tool_call_id": "c"}],
             [{"role": "tool", "content": "3", "tool_call_id": "c"}],

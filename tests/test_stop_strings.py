@@ -1,6 +1,8 @@
-"""The stop-string logic of ``base.RowState`` directly, against a plain-string oracle: the final
-text is the whole answer cut before the earliest stop, however the answer is split into pieces,
-and a stream never shows text that a later piece turns into (part of) a stop string."""
+"""The stop-string logic of ``base.RowState`` directly, against a plain-string oracle: after each
+decoded piece the text so far is searched for every stop string, and generation ends at the first
+piece after which one occurs, cut before the earliest occurrence (so a stop that completes first
+wins over one that would start earlier but is still incomplete, as in vLLM and transformers).
+A stream never shows text that a later piece turns into (part of) a stop string."""
 
 from __future__ import annotations
 
@@ -14,10 +16,15 @@ from logo_engine import InvalidRequestError
 from logo_engine.base import RowState, SamplingParams
 
 
-def oracle(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    """The answer cut before the earliest stop string, and whether one occurred."""
-    hits = [i for s in stops if (i := text.find(s)) != -1]
-    return (text[: min(hits)], True) if hits else (text, False)
+def oracle(pieces: list[str], stops: tuple[str, ...]) -> tuple[str, bool]:
+    """The answer cut as the decoder sees it, piece by piece, and whether a stop occurred."""
+    text = ""
+    for piece in pieces:
+        text += piece
+        hits = [i for s in stops if (i := text.find(s)) != -1]
+        if hits:
+            return text[: min(hits)], True
+    return text, False
 
 
 def run(pieces: list[str], stops: tuple[str, ...]) -> tuple[RowState, list[str]]:
@@ -41,6 +48,8 @@ def run(pieces: list[str], stops: tuple[str, ...]) -> tuple[RowState, list[str]]
         (["a", "b", "c", "d"], ("bc",), "a", "stop"),
         (["xab"], ("b", "ab"), "x", "stop"),  # the earliest start wins, not the first listed
         (["xa", "b"], ("b", "ab"), "x", "stop"),
+        (["<<a", "<"], ("a", "<a<"), "<<", "stop"),  # "a" completes first: "<a<" never does
+        (["<<a<"], ("a", "<a<"), "<", "stop"),  # both in one piece: the earliest start
         (["one", " two"], (), "one two", "length"),
         (["one", " two"], ("three",), "one two", "length"),
         (["END"], ("END",), "", "stop"),
@@ -86,7 +95,7 @@ def test_any_split_gives_the_oracle_text(answer, stops, cuts):
     bounds = sorted({0, len(answer), *(c for c in cuts if c <= len(answer))})
     pieces = [answer[i:j] for i, j in itertools.pairwise(bounds)]
     row, deltas = run(pieces, stops)
-    text, stopped = oracle(answer, stops)
+    text, stopped = oracle(pieces, stops)
     assert row.text == text
     assert row.finish_reason == ("stop" if stopped else "length")
     shown = ""
