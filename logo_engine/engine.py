@@ -697,7 +697,16 @@ class LoGoEngine(BaseEngine):
                 f"probe_module={suffix!r} {what} adapted module of layer {layer}; "
                 f"adapted modules there: {adapted}"
             )
-        return layer, candidates[0]
+        module = candidates[0]
+        width = self._linears[module].in_features
+        hidden = int(getattr(self.model.config, "hidden_size", width))
+        if routing.probe_input == "residual" and width != hidden:
+            raise RoutingConfigError(
+                f"probe_input='residual' feeds the block's input (width {hidden}) to "
+                f"{suffix!r}, which reads width {width}; probe a module that reads the residual "
+                "stream (q_proj, k_proj, v_proj, gate_proj, up_proj) or use probe_input='module'"
+            )
+        return layer, module
 
 
 @dataclasses.dataclass(frozen=True)

@@ -126,13 +126,6 @@ def test_any_valid_routing_config_routes(
     assert eng.route("hello abc 12", routing=routing).adapters == sel.adapters
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="found by the property test above: probe_input='residual' on a module that does not "
-    "read the residual stream (down_proj reads the MLP's hidden size) fails inside torch instead "
-    "of being refused as a RoutingConfigError",
-)
 def test_residual_probe_on_a_module_that_does_not_read_the_residual_is_refused(eng):
     routing = RoutingConfig(top_k=1, probe_module="down_proj", probe_input="residual")
     with pytest.raises(RoutingConfigError):
