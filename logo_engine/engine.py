@@ -45,6 +45,7 @@ from logo_engine.errors import (
     NumericalError,
     RoutingConfigError,
 )
+from logo_engine.export import ExportedAdapter, export_mixture
 from logo_engine.library import (
     Adapter,
     AdapterLibrary,
@@ -295,6 +296,31 @@ class LoGoEngine(BaseEngine):
     def library(self) -> AdapterLibrary:
         """The loaded adapters, stacked per module (read-only)."""
         return self._library
+
+    def export_mixture(
+        self,
+        selection_or_mapping: Selection | Mapping[str, float],
+        path: str | os.PathLike,
+        *,
+        copy_single: bool = False,
+        overwrite: bool = False,
+    ) -> ExportedAdapter:
+        """Write a mixture as ONE peft LoRA folder equal to it (cat form, scaling exactly 1).
+
+        ``selection_or_mapping`` is a :class:`Selection` (e.g. ``engine.route(prompt)``) or a
+        pinned mixture ``{adapter: weight}`` (normalised to sum 1). Serving the folder with peft
+        or vLLM gives what this engine generates with that mixture. With one adapter of weight 1
+        nothing is written: the result points at the adapter's own folder (``copy_single=True``
+        writes a copy). See :func:`logo_engine.export.export_mixture`.
+        """
+        return export_mixture(
+            self._library,
+            selection_or_mapping,
+            path,
+            base_model_name=self._name,
+            copy_single=copy_single,
+            overwrite=overwrite,
+        )
 
     def probe_target(self, routing: RoutingConfig | None = None) -> tuple[int, str]:
         """(layer index, full module name) that ``routing`` probes on this model."""

@@ -61,3 +61,14 @@ class EngineClosedError(LoGoError, RuntimeError):
 
 class AdapterMemoryError(AdapterLoadError, MemoryError):
     """Loading these adapters would exceed the engine's adapter memory budget."""
+
+
+class ExportError(LoGoError, OSError):
+    """A mixture could not be written as a LoRA folder (target exists, disk full, ...)."""
+
+
+class MixtureRankError(InvalidRequestError):
+    """A mixture served as one LoRA needs a larger rank than the serving engine allows.
+
+    The message says the rank needed, the serving engine's limit and the value to start it with.
+    """

@@ -146,6 +146,9 @@ class Selection(_Frozen):
     ``rank_scores`` the scores that ranked and weighted them when those differ from the raw ones
     (z-scores when calibrated). ``abstained`` is True when routing chose the base model because
     no adapter stood out, and ``reason`` says why (also when some top-k adapters were dropped).
+    ``served_weights`` is set only when a generation backend served other weights than the
+    routed ones (the vLLM backend's optional ``weight_grid`` rounding); it aligns with
+    ``adapters``.
     """
 
     adapters: list[str] = Field(default_factory=list)
@@ -161,11 +164,18 @@ class Selection(_Frozen):
     calibrated: bool = False
     abstained: bool = False
     reason: str | None = None
+    served_weights: list[float] | None = None
 
     @property
     def mixture(self) -> dict[str, float]:
-        """``{adapter: weight}``, in weight order."""
+        """``{adapter: weight}``, in weight order (the routed weights)."""
         return dict(zip(self.adapters, self.weights, strict=True))
+
+    @property
+    def served_mixture(self) -> dict[str, float]:
+        """``{adapter: weight}`` as generated: ``served_weights`` when set, else ``weights``."""
+        weights = self.weights if self.served_weights is None else self.served_weights
+        return dict(zip(self.adapters, weights, strict=True))
 
 
 class Calibration(_Frozen):
