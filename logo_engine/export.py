@@ -230,7 +230,7 @@ def export_mixture(
     nbytes = _write_atomically(target, tensors, config, mixture, overwrite=overwrite)
     return ExportedAdapter(
         path=target,
-        rank=int(config["r"]),
+        rank=sum(ranks.values()),
         mixture=mixture,
         original=False,
         nbytes=nbytes,
