@@ -27,8 +27,8 @@ def fake(monkeypatch):
 
 
 @pytest.fixture()
-def reference(tokenizer, trained_dir):
-    eng = LoGoEngine(tiny.tiny_model(), tokenizer, adapters=trained_dir, name="tiny-llama")
+def reference(tokenizer, adapter_dir):
+    eng = LoGoEngine(tiny.tiny_model(), tokenizer, adapters=adapter_dir, name="tiny-llama")
     yield eng
     eng.close()
 
@@ -42,24 +42,24 @@ def same(got, want):
     )
 
 
-def _vllm_engine(tokenizer, trained_dir, tmp_path, *, max_lora_rank=32, max_loras=2, **options):
+def _vllm_engine(tokenizer, adapter_dir, tmp_path, *, max_lora_rank=32, max_loras=2, **options):
     llm = fake_vllm.LLM(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras)
     backend = VLLMBackend(llm, cache_dir=tmp_path / "cats", **options)
     eng = LoGoEngine(
-        tiny.tiny_model(), tokenizer, adapters=trained_dir, name="tiny-llama", backend=backend
+        tiny.tiny_model(), tokenizer, adapters=adapter_dir, name="tiny-llama", backend=backend
     )
     return eng, llm.llm_engine
 
 
 @pytest.fixture()
-def vengine(fake, tokenizer, trained_dir, tmp_path):
-    eng, _ = _vllm_engine(tokenizer, trained_dir, tmp_path)
+def vengine(fake, tokenizer, adapter_dir, tmp_path):
+    eng, _ = _vllm_engine(tokenizer, adapter_dir, tmp_path)
     yield eng
     eng.close()
 
 
 def test_outputs_equal_the_engine_decode_loop(vengine, reference):
-    mixtures = [None, {"letters": 0.6, "digits": 0.4}, {"symbols": 1.0}, {}]
+    mixtures = [None, {"a": 0.6, "b": 0.4}, {"c": 1.0}, {}]
     for prompt in PROMPTS:
         want = reference.generate(prompt, max_new_tokens=10)
         got = vengine.generate(prompt, max_new_tokens=10)
@@ -84,15 +84,15 @@ async def test_async_paths(vengine, reference):
     assert [g.text for g in batch] == [want.text if i == 1 else g.text for i, g in enumerate(batch)]
 
 
-def test_request_translation(fake, tokenizer, trained_dir, tmp_path):
-    eng, fe = _vllm_engine(tokenizer, trained_dir, tmp_path)
+def test_request_translation(fake, tokenizer, adapter_dir, tmp_path):
+    eng, fe = _vllm_engine(tokenizer, adapter_dir, tmp_path)
     eng.generate_batch(
         ["abc", "012", "xyz"],
         max_new_tokens=5,
         temperature=0.7,
         top_p=0.9,
         seed=11,
-        adapters=[{"letters": 0.5, "digits": 0.5}, {"digits": 2.0}, {}],
+        adapters=[{"a": 0.5, "b": 0.5}, {"b": 2.0}, {}],
     )
     adds = fe.names("add_request")
     assert len(adds) == 3
@@ -113,19 +113,19 @@ def test_request_translation(fake, tokenizer, trained_dir, tmp_path):
     cat, single, base = (a[3] for a in adds)
     assert Path(cat.lora_path).parent == tmp_path / "cats" and cat.lora_name.startswith("logo-cat-")
     mixture = json.loads((Path(cat.lora_path) / "logo_mixture.json").read_text())
-    assert mixture == {"adapters": ["letters", "digits"], "weights": [0.5, 0.5]}
-    assert Path(single.lora_path) == trained_dir / "digits"  # k = 1: the original folder
+    assert mixture == {"adapters": ["a", "b"], "weights": [0.5, 0.5]}
+    assert Path(single.lora_path) == adapter_dir / "b"  # k = 1: the original folder
     assert base is None
     assert [r.lora_int_id for r in fe.names("add_lora")] == [cat.lora_int_id, single.lora_int_id]
     eng.close()
 
 
-def test_cache_hits_evictions_and_unloads(fake, tokenizer, trained_dir, tmp_path):
-    eng, fe = _vllm_engine(tokenizer, trained_dir, tmp_path, max_cached_adapters=2)
+def test_cache_hits_evictions_and_unloads(fake, tokenizer, adapter_dir, tmp_path):
+    eng, fe = _vllm_engine(tokenizer, adapter_dir, tmp_path, max_cached_adapters=2)
     m1, m2, m3 = (
-        {"letters": 0.5, "digits": 0.5},
-        {"letters": 0.3, "symbols": 0.7},
-        {"digits": 0.2, "symbols": 0.8},
+        {"a": 0.5, "b": 0.5},
+        {"a": 0.3, "c": 0.7},
+        {"b": 0.2, "c": 0.8},
     )
     eng.generate("abc", adapters=m1, max_new_tokens=2)
     eng.generate("abc", adapters=m1, max_new_tokens=2)  # hit: no second load
@@ -146,74 +146,71 @@ def test_cache_hits_evictions_and_unloads(fake, tokenizer, trained_dir, tmp_path
     assert (tmp_path / "cats").is_dir()  # a given directory is kept
 
 
-def test_entries_in_use_are_not_evicted(fake, tokenizer, trained_dir, tmp_path):
-    eng, fe = _vllm_engine(tokenizer, trained_dir, tmp_path, max_cached_adapters=1)
-    stream = eng.stream("abc", adapters={"letters": 0.5, "digits": 0.5}, max_new_tokens=30)
+def test_entries_in_use_are_not_evicted(fake, tokenizer, adapter_dir, tmp_path):
+    eng, fe = _vllm_engine(tokenizer, adapter_dir, tmp_path, max_cached_adapters=1)
+    stream = eng.stream("abc", adapters={"a": 0.5, "b": 0.5}, max_new_tokens=30)
     next(stream)  # running: its adapter is in use
     first = fe.names("add_request")[0][3]
     in_use = Path(first.lora_path)
-    eng.generate("abc", adapters={"letters": 0.5, "symbols": 0.5}, max_new_tokens=2)
+    eng.generate("abc", adapters={"a": 0.5, "c": 0.5}, max_new_tokens=2)
     second = fe.names("add_request")[1][3]
     # over the bound of 1: the entry in use stays, the finished one goes once released
     assert in_use.is_dir() and not Path(second.lora_path).exists()
     assert fe.names("remove_lora") == [second.lora_int_id]
     stream.close()  # aborted in vLLM, released: now the first entry can go too
     assert fe.names("abort_request")[-1] == [fe.names("add_request")[0][0]]
-    eng.generate("abc", adapters={"digits": 0.5, "symbols": 0.5}, max_new_tokens=2)
+    eng.generate("abc", adapters={"b": 0.5, "c": 0.5}, max_new_tokens=2)
     assert not in_use.exists()
     assert fe.names("remove_lora")[:2] == [second.lora_int_id, first.lora_int_id]
     eng.close()
 
 
-def test_rank_limit_is_a_clear_error(fake, tokenizer, trained_dir, tmp_path):
-    eng, fe = _vllm_engine(tokenizer, trained_dir, tmp_path, max_lora_rank=16)
-    eng.generate("abc", adapters={"letters": 0.5, "digits": 0.5}, max_new_tokens=2)  # 8 + 8
-    with pytest.raises(MixtureRankError, match=r"rank 24 .*max_lora_rank=16.*max_lora_rank=32"):
-        eng.generate("abc", adapters={"letters": 1, "digits": 1, "symbols": 1}, max_new_tokens=2)
-    stream = eng.stream("abc", max_new_tokens=2)  # routed top_k=3: 24 > 16 before any token
+def test_rank_limit_is_a_clear_error(fake, tokenizer, adapter_dir, tmp_path):
+    eng, fe = _vllm_engine(tokenizer, adapter_dir, tmp_path, max_lora_rank=8)
+    eng.generate("abc", adapters={"a": 0.5, "c": 0.5}, max_new_tokens=2)  # 4 + 2
+    with pytest.raises(MixtureRankError, match=r"rank 12 .*max_lora_rank=8.*max_lora_rank=16"):
+        eng.generate("abc", adapters={"a": 1, "b": 1}, max_new_tokens=2)  # 4 + 8
+    stream = eng.stream("abc", max_new_tokens=2)  # routed top_k=3: 14 > 8 before any token
     with pytest.raises(MixtureRankError):
         next(stream)
     assert len(fe.names("add_request")) == 1
     eng.close()
 
 
-def test_weight_grid_serves_rounded_weights(fake, tokenizer, trained_dir, tmp_path, reference):
-    eng, fe = _vllm_engine(tokenizer, trained_dir, tmp_path, weight_grid=0.25)
-    out = eng.generate("abc", adapters={"letters": 0.62, "digits": 0.38}, max_new_tokens=6)
+def test_weight_grid_serves_rounded_weights(fake, tokenizer, adapter_dir, tmp_path, reference):
+    eng, fe = _vllm_engine(tokenizer, adapter_dir, tmp_path, weight_grid=0.25)
+    out = eng.generate("abc", adapters={"a": 0.62, "b": 0.38}, max_new_tokens=6)
     assert out.selection.weights == pytest.approx([0.62, 0.38])
     assert out.selection.served_weights == [0.5, 0.5]
-    assert out.selection.served_mixture == {"letters": 0.5, "digits": 0.5}
+    assert out.selection.served_mixture == {"a": 0.5, "b": 0.5}
     path = Path(fe.names("add_request")[0][3].lora_path)
     assert json.loads((path / "logo_mixture.json").read_text())["weights"] == [0.5, 0.5]
-    assert (
-        out.text
-        == reference.generate("abc", adapters={"letters": 1, "digits": 1}, max_new_tokens=6).text
-    )
-    eng.generate("abc", adapters={"letters": 0.55, "digits": 0.45}, max_new_tokens=6)
+    assert out.text == reference.generate("abc", adapters={"a": 1, "b": 1}, max_new_tokens=6).text
+    eng.generate("abc", adapters={"a": 0.55, "b": 0.45}, max_new_tokens=6)
     assert eng.backend.cache.stats.hits == 1 and len(fe.names("add_lora")) == 1
     eng.close()
 
 
 def test_stop_strings_abort_the_request(vengine, reference):
-    full = reference.generate(PROMPTS[0], max_new_tokens=12, adapters={"letters": 1.0})
+    full = reference.generate(PROMPTS[0], max_new_tokens=12, adapters={"a": 1.0})
     stop = full.text[2:4]
     assert stop
-    want = reference.generate(PROMPTS[0], max_new_tokens=12, adapters={"letters": 1.0}, stop=stop)
-    got = vengine.generate(PROMPTS[0], max_new_tokens=12, adapters={"letters": 1.0}, stop=stop)
+    want = reference.generate(PROMPTS[0], max_new_tokens=12, adapters={"a": 1.0}, stop=stop)
+    got = vengine.generate(PROMPTS[0], max_new_tokens=12, adapters={"a": 1.0}, stop=stop)
     assert same(got, want) and got.finish_reason == "stop"
     fe = vengine.backend.llm.llm_engine
     assert fe.names("abort_request") and not fe.requests
 
 
 def test_more_mixtures_than_max_loras_and_threads(
-    fake, tokenizer, trained_dir, tmp_path, reference
+    fake, tokenizer, adapter_dir, tmp_path, reference
 ):
-    eng, fe = _vllm_engine(tokenizer, trained_dir, tmp_path, max_loras=1)
+    eng, fe = _vllm_engine(tokenizer, adapter_dir, tmp_path, max_loras=1)
     mixtures = [
-        {"letters": 1.0},
-        {"digits": 1.0},
-        {"symbols": 1.0},
-        {"letters": 0.5, "digits": 0.5},
+        {"a": 1.0},
+        {"b": 1.0},
+        {"c": 1.0},
+        {"a": 0.5, "b": 0.5},
     ]
     want = reference.generate_batch(PROMPTS, max_new_tokens=6, adapters=mixtures)
     assert same(eng.generate_batch(PROMPTS, max_new_tokens=6, adapters=mixtures), want)
@@ -232,14 +229,14 @@ def test_more_mixtures_than_max_loras_and_threads(
     eng.close()
 
 
-def test_building_the_llm(fake, tokenizer, trained_dir, tmp_path):
+def test_building_the_llm(fake, tokenizer, adapter_dir, tmp_path):
     model = tiny.tiny_model()
     model.save_pretrained(tmp_path / "base")
     model = type(model).from_pretrained(tmp_path / "base")  # config._name_or_path: the folder
     eng = LoGoEngine(
         model,
         tokenizer,
-        adapters=trained_dir,
+        adapters=adapter_dir,
         backend="vllm",
         backend_options={"llm_options": {"enforce_eager": True}, "max_loras": 3},
     )
@@ -248,20 +245,20 @@ def test_building_the_llm(fake, tokenizer, trained_dir, tmp_path):
         "model": str(tmp_path / "base"),
         "tokenizer": str(tmp_path / "base"),
         "enable_lora": True,
-        "max_lora_rank": 32,  # top_k=3 adapters of rank 8: 24, rounded up
+        "max_lora_rank": 16,  # top_k=3 adapters of ranks 4, 8, 2: 14, rounded up
         "max_loras": 3,
         "max_cpu_loras": 32,
         "dtype": "float32",
         "enforce_eager": True,
     }
-    assert eng.backend.max_lora_rank == 32
+    assert eng.backend.max_lora_rank == 16
     cache_dir = eng.backend.cache.directory
     assert cache_dir.is_dir()
     eng.close()
     assert not cache_dir.exists()  # the default directory is the backend's own
 
 
-def test_backend_argument_errors(fake, tokenizer, trained_dir):
+def test_backend_argument_errors(fake, tokenizer, adapter_dir):
     with pytest.raises(InvalidRequestError, match="backend must be one of"):
         make_backend("tgi")
     with pytest.raises(InvalidRequestError, match="no backend_options"):
@@ -273,23 +270,23 @@ def test_backend_argument_errors(fake, tokenizer, trained_dir):
         VLLMBackend(weight_grid=2.0)
     with pytest.raises(InvalidRequestError, match="enable_lora=True"):
         LoGoEngine(
-            tiny.tiny_model(), tokenizer, adapters=trained_dir, backend=VLLMBackend(fake_vllm.LLM())
+            tiny.tiny_model(), tokenizer, adapters=adapter_dir, backend=VLLMBackend(fake_vllm.LLM())
         )
     model = tiny.tiny_model()
     with pytest.raises(InvalidRequestError, match="HF folder"):
-        LoGoEngine(model, tokenizer, adapters=trained_dir, backend="vllm")
+        LoGoEngine(model, tokenizer, adapters=adapter_dir, backend="vllm")
     assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
     with pytest.raises(InvalidRequestError, match="GGUF"):
         LoGoEngine.from_pretrained("x", gguf_file="m.gguf", backend="vllm")
 
 
 def test_required_max_lora_rank(reference):
-    assert required_max_lora_rank(reference.library, 1) == 8
-    assert required_max_lora_rank(reference.library, 2) == 16
-    assert required_max_lora_rank(reference.library, 3) == 32
+    assert required_max_lora_rank(reference.library, 1) == 8  # b: 8
+    assert required_max_lora_rank(reference.library, 2) == 16  # b + a: 12
+    assert required_max_lora_rank(reference.library, 3) == 16  # b + a + c: 14
 
 
-def test_a_custom_backend_object(tokenizer, trained_dir, reference):
+def test_a_custom_backend_object(tokenizer, adapter_dir, reference):
     """Any GenerationBackend plugs in: here one that answers with the selection's adapters."""
 
     class Echo(GenerationBackend):
@@ -299,8 +296,31 @@ def test_a_custom_backend_object(tokenizer, trained_dir, reference):
                 row.finish("stop")
             yield
 
-    eng = LoGoEngine(tiny.tiny_model(), tokenizer, adapters=trained_dir, backend=Echo())
-    out = eng.generate("abc", adapters={"digits": 1.0})
-    assert out.text == "digits" and out.finish_reason == "stop"
+    eng = LoGoEngine(tiny.tiny_model(), tokenizer, adapters=adapter_dir, backend=Echo())
+    out = eng.generate("abc", adapters={"b": 1.0})
+    assert out.text == "b" and out.finish_reason == "stop"
     assert eng.generate("abc").selection.adapters == reference.route("abc").adapters
     assert asyncio.run(eng.agenerate("abc", adapters={})).text == "base"
+
+
+def test_chatlogo_and_logollm_on_a_vllm_backed_engine(vengine, reference):
+    """The integrations take any engine: a vLLM-backed one answers as the reference does."""
+    from langchain_core.messages import HumanMessage
+    from llama_index.core.base.llms.types import ChatMessage
+
+    from logo_integrations.langchain import ChatLoGo
+    from logo_integrations.llama_index import SELECTION_KEY, LoGoLLM
+
+    want = reference.generate(PROMPTS[0], max_new_tokens=8, adapters={"a": 0.7, "b": 0.3})
+    pinned = {"a": 0.7, "b": 0.3}
+    chat = ChatLoGo(engine=vengine, max_tokens=8, mixture=pinned)
+    msg = chat.invoke([HumanMessage(PROMPTS[0])])
+    assert msg.content == want.text
+    assert msg.response_metadata["logo_selection"]["adapters"] == ["a", "b"]
+    assert "".join(c.content for c in chat.stream([HumanMessage(PROMPTS[0])])) == want.text
+    llm = LoGoLLM(engine=vengine, max_new_tokens=8, mixture=pinned)
+    done = llm.chat([ChatMessage(role="user", content=PROMPTS[0])])
+    assert done.message.content == want.text
+    assert done.additional_kwargs[SELECTION_KEY]["weights"] == [0.7, 0.3]
+    fe = vengine.backend.llm.llm_engine
+    assert len(fe.names("add_lora")) == 1  # one cat adapter served all four calls
