@@ -26,6 +26,7 @@ import json
 import platform
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +52,10 @@ TASK_PROMPTS = (
 
 def _prompts() -> list[str]:
     return [tasks.TASKS[n].make_split("test", 1, seed=5)[0].prompt for n in TASK_PROMPTS]
+
+
+def _progress(what: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
 
 
 def _timed(fn: Any) -> tuple[float, Any]:
@@ -105,6 +110,7 @@ def main() -> None:
         "load_s": {"transformers": t_load, "vllm": t_vllm},
     }
 
+    _progress("engines loaded; correctness")
     # 1. correctness (this also warms the vLLM backend: every routed mixture is exported)
     want = reference.generate_batch(prompts, max_new_tokens=n)
     got = served.generate_batch(prompts, max_new_tokens=n)
@@ -112,6 +118,7 @@ def main() -> None:
     result["prompts"] = len(prompts)
     result["mixtures_k"] = [len(w.selection.adapters) for w in want]
 
+    _progress("throughput")
     # 2. throughput, interleaved, medians
     rows: dict[str, list[float]] = {}
     for _ in range(args.repeats):
@@ -123,6 +130,7 @@ def main() -> None:
                 )
     result["tokens_per_s"] = {k: statistics.median(v) for k, v in rows.items()}
 
+    _progress("cold vs warm latency")
     # 3. cold vs warm latency of one request with a new 3-adapter mixture
     rng = random.Random(0)
     names = served.adapter_names
@@ -148,7 +156,9 @@ def main() -> None:
             export_ms.append(t_export * 1e3)
             from vllm.lora.request import LoRARequest
 
-            request = LoRARequest(f"bench-{rng.random()}", 10_000 + len(load_ms), str(exported.path))
+            request = LoRARequest(
+                f"bench-{len(load_ms)}", 10_000 + len(load_ms), str(exported.path)
+            )
             t_load_lora, _ = _timed(lambda r=request: served.backend.llm.llm_engine.add_lora(r))
             load_ms.append(t_load_lora * 1e3)
             served.backend.llm.llm_engine.remove_lora(request.lora_int_id)
@@ -174,7 +184,7 @@ def main() -> None:
     print(f"\n## vLLM backend vs engine decode loop ({started}, {result['machine']})\n")
     print(f"same text: {result['same_text']}/{result['prompts']} routed prompts (k per prompt:")
     print(f"{result['mixtures_k']})\n")
-    print("| tokens/s (greedy, up to %d new tokens, probe included) | median |" % n)
+    print(f"| tokens/s (greedy, up to {n} new tokens, probe included) | median |")
     print("| --- | --- |")
     for key, value in result["tokens_per_s"].items():
         print(f"| {key} | {value:.1f} |")
