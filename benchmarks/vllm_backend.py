@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from benchmarks.zoo import tasks
@@ -64,13 +65,31 @@ def _timed(fn: Any) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
+def _vllm_cpu_s() -> float:
+    """CPU seconds used so far by this process's children (vLLM's engine core and worker)."""
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def _throughput(engine: LoGoEngine, prompts: list[str], n: int, batch: bool) -> dict[str, float]:
+    vllm_cpu = _vllm_cpu_s()
     if batch:
         seconds, outs = _timed(lambda: engine.generate_batch(prompts, max_new_tokens=n))
     else:
         seconds, outs = _timed(lambda: [engine.generate(p, max_new_tokens=n) for p in prompts])
     tokens = sum(o.usage.completion_tokens for o in outs)
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "vllm_cpu_s": _vllm_cpu_s() - vllm_cpu,
+    }
 
 
 def main() -> None:
@@ -120,15 +139,22 @@ def main() -> None:
 
     _progress("throughput")
     # 2. throughput, interleaved, medians
-    rows: dict[str, list[float]] = {}
+    runs: dict[str, list[dict[str, float]]] = {}
     for _ in range(args.repeats):
         for batch in (False, True):
             for label, engine in (("transformers", reference), ("vllm", served)):
                 key = f"{label} batch {8 if batch else 1}"
-                rows.setdefault(key, []).append(
-                    _throughput(engine, prompts, n, batch)["tokens_per_s"]
-                )
-    result["tokens_per_s"] = {k: statistics.median(v) for k, v in rows.items()}
+                runs.setdefault(key, []).append(_throughput(engine, prompts, n, batch))
+    result["throughput_runs"] = runs
+    result["tokens_per_s"] = {
+        k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()
+    }
+    # vLLM's processes stay up while the transformers backend is measured: how much CPU they took
+    idle = [r for k, v in runs.items() if k.startswith("transformers") for r in v]
+    result["vllm_cpu_while_transformers"] = {
+        "cpu_s": sum(r["vllm_cpu_s"] for r in idle),
+        "wall_s": sum(r["seconds"] for r in idle),
+    }
 
     _progress("cold vs warm latency")
     # 3. cold vs warm latency of one request with a new 3-adapter mixture
@@ -188,6 +214,13 @@ def main() -> None:
     print("| --- | --- |")
     for key, value in result["tokens_per_s"].items():
         print(f"| {key} | {value:.1f} |")
+    tokens = {k: [r["tokens"] for r in v] for k, v in runs.items()}
+    print(f"\ncompletion tokens per run: {tokens}")
+    idle_cpu = result["vllm_cpu_while_transformers"]
+    print(
+        f"vLLM processes used {idle_cpu['cpu_s']:.1f} CPU-s during the transformers runs "
+        f"({idle_cpu['wall_s']:.1f} s wall)"
+    )
     print("\n| request latency (s) | median |\n| --- | --- |")
     for key, value in result["latency_s"].items():
         print(f"| {key} | {value:.3f} |")
