@@ -117,7 +117,9 @@ def test_request_translation(fake, tokenizer, adapter_dir, tmp_path):
     assert Path(single.lora_path) == adapter_dir / "b"  # k = 1: the original folder
     assert base is None
     assert [r.lora_int_id for r in fe.names("add_lora")] == [cat.lora_int_id, single.lora_int_id]
-    eng.close()
+    assert fe.names("remove_lora") == []
+    eng.close()  # the LLM is the caller's: the backend unloads what it loaded
+    assert sorted(fe.names("remove_lora")) == sorted([cat.lora_int_id, single.lora_int_id])
 
 
 def test_cache_hits_evictions_and_unloads(fake, tokenizer, adapter_dir, tmp_path):

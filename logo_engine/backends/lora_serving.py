@@ -12,6 +12,7 @@ adapter folder, :meth:`_submit` a request, :meth:`_wait` for new tokens, :meth:`
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from abc import abstractmethod
@@ -31,6 +32,8 @@ from logo_engine.decoding import Detokenizer
 from logo_engine.errors import GenerationError
 from logo_engine.export import check_rank, round_weights
 from logo_engine.types import Selection
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class LoRAServingBackend(GenerationBackend):
             "max_bytes": max_cache_bytes,
         }
         self.cache: CatAdapterCache | None = None
-        self._registered: set[str] = set()  # cache keys the serving engine has loaded
+        self._registered: dict[str, CachedAdapter] = {}  # what the serving engine has loaded
         self._register_lock = threading.RLock()
 
     def bind(self, engine: Any) -> None:
@@ -90,6 +93,14 @@ class LoRAServingBackend(GenerationBackend):
         )
 
     def close(self) -> None:
+        """Unload every adapter this backend loaded, then delete the cache's own folder."""
+        with self._register_lock:
+            loaded, self._registered = list(self._registered.values()), {}
+        for entry in loaded:
+            try:
+                self._unregister(entry)
+            except Exception:  # closing must not fail on a server that is already gone
+                logger.warning("could not unload %s while closing", entry.name, exc_info=True)
         if self.cache is not None:
             self.cache.close()
             self.cache = None
@@ -203,11 +214,10 @@ class LoRAServingBackend(GenerationBackend):
         with self._register_lock:
             if entry.key not in self._registered:
                 self._register(entry)
-                self._registered.add(entry.key)
+                self._registered[entry.key] = entry
 
     def _evicted(self, entry: CachedAdapter) -> None:
         """The cache evicted ``entry``: unload it before its folder is deleted."""
         with self._register_lock:
-            if entry.key in self._registered:
-                self._registered.discard(entry.key)
+            if self._registered.pop(entry.key, None) is not None:
                 self._unregister(entry)

@@ -162,7 +162,7 @@ class VLLMBackend(LoRAServingBackend):
         return _vllm().LLM(**options)
 
     def close(self) -> None:
-        super().close()
+        super().close()  # unloads this backend's adapters (they matter on a caller's LLM)
         self._driver = None
         if self._owns_llm and self._llm is not None:
             llm, self._llm = self._llm, None
