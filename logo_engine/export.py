@@ -252,10 +252,9 @@ def cat_adapter(
     modules = sorted({m for name in names for m in factors[name]})
     tensors: dict[str, torch.Tensor] = {}
     for module in modules:
-        stack = library.stacks[module]
-        d_in, d_out = stack.lora_a.shape[2], stack.lora_b.shape[1]
-        a_cat = stack.lora_a.new_zeros(rank, d_in)  # (R, in)
-        b_cat = stack.lora_b.new_zeros(d_out, rank)  # (out, R)
+        present = next(factors[n][module] for n in names if module in factors[n])
+        a_cat = present.lora_a.new_zeros(rank, present.lora_a.shape[1])  # (R, in)
+        b_cat = present.lora_b.new_zeros(present.lora_b.shape[0], rank)  # (out, R)
         start = 0
         for name in names:
             f = factors[name].get(module)
