@@ -322,6 +322,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if shipped is None:
         raise SystemExit("the library ships no norm calibration for the default probe setting")
     datafree = calib.from_scores(key, names, randoms.norm, source="random_tokens")
+    # The other data-free idea: divide each raw score by a property of the adapter itself,
+    # the Frobenius norm of its update s·B·A at the probed module.
+    factors = [engine.library.factors(n).get(module) for n in names]
+    delta_norm = torch.tensor(
+        [1.0 if f is None else float((f.lora_b.float() @ f.lora_a.float()).norm()) for f in factors]
+    )  # (N,)
     z_prompt = calib.zscores(shipped, names, probed.norm)
     z_free = calib.zscores(datafree, names, probed.norm)
     protos = engine.prototypes[0] if engine.prototypes else None
@@ -352,6 +358,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             probed.norm, names, R(top_k=1, abstain_below=thresholds["z"]), z_prompt
         ),
         "data-free z@1 (random tokens)": routed(probed.norm, names, R(top_k=1), z_free),
+        "data-free norm/‖sBA‖@1": routed(probed.norm, names, R(top_k=1), probed.norm / delta_norm),
         "retriever@1 (MiniLM)": routed(retrieval, names, R(top_k=1, weighting="uniform")),
     }
     if proto is not None:
@@ -363,6 +370,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"prototype@1 abstain<{t:.2f}": routed(proto, names, R(top_k=1, abstain_below=t, **p)),
             f"prototype@3 T=0.05 abstain<{t:.2f}": routed(
                 proto, names, R(top_k=3, temperature=0.05, abstain_below=t, **p)
+            ),
+        }
+        # Combination (a diagnostic): prototype similarities standardised per adapter on the
+        # generator validation split, like the norm calibration, added to the norm z-scores.
+        proto_key = key._replace(signal="prototype")
+        proto_cal = calib.from_scores(proto_key, names, val_proto)  # type: ignore[arg-type]
+        both = z_prompt + calib.zscores(proto_cal, names, proto)
+        val_both = val_z + calib.zscores(proto_cal, names, val_proto)  # type: ignore[arg-type]
+        thresholds["both"] = tb = quantile_of_top(val_both, q)
+        methods |= {
+            "prototype-z + norm-z @1": routed(probed.norm, names, R(top_k=1), both),
+            f"prototype-z + norm-z @1 abstain<{tb:.2f}": routed(
+                probed.norm, names, R(top_k=1, abstain_below=tb), both
             ),
         }
     default_rows = route_in_batches(engine, prompts, args.batch_size)

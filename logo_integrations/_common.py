@@ -236,7 +236,7 @@ class LoGoSettings(BaseModel):
     top_k: int | None = Field(
         default=None, ge=1, description="Adapters mixed per request (None: the engine's routing)."
     )
-    signal: Literal["norm", "entropy"] | None = Field(
+    signal: Literal["norm", "entropy", "prototype"] | None = Field(
         default=None, description="Routing signal (None: the engine's routing)."
     )
     routing: Any | None = Field(

@@ -254,7 +254,8 @@ def response_metadata(
 def selection_run_metadata(selection: Selection | Mapping[str, Any]) -> dict[str, Any]:
     """Run metadata for one call's selection: flat keys to filter traces on, and the whole.
 
-    ``logo_adapter`` is the adapter with the largest weight (None: base model only).
+    ``logo_adapter`` is the adapter with the largest weight (None: base model only);
+    ``logo_abstained`` says that routing found no adapter standing out and chose the base model.
     """
     sel = selection if isinstance(selection, Selection) else Selection.model_validate(selection)
     return {
@@ -262,6 +263,7 @@ def selection_run_metadata(selection: Selection | Mapping[str, Any]) -> dict[str
         "logo_adapters": list(sel.adapters),
         "logo_weights": list(sel.weights),
         "logo_pinned": sel.pinned,
+        "logo_abstained": sel.abstained,
         SELECTION_KEY: selection_json(sel),
     }
 

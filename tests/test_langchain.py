@@ -388,6 +388,23 @@ def test_routing_fields_and_per_call_overrides(engine):
         llm.invoke(PROMPTS[1], top_k=9)
 
 
+def test_an_abstained_selection_is_reported_like_any_other(engine):
+    """No adapter stands out (all keyword scores 1.0 < 1.5): the base model answers, and says so."""
+    llm = ChatLoGo(engine=engine, routing={"top_k": 1, "abstain_below": 1.5})
+    handler = Recorder()
+    message = llm.invoke("hello there", config={"callbacks": [handler]})
+    selection = message.response_metadata[SELECTION_KEY]
+    assert selection["abstained"] and selection["adapters"] == [] and selection["weights"] == []
+    assert "base model" in selection["reason"]
+    assert message.content == engine.generate("hello there", adapters={}).text
+    meta = handler.starts[0]["metadata"]
+    assert meta["logo_abstained"] is True and meta["logo_adapter"] is None
+    assert not [t for t in handler.starts[0]["tags"] if t.startswith("logo:")]
+    assert _end_selection(handler.ends[0]) == selection
+    routed = llm.invoke(PROMPTS[1]).response_metadata[SELECTION_KEY]  # "sql" scores 4.0
+    assert routed["adapters"] == ["sql"] and not routed["abstained"]
+
+
 def test_sampling_fields_reach_the_engine(engine):
     llm = ChatLoGo(engine=engine, max_tokens=2, stop=["four"])
     assert llm.invoke("one two three four five").content == "one two "

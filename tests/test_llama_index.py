@@ -307,6 +307,18 @@ def test_complete_returns_text_selection_and_usage():
     json.dumps(response.additional_kwargs)
 
 
+def test_an_abstained_selection_is_reported_like_any_other():
+    """No adapter stands out (all keyword scores 1.0 < 1.5): the base model answers, and says so."""
+    llm = make_llm(["plain answer"], routing=RoutingConfig(top_k=1, abstain_below=1.5))
+    response = llm.complete("hello there")
+    selection = response.additional_kwargs[SELECTION_KEY]
+    assert selection["abstained"] and selection["adapters"] == [] and selection["weights"] == []
+    assert "base model" in selection["reason"]
+    assert response.raw[SELECTION_KEY] == selection
+    routed = llm.complete("write sql for this sql table").additional_kwargs[SELECTION_KEY]
+    assert routed["adapters"] == ["sql"] and not routed["abstained"]
+
+
 def test_chat_and_complete_share_one_code_path():
     engine = ScriptedEngine(adapter_names=ADAPTERS)
     llm = LoGoLLM(engine=engine)

@@ -36,25 +36,59 @@ def test_default_model_converts_once_into_the_cache(tmp_path, monkeypatch):
     assert tokenizer.chat_template and model.config.num_hidden_layers == 30
 
 
-def test_zoo_loads_with_its_calibration(zoo_engine):
+def test_zoo_loads_with_its_calibration_and_routing(zoo_engine):
+    from logo_engine.calibration import ROUTING_NAME, load_routing
+    from logo_engine.models import default_adapters_dir
+
     assert sorted(zoo_engine.adapter_names) == sorted(tasks.LIBRARY_TASKS)
     assert {c.signal for c in zoo_engine.calibrations} == {"norm", "entropy"}
-    assert zoo_engine.route("Sort these numbers: 4, 1, 3").calibrated
+    [protos] = zoo_engine.prototypes
+    assert sorted(protos.n_examples) == sorted(tasks.LIBRARY_TASKS)
+    shipped = load_routing(default_adapters_dir() / ROUTING_NAME)
+    assert zoo_engine.routing == shipped  # from_pretrained applies the zoo's routing.json
+    assert shipped.abstain_below is not None
 
 
-def test_trained_adapters_route_to_their_own_task(zoo_engine):
-    """Top-1 routing on unseen test prompts of every library task (calibrated, the default)."""
-    from logo_engine import RoutingConfig
+def test_default_routing_weights_the_task_adapter_first(zoo_engine):
+    """The default routing's largest-weight adapter on unseen generator test prompts.
 
-    routing = RoutingConfig(top_k=1)
+    An abstention counts as a miss. The natural-phrasing benchmark measures the same on
+    hand-written prompts (docs/benchmarks.md).
+    """
     per_task = {}
     for task in tasks.LIBRARY_TASKS:
         prompts = [ex.prompt for ex in tasks.TASKS[task].make_split("test", 6, seed=1)]
-        sels = zoo_engine.route_batch(prompts, routing=routing)
-        per_task[task] = sum(s.adapters[0] == task for s in sels) / len(sels)
+        sels = zoo_engine.route_batch(prompts)
+        per_task[task] = sum(bool(s.adapters) and s.adapters[0] == task for s in sels) / len(sels)
+        for s in sels:  # weights follow the ranking
+            assert list(s.weights) == sorted(s.weights, reverse=True)
     mean = sum(per_task.values()) / len(per_task)
     assert mean >= MIN_TOP1, per_task
-    assert sum(v >= 0.5 for v in per_task.values()) >= len(per_task) - 2, per_task
+    assert sum(v >= 0.5 for v in per_task.values()) >= len(per_task) - 1, per_task
+
+
+# Written by hand for this test (not in the benchmark's set): no zoo adapter covers them.
+OUT_OF_LIBRARY = [
+    "Who painted the Mona Lisa?",
+    "Can you give me two tips for sleeping better?",
+    "What's the boiling point of water at sea level, in Celsius?",
+    "Write one sentence describing autumn.",
+    "Which planet is known as the Red Planet?",
+    "hey, what does a bee make?",
+]
+
+
+def test_out_of_library_prompts_abstain_or_match_the_base_model(zoo_engine):
+    routed = zoo_engine.generate_batch(OUT_OF_LIBRARY, max_new_tokens=24)
+    base = zoo_engine.generate_batch(OUT_OF_LIBRARY, max_new_tokens=24, adapters={})
+    kept_base = [
+        r.selection.abstained or r.text == b.text for r, b in zip(routed, base, strict=True)
+    ]
+    report = [(r.selection.adapters, r.text, b.text) for r, b in zip(routed, base, strict=True)]
+    assert sum(kept_base) >= len(OUT_OF_LIBRARY) - 1, report
+    for r in routed:
+        if r.selection.abstained:
+            assert r.selection.adapters == [] and r.selection.reason
 
 
 def test_routed_answer_does_the_task(zoo_engine):
@@ -77,7 +111,7 @@ def test_cli_route_and_generate_json():
             "-m",
             "logo_engine.cli",
             "route",
-            "Rewrite 2021-03-05? no: March 5, 2021",
+            "Please rewrite March 5, 2021 as an ISO date.",
             "--json",
         ],
         capture_output=True,
@@ -88,4 +122,4 @@ def test_cli_route_and_generate_json():
     from logo_engine import Selection
 
     selection = Selection.model_validate_json(out.stdout)
-    assert len(selection.adapters) == 3 and sum(selection.weights) == pytest.approx(1.0)
+    assert selection.adapters == ["date_format"] and sum(selection.weights) == pytest.approx(1.0)

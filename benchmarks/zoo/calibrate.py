@@ -6,6 +6,10 @@
   (``RoutingConfig.calibrated``; see docs/benchmarks.md for why).
 - Per-adapter prototypes for the ``prototype`` signal: the centroid of the probed state over each
   adapter's ``train_prompts.json`` (the example prompts the library ships).
+- The zoo's routing defaults (``routing.json``): ``SHIPPED_ROUTING``, the configuration that won
+  ``benchmarks/routing_natural.py``, with its abstention threshold set by the benchmark's rule:
+  the ``--abstain-quantile`` quantile of the top ranking score over generator validation
+  prompts (seed 1, 16 per task; the natural prompts are never used).
 
     HF_HUB_OFFLINE=1 python -m benchmarks.zoo.calibrate [--per-task 8] [--adapters DIR]
 """
@@ -13,19 +17,41 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
+import torch
+
 from benchmarks.zoo.tasks import LIBRARY_TASKS, TASKS
 from logo_engine import LoGoEngine, RoutingConfig
-from logo_engine.calibration import CALIBRATION_NAME
+from logo_engine.calibration import CALIBRATION_NAME, ROUTING_NAME, save_routing
 from logo_engine.models import default_adapters_dir
+
+# The winner of benchmarks/routing_natural.py on the shipped zoo (docs/benchmarks.md); its
+# abstain_below is computed below, never tuned on the natural prompts.
+SHIPPED_ROUTING = RoutingConfig(top_k=1, signal="prototype", calibrated=False)
+THRESHOLD_PROMPTS = 16  # generator validation prompts per task, seed 1 (as the benchmark)
+
+
+def abstain_threshold(engine: LoGoEngine, routing: RoutingConfig, quantile: float) -> float:
+    """The ``quantile`` of the top ranking score over generator validation prompts."""
+    prompts = [
+        ex.prompt
+        for task in LIBRARY_TASKS
+        if task in engine.adapter_names
+        for ex in TASKS[task].make_split("validation", THRESHOLD_PROMPTS, seed=1)
+    ]
+    sels = engine.route_batch(prompts, routing=routing)
+    tops = torch.tensor([max((s.rank_scores or s.scores).values()) for s in sels])
+    return round(float(tops.quantile(quantile)), 4)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--per-task", type=int, default=8, help="validation prompts per task")
     parser.add_argument("--adapters", type=Path, default=default_adapters_dir())
+    parser.add_argument("--abstain-quantile", type=float, default=0.025)
     args = parser.parse_args()
     engine = LoGoEngine.from_pretrained(adapters=args.adapters, routing=RoutingConfig())
     prompts = [
@@ -45,6 +71,10 @@ def main() -> None:
     print(f"prototypes: {sum(protos.n_examples.values())} example prompts")
     engine.save_calibrations(args.adapters / CALIBRATION_NAME)
     print(f"wrote {args.adapters / CALIBRATION_NAME}")
+    threshold = abstain_threshold(engine, SHIPPED_ROUTING, args.abstain_quantile)
+    routing = dataclasses.replace(SHIPPED_ROUTING, abstain_below=threshold)
+    save_routing(routing, args.adapters / ROUTING_NAME)
+    print(f"wrote {args.adapters / ROUTING_NAME}: {routing.to_dict()}")
 
 
 if __name__ == "__main__":

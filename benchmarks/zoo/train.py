@@ -330,7 +330,8 @@ def write_readme(out_dir: Path, manifest: dict[str, dict[str, Any]]) -> None:
     """Write the zoo's README.md from the manifest: what each adapter does, what was measured."""
     date = datetime.date.today().isoformat()
     rows = [
-        f"| `{name}` | {r['description']} | {r['steps']} | {r['batch_size']} | {r['lr']:g} | "
+        f"| `{name}` | {r['description']} | {r.get('init_from') or ''} | {r['steps']} | "
+        f"{r['batch_size']} | {r['lr']:g} | "
         f"{r['train_examples']} | {r['adapter_validation_score']:.2f} | "
         f"{r['base_validation_score']:.2f} | {r['seconds_per_step']:.2f} |"
         for name, r in manifest.items()
@@ -352,8 +353,13 @@ base model is not told the answer format, so part of its gap is format, not skil
 validation countries' capitals correctly that way. Settings differ per task (`STEPS` and `LR` in
 `benchmarks/zoo/train.py`): at lr 2e-3 the `capital` adapter overwrote that knowledge (0.21).
 
-| task | description | steps | batch | lr | train examples | adapter val | base val | s/step |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- |
+Every batch holds {REPLAY_PER_BATCH} replay rows: general prompts (`benchmarks/zoo/replay.py`)
+answered by the base model itself, so that an adapter routed to a prompt outside its task answers
+like the base model. `init from` names the zoo whose adapter training continued from (empty:
+from scratch); the steps are those of this run.
+
+| task | description | init from | steps | batch | lr | train ex. | adapter val | base val | s/step|
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(rows)}
 
 Measured {date} on a 2-core CPU shared with other work ({platform.machine()}, torch
@@ -361,10 +367,12 @@ Measured {date} on a 2-core CPU shared with other work ({platform.machine()}, to
 fp16-rounded weights). AdamW, linear warm-up and decay, loss on answer tokens only. The whole zoo
 took {minutes:.0f} minutes (loading, evaluation and training).
 
-Retrain everything with one command (`--tasks`, `--steps`, `--lr`, `--out`, `--threads`):
+Retrain everything with one command (`--tasks`, `--steps`, `--lr`, `--out`, `--threads`,
+`--init-from`), then recompute the routing data (`calibration.json`, `routing.json`):
 
 ```
 HF_HUB_OFFLINE=1 python -m benchmarks.zoo.train
+HF_HUB_OFFLINE=1 python -m benchmarks.zoo.calibrate
 ```
 """
     (out_dir / "README.md").write_text(text)
