@@ -44,9 +44,11 @@ def test_zoo_loads_with_its_calibration_and_routing(zoo_engine):
     assert {c.signal for c in zoo_engine.calibrations} == {"norm", "entropy"}
     [protos] = zoo_engine.prototypes
     assert sorted(protos.n_examples) == sorted(tasks.LIBRARY_TASKS)
+    from benchmarks.zoo.calibrate import SHIPPED_ROUTING
+
     shipped = load_routing(default_adapters_dir() / ROUTING_NAME)
+    assert shipped == SHIPPED_ROUTING  # what calibrate.py writes
     assert zoo_engine.routing == shipped  # from_pretrained applies the zoo's routing.json
-    assert shipped.abstain_below is not None
 
 
 def test_default_routing_weights_the_task_adapter_first(zoo_engine):
@@ -67,28 +69,35 @@ def test_default_routing_weights_the_task_adapter_first(zoo_engine):
     assert sum(v >= 0.5 for v in per_task.values()) >= len(per_task) - 1, per_task
 
 
-# Written by hand for this test (not in the benchmark's set): no zoo adapter covers them.
-OUT_OF_LIBRARY = [
-    "Who painted the Mona Lisa?",
-    "Can you give me two tips for sleeping better?",
-    "What's the boiling point of water at sea level, in Celsius?",
-    "Write one sentence describing autumn.",
-    "Which planet is known as the Red Planet?",
-    "hey, what does a bee make?",
-]
+# Written by hand for this test (not in the benchmark's set): no zoo adapter covers them. An
+# answer is right when it holds one of the keywords (the benchmark's out-of-library rule).
+OUT_OF_LIBRARY = {
+    "Who painted the Mona Lisa?": ("leonardo", "vinci"),
+    "Which planet is known as the Red Planet?": ("mars",),
+    "hey, what does a bee make?": ("honey",),
+    "What gas do plants take in from the air?": ("carbon dioxide", "co2"),
+    "How many legs does a spider have?": ("eight", "8"),
+    "What is the largest ocean on Earth?": ("pacific",),
+}
 
 
-def test_out_of_library_prompts_abstain_or_match_the_base_model(zoo_engine):
-    routed = zoo_engine.generate_batch(OUT_OF_LIBRARY, max_new_tokens=24)
-    base = zoo_engine.generate_batch(OUT_OF_LIBRARY, max_new_tokens=24, adapters={})
-    kept_base = [
-        r.selection.abstained or r.text == b.text for r, b in zip(routed, base, strict=True)
+def test_out_of_library_prompts_are_answered_as_well_as_by_the_base_model(zoo_engine):
+    """At most one of six uncovered prompts is answered worse than by the base model."""
+    prompts = list(OUT_OF_LIBRARY)
+    routed = zoo_engine.generate_batch(prompts, max_new_tokens=32)
+    base = zoo_engine.generate_batch(prompts, max_new_tokens=32, adapters={})
+
+    def right(text: str, keywords: tuple[str, ...]) -> bool:
+        return any(k in text.lower() for k in keywords)
+
+    worse = [
+        (p, r.selection.mixture, r.text, b.text)
+        for p, r, b in zip(prompts, routed, base, strict=True)
+        if right(b.text, OUT_OF_LIBRARY[p]) and not right(r.text, OUT_OF_LIBRARY[p])
     ]
-    report = [(r.selection.adapters, r.text, b.text) for r, b in zip(routed, base, strict=True)]
-    assert sum(kept_base) >= len(OUT_OF_LIBRARY) - 1, report
-    for r in routed:
-        if r.selection.abstained:
-            assert r.selection.adapters == [] and r.selection.reason
+    assert len(worse) <= 1, worse
+    base_right = [right(b.text, k) for b, k in zip(base, OUT_OF_LIBRARY.values(), strict=True)]
+    assert sum(base_right) >= 3  # the base model knows most of them: the test can fail
 
 
 def test_routed_answer_does_the_task(zoo_engine):
@@ -122,4 +131,4 @@ def test_cli_route_and_generate_json():
     from logo_engine import Selection
 
     selection = Selection.model_validate_json(out.stdout)
-    assert selection.adapters == ["date_format"] and sum(selection.weights) == pytest.approx(1.0)
+    assert selection.adapters[0] == "date_format" and sum(selection.weights) == pytest.approx(1.0)

@@ -7,8 +7,8 @@
 - Per-adapter prototypes for the ``prototype`` signal: the centroid of the probed state over each
   adapter's ``train_prompts.json`` (the example prompts the library ships).
 - The zoo's routing defaults (``routing.json``): ``SHIPPED_ROUTING``, the configuration that won
-  ``benchmarks/routing_natural.py``, with its abstention threshold set by the benchmark's rule:
-  the ``--abstain-quantile`` quantile of the top ranking score over generator validation
+  ``benchmarks/routing_natural.py``; with ``--abstain-quantile q``, plus an abstention threshold
+  set by the benchmark's rule: the q-quantile of the top ranking score over generator validation
   prompts (seed 1, 16 per task; the natural prompts are never used).
 
     HF_HUB_OFFLINE=1 python -m benchmarks.zoo.calibrate [--per-task 8] [--adapters DIR]
@@ -28,9 +28,11 @@ from logo_engine import LoGoEngine, RoutingConfig
 from logo_engine.calibration import CALIBRATION_NAME, ROUTING_NAME, save_routing
 from logo_engine.models import default_adapters_dir
 
-# The winner of benchmarks/routing_natural.py on the shipped zoo (docs/benchmarks.md); its
-# abstain_below is computed below, never tuned on the natural prompts.
-SHIPPED_ROUTING = RoutingConfig(top_k=1, signal="prototype", calibrated=False)
+# The winner of benchmarks/routing_natural.py on the shipped zoo (docs/benchmarks.md): prototype
+# similarities, the top 3 weighted by a sharp softmax (one adapter dominates when it stands out,
+# weights spread when none does). Abstention did not pay on this zoo (docs/routing.md), so it is
+# off unless --abstain-quantile is given; its threshold is never tuned on the natural prompts.
+SHIPPED_ROUTING = RoutingConfig(top_k=3, signal="prototype", calibrated=False, temperature=0.05)
 THRESHOLD_PROMPTS = 16  # generator validation prompts per task, seed 1 (as the benchmark)
 
 
@@ -51,7 +53,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--per-task", type=int, default=8, help="validation prompts per task")
     parser.add_argument("--adapters", type=Path, default=default_adapters_dir())
-    parser.add_argument("--abstain-quantile", type=float, default=0.025)
+    parser.add_argument(
+        "--abstain-quantile", type=float, default=None, help="also abstain (e.g. 0.025)"
+    )
     args = parser.parse_args()
     engine = LoGoEngine.from_pretrained(adapters=args.adapters, routing=RoutingConfig())
     prompts = [
@@ -71,8 +75,10 @@ def main() -> None:
     print(f"prototypes: {sum(protos.n_examples.values())} example prompts")
     engine.save_calibrations(args.adapters / CALIBRATION_NAME)
     print(f"wrote {args.adapters / CALIBRATION_NAME}")
-    threshold = abstain_threshold(engine, SHIPPED_ROUTING, args.abstain_quantile)
-    routing = dataclasses.replace(SHIPPED_ROUTING, abstain_below=threshold)
+    routing = SHIPPED_ROUTING
+    if args.abstain_quantile is not None:
+        threshold = abstain_threshold(engine, routing, args.abstain_quantile)
+        routing = dataclasses.replace(routing, abstain_below=threshold)
     save_routing(routing, args.adapters / ROUTING_NAME)
     print(f"wrote {args.adapters / ROUTING_NAME}: {routing.to_dict()}")
 

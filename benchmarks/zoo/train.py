@@ -355,8 +355,9 @@ validation countries' capitals correctly that way. Settings differ per task (`ST
 
 Every batch holds {REPLAY_PER_BATCH} replay rows: general prompts (`benchmarks/zoo/replay.py`)
 answered by the base model itself, so that an adapter routed to a prompt outside its task answers
-like the base model. `init from` names the zoo whose adapter training continued from (empty:
-from scratch); the steps are those of this run.
+like the base model. `init from` names where training continued from: a commit of this
+repository, whose `logo_engine/zoo` adapter was the start (`--init-from`; empty: from scratch).
+Steps and times are those of this run.
 
 | task | description | init from | steps | batch | lr | train ex. | adapter val | base val | s/step|
 | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
