@@ -11,6 +11,7 @@ from logo_engine.errors import (
     AdapterLoadError,
     AdapterMemoryError,
     AdapterNotFoundError,
+    AuthenticationError,
     ContextLengthError,
     EngineClosedError,
     ExportError,
@@ -20,6 +21,8 @@ from logo_engine.errors import (
     MixtureRankError,
     ModelLoadError,
     NumericalError,
+    ModelNotFoundError,
+    RemoteError,
     RoutingConfigError,
     UnsafeAdapterError,
 )
@@ -39,6 +42,7 @@ __all__ = [
     "AdapterMemoryError",
     "AdapterNotFoundError",
     "AsyncTextStream",
+    "AuthenticationError",
     "Calibration",
     "ContextLengthError",
     "EngineClosedError",
@@ -52,6 +56,9 @@ __all__ = [
     "MixtureRankError",
     "ModelLoadError",
     "NumericalError",
+    "ModelNotFoundError",
+    "RemoteEngine",
+    "RemoteError",
     "RoutingConfig",
     "RoutingConfigError",
     "Selection",
@@ -70,4 +77,8 @@ def __getattr__(name: str) -> object:
         from logo_engine.engine import LoGoEngine
 
         return LoGoEngine
+    if name == "RemoteEngine":  # needs httpx, not torch
+        from logo_engine.client import RemoteEngine
+
+        return RemoteEngine
     raise AttributeError(f"module 'logo_engine' has no attribute {name!r}")

@@ -25,7 +25,6 @@ from typing import Any, TypeVar, Union
 
 from logo_engine.chat import ParsedAnswer, Prompt, ToolChoice, parse_answer
 from logo_engine.errors import ContextLengthError, EngineClosedError, InvalidRequestError
-from logo_engine.routing import check_top_k, pinned_selection
 from logo_engine.types import FinishReason, Generation, RoutingConfig, Selection, Usage
 
 Mixture = Mapping[str, float]
@@ -125,6 +124,7 @@ class RowState:
 
     stop: tuple[str, ...] = ()
     text: str = ""
+    max_new_tokens: int | None = None  # this row's own limit (None: the run's); batches may mix
     emitted: int = 0
     completion_tokens: int = 0
     finish_reason: FinishReason | None = None
@@ -136,6 +136,11 @@ class RowState:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def at_limit(self) -> bool:
+        """The row has generated its own ``max_new_tokens`` (decoders then finish it)."""
+        return self.max_new_tokens is not None and self.completion_tokens >= self.max_new_tokens
 
     def push(self, piece: str, n_tokens: int = 1) -> None:
         """Append newly decoded text; marks the row stopped when a stop string completes."""
@@ -182,6 +187,7 @@ class _Run:
         mixtures: list[Mixture | None],
         params: SamplingParams,
         routing: RoutingConfig,
+        rows: list[RowState] | None = None,
     ) -> None:
         self.engine = engine
         self.requests = requests
@@ -189,7 +195,9 @@ class _Run:
         self.params = params
         self.routing = routing
         self.selections: list[Selection] | None = None
-        self.rows = [RowState(stop=params.stop, text=r.response_prefix) for r in requests]
+        # One RowState per request; a server batching requests passes rows with their own stop
+        # strings and max_new_tokens (params.max_new_tokens is then the largest of them).
+        self.rows = rows or [RowState(stop=params.stop, text=r.response_prefix) for r in requests]
         self._steps: Generator[None, None, None] = self._iterate()
 
     def _iterate(self) -> Generator[None, None, None]:
@@ -226,29 +234,29 @@ class _Run:
         self._steps.close()
 
     def generations(self) -> list[Generation]:
+        return [self.generation(i) for i in range(len(self.rows))]
+
+    def generation(self, i: int) -> Generation:
+        """The result of row ``i`` (complete once the row is done or the run is over)."""
         assert self.selections is not None  # set by the first step
-        out = []
-        for request, selection, row in zip(self.requests, self.selections, self.rows, strict=True):
-            answer = (
-                self.engine._parse_answer(request, row.text)
-                if request.has_tools
-                else ParsedAnswer(row.text)
-            )
-            out.append(
-                Generation(
-                    text=row.text,
-                    selection=selection,
-                    usage=Usage(
-                        prompt_tokens=request.n_prompt_tokens,
-                        completion_tokens=row.completion_tokens,
-                    ),
-                    finish_reason=row.finish_reason or "length",
-                    content=answer.content,
-                    tool_calls=answer.tool_calls,
-                    invalid_tool_calls=answer.invalid_tool_calls,
-                )
-            )
-        return out
+        request, row = self.requests[i], self.rows[i]
+        answer = (
+            self.engine._parse_answer(request, row.text)
+            if request.has_tools
+            else ParsedAnswer(row.text)
+        )
+        return Generation(
+            text=row.text,
+            selection=self.selections[i],
+            usage=Usage(
+                prompt_tokens=request.n_prompt_tokens,
+                completion_tokens=row.completion_tokens,
+            ),
+            finish_reason=row.finish_reason or "length",
+            content=answer.content,
+            tool_calls=answer.tool_calls,
+            invalid_tool_calls=answer.invalid_tool_calls,
+        )
 
 
 class TextStream(Iterator[str]):
@@ -600,31 +608,44 @@ class BaseEngine(ABC):
         params = SamplingParams.build(max_new_tokens, temperature, top_p, seed, stop)
         routing = self._routing(routing)
         requests = [self._prepare(p, tools, tool_choice) for p in prompts]
+        self._check_fits(requests, params.max_new_tokens)
+        self._check_selection(mixtures, routing)
+        return _Run(self, requests, mixtures, params, routing)
+
+    def _check_fits(self, requests: list[Request], max_new_tokens: int) -> None:
+        """Refuse prompts that, with ``max_new_tokens``, overflow the context window."""
         for i, request in enumerate(requests):
-            needed = request.n_prompt_tokens + params.max_new_tokens
+            needed = request.n_prompt_tokens + max_new_tokens
             if needed > self.context_window:
                 row = f" (row {i})" if len(requests) > 1 else ""
                 raise ContextLengthError(
                     f"prompt{row} has {request.n_prompt_tokens} tokens; with max_new_tokens="
-                    f"{params.max_new_tokens} that is {needed} > the context window "
+                    f"{max_new_tokens} that is {needed} > the context window "
                     f"({self.context_window})"
                 )
-        # Validate mixtures and routing now, so a bad call (or stream) fails before any work.
+
+    def _check_selection(self, mixtures: list[Mixture | None], routing: RoutingConfig) -> None:
+        """Validate pinned mixtures and routing, so a bad call (or stream) fails before work."""
+        from logo_engine.routing import pinned_selection  # torch: imported on use (remote clients)
+
         for mixture in mixtures:
             if mixture is not None:
                 pinned_selection(mixture, self.adapter_names)
         if any(m is None for m in mixtures):
             self._validate_routing(routing)
-        return _Run(self, requests, mixtures, params, routing)
 
     def _validate_routing(self, routing: RoutingConfig) -> None:
         """Refuse a routing config that cannot run on this engine (engines add their checks)."""
+        from logo_engine.routing import check_top_k
+
         check_top_k(routing, len(self.adapter_names))
 
     def _select(
         self, requests: list[Request], mixtures: list[Mixture | None], routing: RoutingConfig
     ) -> list[Selection]:
         """Pinned rows keep their mixture; the other rows share one batched probe."""
+        from logo_engine.routing import pinned_selection
+
         selections: list[Selection | None] = [
             None if m is None else pinned_selection(m, self.adapter_names) for m in mixtures
         ]

@@ -17,14 +17,15 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from logo_engine.errors import InvalidRequestError
 from logo_engine.types import InvalidToolCall, ToolCall
 
 logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # only a type here: remote clients import this module without transformers
+    from transformers import PreTrainedTokenizerBase
 
 Message = Mapping[str, Any]
 Prompt = Union[str, Sequence[Message]]

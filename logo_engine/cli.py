@@ -4,6 +4,7 @@
     logo generate "Convert 5 km to metres"       # the answer and its selection
     logo adapters                                # the library
     logo route "..." --json                      # machine-readable output
+    logo serve --port 8000                       # an OpenAI-compatible server (extra [serve])
 
 Defaults: the embedded SmolLM2-135M-Instruct and the shipped adapter zoo; ``--base-model`` and
 ``--adapters DIR`` for your own.
@@ -25,13 +26,14 @@ from logo_engine.types import SIGNALS, WEIGHTINGS, RoutingConfig, Selection
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--base-model", help="HF folder or hub id (default: embedded SmolLM2-135M)")
-    common.add_argument("--gguf-file", help="GGUF file name inside --base-model")
-    common.add_argument(
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--base-model", help="HF folder or hub id (default: embedded SmolLM2-135M)")
+    model.add_argument("--gguf-file", help="GGUF file name inside --base-model")
+    model.add_argument(
         "--adapters",
         help="folder with one peft adapter folder per adapter (default: the shipped zoo)",
     )
+    common = argparse.ArgumentParser(add_help=False, parents=[model])
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
     # Routing flags override the library's defaults (its routing.json, else RoutingConfig()).
     routing = argparse.ArgumentParser(add_help=False)
@@ -84,7 +86,65 @@ def _parser() -> argparse.ArgumentParser:
         help="pin a mixture instead of routing (repeatable); --pin none = base model",
     )
     sub.add_parser("adapters", parents=[common], help="list the adapter library")
+    serve = sub.add_parser(
+        "serve",
+        parents=[model, routing],
+        help="serve an OpenAI-compatible API (needs the [serve] extra)",
+        description="Serve the engine over HTTP: OpenAI /v1/chat/completions, /v1/completions and "
+        "/v1/models, plus /v1/logo/route, /healthz and /metrics. See docs/serving.md.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("LOGO_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 (default: env LOGO_API_KEY; none)",
+    )
+    serve.add_argument(
+        "--max-batch-size", type=int, default=8, help="rows per engine batch (default 8)"
+    )
+    serve.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=10.0,
+        help="how long a batch waits for more requests after its first (default 10)",
+    )
+    serve.add_argument(
+        "--served-model-name", help="model name clients use (default: the base model's name)"
+    )
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body bound"
+    )
+    serve.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from logo_engine.serving.app import ServeConfig
+        from logo_engine.serving.server import serve
+    except ImportError as exc:
+        raise LoGoError(
+            f"logo serve needs the [serve] extra (pip install 'logo-lora[serve]'): {exc}"
+        ) from exc
+    if args.max_batch_size < 1 or args.batch_wait_ms < 0 or args.max_body_bytes < 1:
+        raise LoGoError("--max-batch-size and --max-body-bytes must be >= 1, --batch-wait-ms >= 0")
+    config = ServeConfig(
+        api_key=args.api_key or None,
+        max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        served_model_name=args.served_model_name,
+        max_body_bytes=args.max_body_bytes,
+    )
+
+    def load() -> Any:
+        engine = _engine(args)
+        routing = _routing(engine, args)  # the server's routing defaults: flags over the library's
+        engine._validate_routing(routing)
+        engine.routing = routing
+        return engine
+
+    return serve(load, config, host=args.host, port=args.port, log_level=args.log_level)
 
 
 _ROUTING_FLAGS = (
@@ -164,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # keep the terminal for the answer
     try:
+        if args.command == "serve":
+            return _serve(args)
         engine = _engine(args)
         if args.command == "adapters":
             names = engine.adapter_names

@@ -146,6 +146,9 @@ class TransformersDecoder:
                     row.finish("stop")
                 else:
                     row.push(detok.add(token), n_tokens=1)
+                    if row.at_limit:  # a row with a shorter limit than the run's
+                        row.push(detok.flush(), n_tokens=0)
+                        row.finish("length")
             last = step == params.max_new_tokens - 1
             if last:
                 for row, detok in zip(rows, detoks, strict=True):

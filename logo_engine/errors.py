@@ -72,3 +72,18 @@ class MixtureRankError(InvalidRequestError):
 
     The message says the rank needed, the serving engine's limit and the value to start it with.
     """
+
+
+class ModelNotFoundError(LoGoError, KeyError):
+    """A request names a model that the server does not serve."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class AuthenticationError(LoGoError, PermissionError):
+    """A LoGo server refused the request's API key (HTTP 401)."""
+
+
+class RemoteError(LoGoError, ConnectionError):
+    """A LoGo server could not be reached, is still loading, or failed (HTTP 5xx)."""

@@ -130,6 +130,8 @@ class ScriptedEngine(BaseEngine):
                     piece = "".join(words[: self._words_per_chunk])
                     del words[: self._words_per_chunk]
                     row.push(piece, n_tokens=1)
+                    if row.at_limit:
+                        row.finish("length")
             yield
             if all(row.done or not words for row, words in zip(rows, pending, strict=True)):
                 break

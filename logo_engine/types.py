@@ -10,18 +10,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from logo_engine.errors import RoutingConfigError
+
+if TYPE_CHECKING:  # torch stays out of the import path of remote clients (logo_engine.client)
+    import torch
 
 Signal = Literal["norm", "entropy", "prototype"]
 SIGNALS: tuple[str, ...] = ("norm", "entropy", "prototype")
 # A scorer maps the probed low-rank outputs o (batch, n_adapters, out_features) to scores
 # (batch, n_adapters); higher means more relevant. Its __name__ is recorded as the signal.
-Scorer = Callable[[torch.Tensor], torch.Tensor]
+Scorer = Callable[["torch.Tensor"], "torch.Tensor"]
 Weighting = Literal["auto", "proportional", "softmax", "uniform"]
 WEIGHTINGS: tuple[str, ...] = ("auto", "proportional", "softmax", "uniform")
 FinishReason = Literal["stop", "length"]

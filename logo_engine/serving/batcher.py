@@ -1,0 +1,295 @@
+"""Dynamic batching: concurrent requests decoded as one engine batch, streamed row by row.
+
+Requests arrive on the event loop as :class:`Job` objects. One worker thread collects them into
+batches (at most ``max_batch_size`` rows; it waits at most ``batch_wait_ms`` after the first
+request of a batch arrived for more to join), runs each batch as one engine :class:`_Run` (one
+batched probe, one batched decode, each row with its own selection, stop strings and length), and
+after every decoding step hands each row's new text to its request through an asyncio queue
+(``loop.call_soon_threadsafe``). A row is reported finished as soon as it is done, not when the
+whole batch is.
+
+Which requests share a batch: the decode loop samples every row with the run's temperature,
+top-p and seed, so a batch holds requests with the same sampling settings (all greedy requests
+share one key, whatever their top_p or seed) and the same routing configuration. Prompts, tools,
+pinned mixtures, stop strings and ``max_tokens`` may differ freely between rows.
+
+A batch is fixed once it starts (the KV cache is built for its rows); requests arriving meanwhile
+wait for the next batch. A cancelled request (a client that disconnected) stops its row at the next
+step: the row produces nothing more, and a batch whose rows are all cancelled or done stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Union
+
+from logo_engine.base import BaseEngine, Mixture, Request, RowState, SamplingParams, _Run
+from logo_engine.types import Generation, RoutingConfig, Selection
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- row events
+@dataclass(frozen=True)
+class Selected:
+    """The row's selection is known (before its first token)."""
+
+    selection: Selection
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text of the row, safe to show (stop strings already handled)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The row is done: its whole generation."""
+
+    generation: Generation
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The batch failed; the row will get nothing more."""
+
+    error: BaseException
+
+
+Event = Union[Selected, Delta, Finished, Failed]
+
+
+class BatchObserver(Protocol):
+    """What the batcher reports (the server's metrics implement it)."""
+
+    def batch_started(self, size: int, queue_wait_s: list[float]) -> None: ...
+
+    def row_finished(self, generation: Generation) -> None: ...
+
+    def row_cancelled(self) -> None: ...
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's row: what to generate, and the queue its events go to."""
+
+    request: Request
+    mixture: Mixture | None  # pinned mixture; None: route
+    routing: RoutingConfig
+    params: SamplingParams  # this request's own (max_new_tokens and stop are per row)
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False  # set from the event loop; read by the worker between steps
+    over: bool = False  # a Finished or Failed event was sent
+
+    @property
+    def key(self) -> Hashable:
+        """Requests with equal keys may share a batch."""
+        p = self.params
+        sampling = ("greedy",) if p.temperature == 0 else (p.temperature, p.top_p, p.seed)
+        return (*sampling, self.routing)
+
+    def cancel(self) -> None:
+        """Stop this row (idempotent; a finished row is left alone)."""
+        self.cancelled = True
+
+    def post(self, event: Event) -> None:
+        """Send an event to the request's queue (from the worker thread)."""
+        if isinstance(event, (Finished, Failed)):
+            self.over = True
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled = True
+
+    async def stream(self) -> AsyncIterator[Event]:
+        """The row's events until it finishes or fails (cancel the job if you stop early)."""
+        while True:
+            event = await self.events.get()
+            yield event
+            if isinstance(event, (Finished, Failed)):
+                return
+
+
+class Batcher:
+    """One worker thread that runs queued jobs as engine batches (see module docstring)."""
+
+    def __init__(
+        self,
+        engine: BaseEngine,
+        *,
+        max_batch_size: int = 8,
+        batch_wait_ms: float = 10.0,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if batch_wait_ms < 0:
+            raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_ms / 1e3
+        self.observer = observer
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._deferred: deque[Job] = deque()  # jobs that did not fit the last batch's key
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="logo-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job (thread-safe); its events arrive on ``job.events``."""
+        if self._stopping:
+            raise RuntimeError("the batcher is stopped")
+        self._queue.put(job)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop after the running batch; queued jobs fail with an error."""
+        self._stopping = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ worker thread
+    def _loop(self) -> None:
+        while True:
+            batch = self._collect()
+            if batch is None:
+                break
+            if batch:
+                self._run(batch)
+        error = RuntimeError("the server is shutting down")
+        for job in [*self._deferred, *_drain(self._queue)]:
+            if job is not None:
+                job.post(Failed(error))
+
+    def _collect(self) -> list[Job] | None:
+        """The next batch: the oldest job and the queued jobs with its key (None: stop)."""
+        if self._deferred:
+            first = self._deferred.popleft()
+        else:
+            got = self._queue.get()
+            if got is None:
+                return None
+            first = got
+        if first.cancelled:
+            return []
+        batch = [first]
+        for job in list(self._deferred):
+            if len(batch) < self.max_batch_size and job.key == first.key:
+                self._deferred.remove(job)
+                if not job.cancelled:
+                    batch.append(job)
+        deadline = first.enqueued_at + self.batch_wait_s
+        while len(batch) < self.max_batch_size:
+            wait = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:  # stop after this batch
+                self._queue.put(None)
+                break
+            if job.cancelled:
+                continue
+            if job.key == first.key:
+                batch.append(job)
+            else:
+                self._deferred.append(job)
+        return batch
+
+    def _run(self, jobs: list[Job]) -> None:
+        if self.observer is not None:
+            started = time.monotonic()
+            self.observer.batch_started(len(jobs), [started - j.enqueued_at for j in jobs])
+        try:
+            run_batch(self.engine, jobs, self.observer)
+        except Exception:  # run_batch reports errors to the jobs; this is a bug of ours
+            logger.exception("a batch failed outside the engine")
+
+
+def run_batch(engine: BaseEngine, jobs: list[Job], observer: BatchObserver | None = None) -> None:
+    """Decode ``jobs`` (equal keys) as one engine batch, posting each row's events as they come.
+
+    Runs in the calling thread, step by step. Errors end every unfinished row with
+    :class:`Failed`; nothing is raised.
+    """
+    first = jobs[0].params
+    params = SamplingParams(
+        max_new_tokens=max(j.params.max_new_tokens for j in jobs),
+        temperature=first.temperature,
+        top_p=first.top_p,
+        seed=first.seed,
+    )
+    rows = [
+        RowState(
+            stop=j.params.stop,
+            text=j.request.response_prefix,
+            max_new_tokens=j.params.max_new_tokens,
+        )
+        for j in jobs
+    ]
+    run = _Run(
+        engine,
+        [j.request for j in jobs],
+        [j.mixture for j in jobs],
+        params,
+        jobs[0].routing,
+        rows=rows,
+    )
+    try:
+        _drive(run, jobs, observer)
+    except Exception as exc:
+        for job in jobs:
+            if not job.over:
+                job.post(Failed(exc))
+    finally:
+        run.close()
+
+
+def _drive(run: _Run, jobs: list[Job], observer: BatchObserver | None) -> None:
+    announced = False
+    while True:
+        alive = run.step()
+        if not announced and run.selections is not None:
+            for job, selection in zip(jobs, run.selections, strict=True):
+                job.post(Selected(selection))
+            announced = True
+        for i, (job, row) in enumerate(zip(jobs, run.rows, strict=True)):
+            if job.over:
+                continue
+            if job.cancelled:
+                row.finish("stop")  # the decoder skips it from now on
+                job.over = True
+                if observer is not None:
+                    observer.row_cancelled()
+                continue
+            if row.at_limit:  # engines whose decoders do not read per-row limits
+                row.finish("length")
+            delta = row.take_delta()
+            if delta:
+                job.post(Delta(delta))
+            if row.done or not alive:
+                generation = run.generation(i)
+                job.post(Finished(generation))
+                if observer is not None:
+                    observer.row_finished(generation)
+        if not alive or all(job.over for job in jobs):
+            return
+
+
+def _drain(q: queue.Queue[Any]) -> list[Any]:
+    out = []
+    while True:
+        try:
+            out.append(q.get_nowait())
+        except queue.Empty:
+            return out
