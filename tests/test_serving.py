@@ -95,8 +95,9 @@ def test_completion_equals_generate_on_a_string(client, engine):
 def test_completion_with_several_prompts_answers_each(client, engine):
     response = client.completions.create(model="tiny-llama", prompt=PROMPTS[:3], max_tokens=6)
     assert [c.index for c in response.choices] == [0, 1, 2]
-    for choice, prompt, sel in zip(response.choices, PROMPTS[:3],
-                                   response.model_extra["logo"]["selections"], strict=True):
+    for choice, prompt, sel in zip(
+        response.choices, PROMPTS[:3], response.model_extra["logo"]["selections"], strict=True
+    ):
         expected = engine.generate(prompt, max_new_tokens=6)
         assert choice.text == expected.text
         assert sel["adapters"] == expected.selection.adapters
@@ -104,10 +105,15 @@ def test_completion_with_several_prompts_answers_each(client, engine):
 
 def test_stream_concatenates_to_the_answer_with_the_selection_first(client, engine):
     messages = [{"role": "user", "content": PROMPTS[2]}]
-    chunks = list(client.chat.completions.create(
-        model="tiny-llama", messages=messages, max_tokens=12, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-llama",
+            messages=messages,
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     expected = engine.generate(messages, max_new_tokens=12)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert selection_of(chunks[0]).adapters == expected.selection.adapters
@@ -144,7 +150,10 @@ def test_pinning_by_model_name_and_by_the_logo_field(client, engine):
 
     mixture = {"letters": 0.75, "symbols": 0.25}
     mixed = client.chat.completions.create(
-        model="tiny-llama", messages=messages, max_tokens=8, extra_body={"logo": {"adapters": mixture}}
+        model="tiny-llama",
+        messages=messages,
+        max_tokens=8,
+        extra_body={"logo": {"adapters": mixture}},
     )
     expected = engine.generate(messages, max_new_tokens=8, adapters=mixture)
     assert mixed.choices[0].message.content == expected.text
@@ -153,15 +162,19 @@ def test_pinning_by_model_name_and_by_the_logo_field(client, engine):
     base = client.chat.completions.create(
         model="tiny-llama", messages=messages, max_tokens=8, extra_body={"logo": {"adapters": {}}}
     )
-    assert base.choices[0].message.content == engine.generate(
-        messages, max_new_tokens=8, adapters={}).text
+    assert (
+        base.choices[0].message.content
+        == engine.generate(messages, max_new_tokens=8, adapters={}).text
+    )
     assert selection_of(base).adapters == []
 
 
 def test_routing_override(client, engine):
     messages = [{"role": "user", "content": PROMPTS[4]}]
     response = client.chat.completions.create(
-        model="tiny-llama", messages=messages, max_tokens=8,
+        model="tiny-llama",
+        messages=messages,
+        max_tokens=8,
         extra_body={"logo": {"routing": {"top_k": 1, "signal": "entropy"}}},
     )
     expected = engine.generate(
@@ -187,7 +200,9 @@ def test_route_and_count_tokens_endpoints(server, engine):
 
 def test_health_and_info(server, engine):
     assert httpx.get(server.url + "/healthz").json() == {
-        "status": "ok", "model": "tiny-llama", "adapters": 3
+        "status": "ok",
+        "model": "tiny-llama",
+        "adapters": 3,
     }
     info = httpx.get(server.base_url + "/logo/info").json()
     assert info["adapters"] == engine.adapter_names
@@ -211,8 +226,9 @@ def test_concurrent_requests_are_batched_and_equal_their_solo_results(client, en
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(call, jobs))
     for job, response in zip(jobs, responses, strict=True):
-        expected = engine.generate(job["prompt"], max_new_tokens=job["max_tokens"],
-                                   stop=job["stop"])
+        expected = engine.generate(
+            job["prompt"], max_new_tokens=job["max_tokens"], stop=job["stop"]
+        )
         assert response.choices[0].text == expected.text
         assert response.choices[0].finish_reason == expected.finish_reason
         assert response.usage.completion_tokens == expected.usage.completion_tokens
@@ -225,10 +241,14 @@ def test_concurrent_requests_are_batched_and_equal_their_solo_results(client, en
 
 def test_concurrent_streams_are_delivered_row_by_row(client, engine):
     def stream(prompt: str) -> tuple[str, int]:
-        chunks = list(client.chat.completions.create(
-            model="tiny-llama", messages=[{"role": "user", "content": prompt}], max_tokens=10,
-            stream=True,
-        ))
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny-llama",
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=10,
+                stream=True,
+            )
+        )
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), len(chunks)
 
     with ThreadPoolExecutor(4) as pool:
@@ -240,11 +260,15 @@ def test_concurrent_streams_are_delivered_row_by_row(client, engine):
 
 
 def test_selections_per_adapter_are_counted(server, client):
-    before = sum(metric(server, "logo_adapter_selections_total", adapter=a)
-                 for a in ("letters", "digits", "symbols", "(base)"))
+    before = sum(
+        metric(server, "logo_adapter_selections_total", adapter=a)
+        for a in ("letters", "digits", "symbols", "(base)")
+    )
     client.completions.create(model="tiny-llama:symbols", prompt=PROMPTS[0], max_tokens=2)
-    after = sum(metric(server, "logo_adapter_selections_total", adapter=a)
-                for a in ("letters", "digits", "symbols", "(base)"))
+    after = sum(
+        metric(server, "logo_adapter_selections_total", adapter=a)
+        for a in ("letters", "digits", "symbols", "(base)")
+    )
     assert after == before + 1
     assert metric(server, "logo_pinned_requests_total") >= 1
 
@@ -258,8 +282,12 @@ BAD_REQUESTS = [
     ("unknown model", _chat(model="gpt-4"), 404, "model_not_found"),
     ("unknown adapter", _chat(model="tiny-llama:nope"), 404, "adapter_not_found"),
     ("unknown mixture adapter", _chat(logo={"adapters": {"nope": 1}}), 404, "adapter_not_found"),
-    ("pin twice", _chat(model="tiny-llama:digits", logo={"adapters": {"letters": 1}}), 400,
-     "invalid_request"),
+    (
+        "pin twice",
+        _chat(model="tiny-llama:digits", logo={"adapters": {"letters": 1}}),
+        400,
+        "invalid_request",
+    ),
     ("negative weight", _chat(logo={"adapters": {"digits": -1}}), 400, "invalid_request"),
     ("bad temperature", _chat(temperature=-0.5), 400, "invalid_request"),
     ("bad top_p", _chat(top_p=0), 400, "invalid_request"),
@@ -270,24 +298,47 @@ BAD_REQUESTS = [
     ("no messages", _chat(messages=[]), 400, "invalid_request"),
     ("missing messages", {"model": "tiny-llama"}, 400, "invalid_request"),
     ("bad role", _chat(messages=[{"role": "robot", "content": "x"}]), 400, "invalid_request"),
-    ("image part", _chat(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x"}}]}]), 400, "invalid_request"),
+    (
+        "image part",
+        _chat(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "http://x"}}],
+                }
+            ]
+        ),
+        400,
+        "invalid_request",
+    ),
     ("empty stop", _chat(stop=[""]), 400, "invalid_request"),
-    ("bad tool choice", _chat(tools=[{"type": "function", "function": {"name": "f"}}],
-                              tool_choice={"type": "function"}), 400, "invalid_request"),
+    (
+        "bad tool choice",
+        _chat(
+            tools=[{"type": "function", "function": {"name": "f"}}],
+            tool_choice={"type": "function"},
+        ),
+        400,
+        "invalid_request",
+    ),
     ("unknown routing field", _chat(logo={"routing": {"topk": 1}}), 400, "invalid_routing"),
     ("top_k too large", _chat(logo={"routing": {"top_k": 9}}), 400, "invalid_routing"),
     ("bad signal", _chat(logo={"routing": {"signal": "magic"}}), 400, "invalid_routing"),
     ("too long", _chat(max_tokens=5000), 413, "context_length_exceeded"),
-    ("too long prompt", _chat(messages=[{"role": "user", "content": "ab " * 400}]), 413,
-     "context_length_exceeded"),
+    (
+        "too long prompt",
+        _chat(messages=[{"role": "user", "content": "ab " * 400}]),
+        413,
+        "context_length_exceeded",
+    ),
     ("stream: unknown model", _chat(model="gpt-4", stream=True), 404, "model_not_found"),
     ("stream: too long", _chat(max_tokens=5000, stream=True), 413, "context_length_exceeded"),
 ]
 
 
-@pytest.mark.parametrize(("body", "status", "code"), [b[1:] for b in BAD_REQUESTS],
-                         ids=[b[0] for b in BAD_REQUESTS])
+@pytest.mark.parametrize(
+    ("body", "status", "code"), [b[1:] for b in BAD_REQUESTS], ids=[b[0] for b in BAD_REQUESTS]
+)
 def test_bad_requests_get_their_status_and_an_openai_error(server, body, status, code):
     response = httpx.post(server.base_url + "/chat/completions", json=body)
     assert response.status_code == status, response.text
@@ -304,8 +355,11 @@ def test_the_openai_client_raises_its_own_error_classes(client):
 
 
 def test_malformed_json_body_and_unknown_routes(server):
-    bad = httpx.post(server.base_url + "/chat/completions", content=b"{not json",
-                     headers={"content-type": "application/json"})
+    bad = httpx.post(
+        server.base_url + "/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
     missing = httpx.get(server.base_url + "/nope")
     assert missing.status_code == 404 and "error" in missing.json()
@@ -324,8 +378,11 @@ def test_request_body_size_is_bounded(engine):
         def chunked():  # no content-length: counted while reading
             yield json.dumps(big).encode()
 
-        response = httpx.post(srv.base_url + "/chat/completions", content=chunked(),
-                              headers={"content-type": "application/json"})
+        response = httpx.post(
+            srv.base_url + "/chat/completions",
+            content=chunked(),
+            headers={"content-type": "application/json"},
+        )
         assert response.status_code == 413
         ok = httpx.post(srv.base_url + "/chat/completions", json=_chat(max_tokens=2))
         assert ok.status_code == 200
@@ -365,8 +422,10 @@ def test_503_while_the_model_loads(engine):
             if httpx.get(srv.url + "/healthz").status_code == 200:
                 break
             time.sleep(0.01)
-        assert httpx.post(srv.base_url + "/chat/completions",
-                          json=_chat(max_tokens=2)).status_code == 200
+        assert (
+            httpx.post(srv.base_url + "/chat/completions", json=_chat(max_tokens=2)).status_code
+            == 200
+        )
 
 
 def test_a_failed_load_is_reported():
@@ -382,5 +441,6 @@ def test_a_failed_load_is_reported():
         health = httpx.get(srv.url + "/healthz").json()
         assert health["status"] == "failed" and "no such model" in health["error"]
         response = httpx.post(srv.base_url + "/chat/completions", json=_chat())
-        assert response.status_code == 503 and "no such model" in response.json()["error"][
-            "message"]
+        assert (
+            response.status_code == 503 and "no such model" in response.json()["error"]["message"]
+        )

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import threading
 import time
@@ -31,25 +30,21 @@ from typing import Any, Protocol, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from logo_engine.base import BaseEngine
-from logo_engine.chat import Prompt, StreamFilter, parse_tool_calls
+from logo_engine.chat import Prompt
 from logo_engine.errors import InvalidRequestError, LoGoError, RemoteError
 from logo_engine.serving import openai_api as oa
-from logo_engine.serving.batcher import Batcher, Delta, Event, Failed, Finished, Job, Selected
+from logo_engine.serving.batcher import Batcher, Failed, Finished, Job, Selected
 from logo_engine.serving.metrics import CONTENT_TYPE, Metrics
 from logo_engine.serving.protocol import (
     ADAPTERS_HEADER,
     ChatChoice,
     ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChunkChoice,
-    ChunkDelta,
     Completion,
     CompletionChoice,
     CompletionRequest,
@@ -61,11 +56,11 @@ from logo_engine.serving.protocol import (
     ModelList,
     RouteRequest,
     ServerInfo,
-    ToolCallDelta,
     adapters_header,
     new_id,
     now,
 )
+from logo_engine.serving.streams import chat_stream, completion_stream, dump, total_usage
 from logo_engine.types import Generation, Selection
 
 logger = logging.getLogger(__name__)
@@ -195,6 +190,7 @@ def error_response(
 
 
 def exception_response(exc: BaseException) -> JSONResponse:
+    """The OpenAI-shaped error of an exception raised while serving (500s are logged)."""
     status, kind, code = oa.error_info(exc)
     if status >= 500 and not isinstance(exc, RemoteError):
         logger.error("request failed: %r", exc, exc_info=exc)
@@ -214,8 +210,9 @@ def _add_error_handlers(app: FastAPI) -> None:
             parts.append(f"{where or 'body'}: {error.get('msg')}")
         first = errors[0].get("loc", ()) if errors else ()
         param = ".".join(str(x) for x in first if x != "body") or None
-        return error_response(400, "; ".join(parts), "invalid_request_error", "invalid_request",
-                              param)
+        return error_response(
+            400, "; ".join(parts), "invalid_request_error", "invalid_request", param
+        )
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -278,7 +275,9 @@ class _Guard:
             return None
         message = "missing API key" if not given else "invalid API key"
         return error_response(
-            401, f"{message}: send 'Authorization: Bearer <key>'", "authentication_error",
+            401,
+            f"{message}: send 'Authorization: Bearer <key>'",
+            "authentication_error",
             "invalid_api_key",
         )
 
@@ -286,7 +285,9 @@ class _Guard:
         """Read the body up to the bound; replay it to the app, then pass through (disconnects)."""
         limit = self.state.config.max_body_bytes
         too_large = error_response(
-            413, f"request body is larger than {limit} bytes", "invalid_request_error",
+            413,
+            f"request body is larger than {limit} bytes",
+            "invalid_request_error",
             "request_too_large",
         )
         headers = dict(scope["headers"])
@@ -339,8 +340,11 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/healthz")
     async def healthz() -> Response:
         if state.engine is not None and state.runner is not None:
-            body = {"status": "ok", "model": state.model_name,
-                    "adapters": len(state.engine.adapter_names)}
+            body = {
+                "status": "ok",
+                "model": state.model_name,
+                "adapters": len(state.engine.adapter_names),
+            }
             return JSONResponse(body)
         if state.load_error is not None:
             return JSONResponse({"status": "failed", "error": state.load_error}, 503)
@@ -424,7 +428,11 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         oa.refuse_unsupported(body)
         tools = oa.tool_schemas(body.tools)
         job = await _job(
-            state, engine, body, oa.engine_messages(body.messages), tools,
+            state,
+            engine,
+            body,
+            oa.engine_messages(body.messages),
+            tools,
             oa.tool_choice(body.tool_choice) if tools else None,
             body.max_completion_tokens or body.max_tokens,
         )
@@ -433,19 +441,22 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         selection = await _start([job], runner, request)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = _chat_stream(job, selection[0], body.model, hold_tool_calls, include_usage,
-                                  state, start)
+            stream = chat_stream(
+                job, selection[0], body.model, hold_tool_calls, include_usage, state.metrics, start
+            )
             return _sse(stream, [job], selection)
         (generation,) = await _collect([job], request)
         response = ChatCompletion(
             id=new_id("chatcmpl"),
             created=now(),
             model=body.model,
-            choices=[ChatChoice(
-                index=0,
-                message=oa.assistant_message(generation),
-                finish_reason=oa.finish_reason(generation),  # type: ignore[arg-type]
-            )],
+            choices=[
+                ChatChoice(
+                    index=0,
+                    message=oa.assistant_message(generation),
+                    finish_reason=oa.finish_reason(generation),  # type: ignore[arg-type]
+                )
+            ],
             usage=oa.usage_out(generation.usage),
             logo=LogoResult(selection=generation.selection),
         )
@@ -463,7 +474,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         selections = await _start(jobs, runner, request)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = _completion_stream(jobs, selections, body.model, include_usage, state, start)
+            stream = completion_stream(
+                jobs, selections, body.model, include_usage, state.metrics, start
+            )
             return _sse(stream, jobs, selections)
         generations = await _collect(jobs, request)
         response = Completion(
@@ -474,7 +487,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                 CompletionChoice(index=i, text=g.text, finish_reason=g.finish_reason)
                 for i, g in enumerate(generations)
             ],
-            usage=oa.usage_out(_total_usage(generations)),
+            usage=oa.usage_out(total_usage(generations)),
             logo=_logo_result([g.selection for g in generations]),
         )
         return JSONResponse(dump(response), headers=_selection_headers(selections))
@@ -517,15 +530,13 @@ async def _start(jobs: Sequence[Job], runner: JobRunner, request: Request) -> li
     for job in jobs:
         runner.submit(job)
     try:
-        firsts = await _or_disconnect(
-            asyncio.gather(*(j.events.get() for j in jobs)), request
-        )
+        firsts = await _or_disconnect(asyncio.gather(*(j.events.get() for j in jobs)), request)
     except BaseException:
         for job in jobs:
             job.cancel()
         raise
     selections = []
-    for job, event in zip(jobs, firsts, strict=True):
+    for event in firsts:
         if isinstance(event, Failed):
             for other in jobs:
                 other.cancel()
@@ -591,20 +602,10 @@ def _logo_result(selections: Sequence[Selection]) -> LogoResult:
     return LogoResult(selection=selections[0], selections=list(selections))
 
 
-def _total_usage(generations: Sequence[Generation]) -> Any:
-    from logo_engine.types import Usage
-
-    if len(generations) == 1:
-        return generations[0].usage
-    return Usage(
-        prompt_tokens=sum(g.usage.prompt_tokens for g in generations),
-        completion_tokens=sum(g.usage.completion_tokens for g in generations),
-    )
-
-
 # ----------------------------------------------------------------------------- streams
-def _sse(stream: AsyncIterator[str], jobs: Sequence[Job], selections: Sequence[Selection]
-         ) -> StreamingResponse:
+def _sse(
+    stream: AsyncIterator[str], jobs: Sequence[Job], selections: Sequence[Selection]
+) -> StreamingResponse:
     """A server-sent-event response; its rows are cancelled when the client goes away."""
 
     def cancel_all() -> None:
@@ -617,155 +618,3 @@ def _sse(stream: AsyncIterator[str], jobs: Sequence[Job], selections: Sequence[S
         headers={"cache-control": "no-cache", **_selection_headers(selections)},
         background=BackgroundTask(cancel_all),
     )
-
-
-def dump(response: BaseModel) -> dict[str, Any]:
-    """A response as JSON: unset optional fields left out, but the selection always whole."""
-    data = response.model_dump(mode="json", exclude_none=True)
-    logo = getattr(response, "logo", None)
-    if isinstance(logo, LogoResult):
-        data["logo"] = {"selection": logo.selection.model_dump(mode="json")}
-        if logo.selections is not None:
-            data["logo"]["selections"] = [s.model_dump(mode="json") for s in logo.selections]
-    return data
-
-
-def _event(payload: BaseModel | dict[str, Any]) -> str:
-    data = dump(payload) if isinstance(payload, BaseModel) else payload
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-DONE = "data: [DONE]\n\n"
-
-
-def _error_event(exc: BaseException) -> str:
-    status, kind, code = oa.error_info(exc)
-    logger.error("stream failed: %r", exc, exc_info=exc)
-    return _event({"error": {"message": str(exc), "type": kind, "code": code}})
-
-
-async def _chat_stream(
-    job: Job,
-    selection: Selection,
-    model: str,
-    hold_tool_calls: bool,
-    include_usage: bool,
-    state: ServerState,
-    start: float,
-) -> AsyncIterator[str]:
-    rid, created = new_id("chatcmpl"), now()
-
-    def chunk(delta: ChunkDelta, finish: str | None = None, **extra: Any) -> str:
-        payload = ChatCompletionChunk(
-            id=rid, created=created, model=model,
-            choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
-            **extra,
-        )
-        payload = dump(payload)
-        if include_usage and "usage" not in payload:
-            payload["usage"] = None  # OpenAI: null on every chunk but the last
-        return _event(payload)
-
-    try:
-        yield chunk(ChunkDelta(role="assistant", content=""), logo=LogoResult(selection=selection))
-        text = StreamFilter(hold_tool_calls)
-        first = True
-        async for event in job.stream():
-            if isinstance(event, Delta):
-                if first:
-                    state.metrics.first_token.observe(time.perf_counter() - start)
-                    first = False
-                delta = text.push(event.text)
-                if delta:
-                    yield chunk(ChunkDelta(content=delta))
-            elif isinstance(event, Finished):
-                generation = event.generation
-                content = parse_tool_calls(generation.text)[0] if generation.tool_calls else (
-                    generation.text)
-                rest = text.final_delta(content)
-                if rest:
-                    yield chunk(ChunkDelta(content=rest))
-                if generation.tool_calls:
-                    calls = [
-                        ToolCallDelta(index=i, id=c.id, function=c.function)
-                        for i, c in enumerate(oa.tool_calls_out(generation.tool_calls))
-                    ]
-                    yield chunk(ChunkDelta(tool_calls=calls))
-                yield chunk(ChunkDelta(), oa.finish_reason(generation))
-                if include_usage:
-                    usage = ChatCompletionChunk(
-                        id=rid, created=created, model=model, choices=[],
-                        usage=oa.usage_out(generation.usage),
-                    )
-                    yield _event(usage)
-            elif isinstance(event, Failed):
-                yield _error_event(event.error)
-        yield DONE
-    finally:
-        job.cancel()
-
-
-async def _completion_stream(
-    jobs: Sequence[Job],
-    selections: Sequence[Selection],
-    model: str,
-    include_usage: bool,
-    state: ServerState,
-    start: float,
-) -> AsyncIterator[str]:
-    rid, created = new_id("cmpl"), now()
-
-    def chunk(index: int, text: str, finish: str | None = None, **extra: Any) -> str:
-        payload = Completion(
-            id=rid, created=created, model=model,
-            choices=[CompletionChoice(index=index, text=text, finish_reason=finish)],  # type: ignore[arg-type]
-            **extra,
-        )
-        payload = dump(payload)
-        if include_usage and "usage" not in payload:
-            payload["usage"] = None
-        return _event(payload)
-
-    try:
-        for i, selection in enumerate(selections):
-            yield chunk(i, "", logo=LogoResult(selection=selection))
-        generations: list[Generation] = []
-        first = True
-        async for i, event in _merged(jobs):
-            if isinstance(event, Delta):
-                if first:
-                    state.metrics.first_token.observe(time.perf_counter() - start)
-                    first = False
-                yield chunk(i, event.text)
-            elif isinstance(event, Finished):
-                generations.append(event.generation)
-                yield chunk(i, "", event.generation.finish_reason)
-            elif isinstance(event, Failed):
-                yield _error_event(event.error)
-        if include_usage and generations:
-            yield _event(Completion(id=rid, created=created, model=model, choices=[],
-                                    usage=oa.usage_out(_total_usage(generations))))
-        yield DONE
-    finally:
-        for job in jobs:
-            job.cancel()
-
-
-async def _merged(jobs: Sequence[Job]) -> AsyncIterator[tuple[int, Event]]:
-    """The events of several rows as they come, tagged with the row index."""
-    streams = {i: job.stream().__aiter__() for i, job in enumerate(jobs)}
-    pending = {asyncio.ensure_future(s.__anext__()): i for i, s in streams.items()}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                i = pending.pop(task)
-                try:
-                    event = task.result()
-                except StopAsyncIteration:
-                    continue
-                yield i, event
-                pending[asyncio.ensure_future(streams[i].__anext__())] = i
-    finally:
-        for task in pending:
-            task.cancel()

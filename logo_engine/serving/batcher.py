@@ -192,18 +192,18 @@ class Batcher:
         while len(batch) < self.max_batch_size:
             wait = deadline - time.monotonic()
             try:
-                job = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
-            if job is None:  # stop after this batch
+            if item is None:  # stop after this batch
                 self._queue.put(None)
                 break
-            if job.cancelled:
+            if item.cancelled:
                 continue
-            if job.key == first.key:
-                batch.append(job)
+            if item.key == first.key:
+                batch.append(item)
             else:
-                self._deferred.append(job)
+                self._deferred.append(item)
         return batch
 
     def _run(self, jobs: list[Job]) -> None:

@@ -31,36 +31,47 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "logo_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"],
+            "logo_requests",
+            "HTTP requests by endpoint and status code",
+            ["endpoint", "status"],
             registry=r,
         )
         self.latency = Histogram(
-            "logo_request_latency_seconds", "Request latency (to the end of a stream)",
-            ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r,
+            "logo_request_latency_seconds",
+            "Request latency (to the end of a stream)",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.first_token = Histogram(
-            "logo_time_to_first_token_seconds", "Time from request to the first text of a stream",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "logo_time_to_first_token_seconds",
+            "Time from request to the first text of a stream",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.in_flight = Gauge("logo_requests_in_flight", "Requests being served", registry=r)
         self.prompt_tokens = Counter("logo_prompt_tokens", "Prompt tokens processed", registry=r)
-        self.completion_tokens = Counter(
-            "logo_completion_tokens", "Tokens generated", registry=r
-        )
+        self.completion_tokens = Counter("logo_completion_tokens", "Tokens generated", registry=r)
         self.batch_size = Histogram(
             "logo_batch_size", "Rows per engine batch", buckets=_BATCH_BUCKETS, registry=r
         )
         self.queue_wait = Histogram(
-            "logo_queue_wait_seconds", "Time a request waited for its batch to start",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "logo_queue_wait_seconds",
+            "Time a request waited for its batch to start",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.selections = Counter(
-            "logo_adapter_selections", "Answers each adapter took part in", ["adapter"],
+            "logo_adapter_selections",
+            "Answers each adapter took part in",
+            ["adapter"],
             registry=r,
         )
         self.adapter_weight = Counter(
-            "logo_adapter_weight", "Sum of each adapter's mixture weight over answers",
-            ["adapter"], registry=r,
+            "logo_adapter_weight",
+            "Sum of each adapter's mixture weight over answers",
+            ["adapter"],
+            registry=r,
         )
         self.pinned = Counter("logo_pinned_requests", "Answers with a pinned mixture", registry=r)
         self.cancelled = Counter(

@@ -72,7 +72,7 @@ def error_info(exc: BaseException) -> tuple[int, str, str]:
 
 def error_class(status: int, code: str | None) -> type[LoGoError]:
     """The LoGo error class of an error response (for remote clients)."""
-    for cls, cls_status, _, cls_code in ERRORS:
+    for cls, _, _, cls_code in ERRORS:
         if code == cls_code:
             return cls
     if status == 401:
@@ -152,13 +152,19 @@ def refuse_unsupported(request: _Sampling) -> None:
     extra = request.model_extra or {}
     response_format = getattr(request, "response_format", None) or {}
     checks += [
-        ("response_format", response_format.get("type", "text") != "text",
-         "only response_format type 'text' is supported (use tools for structured output)"),
+        (
+            "response_format",
+            response_format.get("type", "text") != "text",
+            "only response_format type 'text' is supported (use tools for structured output)",
+        ),
         ("echo", bool(getattr(request, "echo", False)), "echo is not supported"),
         ("suffix", bool(getattr(request, "suffix", None)), "suffix is not supported"),
         ("best_of", (getattr(request, "best_of", None) or 1) != 1, "best_of is not supported"),
-        ("stream_options", bool(request.stream_options) and not request.stream,
-         "stream_options needs stream=true"),
+        (
+            "stream_options",
+            bool(request.stream_options) and not request.stream,
+            "stream_options needs stream=true",
+        ),
         ("functions", "functions" in extra, "use tools instead of the deprecated functions"),
     ]
     for param, bad, why in checks:

@@ -203,6 +203,8 @@ FinishReasonOut = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
+    """One answer of a chat completion."""
+
     index: int
     message: AssistantMessage
     finish_reason: FinishReasonOut
@@ -223,12 +225,16 @@ class ChatCompletion(BaseModel):
 
 
 class ChunkDelta(BaseModel):
+    """What a stream chunk adds to the answer."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
+    """One choice of a stream chunk."""
+
     index: int
     delta: ChunkDelta
     finish_reason: FinishReasonOut | None = None
@@ -249,6 +255,8 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionChoice(BaseModel):
+    """One answer of a text completion."""
+
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None = None
@@ -280,6 +288,8 @@ class ModelCard(BaseModel):
 
 
 class ModelList(BaseModel):
+    """Response of ``GET /v1/models``."""
+
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
@@ -295,6 +305,8 @@ class ServerInfo(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    """The ``error`` object of an error response."""
+
     message: str
     type: str
     param: str | None = None
@@ -320,7 +332,9 @@ def now() -> int:
 
 def adapters_header(selection: Selection) -> str:
     """The ``x-logo-adapters`` value: ``name=weight`` pairs by weight (empty: base model)."""
-    return ",".join(f"{n}={w:.4f}" for n, w in zip(selection.adapters, selection.weights))
+    return ",".join(
+        f"{n}={w:.4f}" for n, w in zip(selection.adapters, selection.weights, strict=True)
+    )
 
 
 def read_selection(data: Any) -> Selection:

@@ -43,8 +43,7 @@ def serve(
 
     app = create_app(engine, config, on_load_error=on_load_error)
     server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                       timeout_graceful_shutdown=10)
+        uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
     )
     server.run()
     return 1 if failed else 0
@@ -76,7 +75,9 @@ class BackgroundServer:
             uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5)
         )
         self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, name="logo-server",
+            target=self._server.run,
+            kwargs={"sockets": [self._sock]},
+            name="logo-server",
             daemon=True,
         )
         self._thread.start()
