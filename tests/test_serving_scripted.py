@@ -70,7 +70,7 @@ def client(server) -> OpenAI:
 
 
 def cancelled_rows(server: BackgroundServer) -> float:
-    return server.state.metrics.cancelled._value.get()
+    return server.state.metrics.value("logo_cancelled_rows_total")
 
 
 def wait_for(condition: Any, seconds: float = 5.0) -> bool:
@@ -195,4 +195,6 @@ def test_a_cancelled_row_leaves_the_other_rows_of_its_batch_alone(server, client
     assert text == "".join(f"w{i} " for i in range(150))  # scripted words keep their space
     assert results["full"].choices[0].finish_reason == "length"
     assert wait_for(lambda: cancelled_rows(server) == 1)
-    assert server.state.metrics.batch_size._sum.get() == 2  # they shared one batch
+    metrics = server.state.metrics
+    assert metrics.value("logo_batch_size_sum") == 2  # they shared one batch
+    assert metrics.value("logo_batch_size_count") == 1

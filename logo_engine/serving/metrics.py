@@ -103,6 +103,10 @@ class Metrics:
             self.selections.labels(name).inc()
             self.adapter_weight.labels(name).inc(weight)
 
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's current value (0 before its first), e.g. ``logo_batch_size_sum``."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
     def render(self) -> bytes:
         """The metrics in Prometheus' text format."""
         return generate_latest(self.registry)
