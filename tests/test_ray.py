@@ -100,3 +100,19 @@ def test_two_replicas_answer_concurrent_requests_exactly(deployment, model_dir, 
             if line.startswith("logo_batch_size_sum "):
                 batched = max(batched, float(line.split()[-1]))
     assert batched >= 2  # a replica decoded several requests in one batch at least once
+
+
+def test_the_documented_config_file_is_valid():
+    yaml = pytest.importorskip("yaml")
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((Path(__file__).parent.parent / "examples/ray_serve.yaml").read_text())
+    ServeDeploySchema.parse_obj(config)
+    (application,) = config["applications"]
+    assert application["import_path"] == "logo_engine.serving.ray:build_app"
+    app = build_app(application["args"])  # builds the deployment graph, starts nothing
+    assert app is not None
+    with pytest.raises(ValueError, match="unknown build_app arguments"):
+        build_app({"num_replica": 2})
+    strings = build_app({"num_replicas": "2", "max_batch_size": "4", "base_model": "/m"})
+    assert strings is not None  # serve run passes key=value arguments as strings
