@@ -148,7 +148,9 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
     if unknown:
         raise ValueError(f"unknown build_app arguments {unknown}; known: {sorted(_INIT_ARGS)} "
                          f"and deployment options {list(_DEPLOYMENT_OPTIONS)}")
-    deployment = LoGoDeployment.options(**options) if options else LoGoDeployment
+    deployment: Any = LoGoDeployment  # a ray.serve Deployment (mypy sees the plain class)
+    if options:
+        deployment = deployment.options(**options)
     return deployment.bind(**args)
 
 
