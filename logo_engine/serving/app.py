@@ -578,6 +578,7 @@ async def _or_disconnect(awaitable: Awaitable[Any], request: Request) -> Any:
                 return
 
     work = asyncio.ensure_future(awaitable)
+    work.add_done_callback(_retrieve)  # a cancelled gather's error is not "never retrieved"
     watch = asyncio.ensure_future(disconnected())
     try:
         done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -590,6 +591,11 @@ async def _or_disconnect(awaitable: Awaitable[Any], request: Request) -> Any:
         return work.result()
     work.cancel()
     raise ClientDisconnected
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _selection_headers(selections: Sequence[Selection]) -> dict[str, str]:

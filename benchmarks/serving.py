@@ -1,0 +1,207 @@
+"""Serving throughput: `logo serve` under 1, 4, 8 and 16 concurrent clients, against one-by-one
+in-process calls, on the embedded default model and zoo (issue: serving).
+
+One run measures:
+- **in-process, one by one**: ``engine.generate`` on each request in turn (the baseline);
+- **server at C concurrent clients** (C = 1, 4, 8, 16): a `logo serve` subprocess on 127.0.0.1,
+  C client threads (the official ``openai`` client), each sending its requests one after the
+  other; throughput = requests / wall time, latency per request (p50, p95), and the server's own
+  mean batch size (from ``/metrics``);
+- **server overhead at 1 client**: the same prompts sent in-process and to the server,
+  interleaved one by one; overhead = median(server latency / in-process latency) - 1.
+
+Every answer of the server is checked against the in-process greedy answer (they must be equal).
+
+    HF_HUB_OFFLINE=1 python -m benchmarks.serving            # full run
+    HF_HUB_OFFLINE=1 python -m benchmarks.serving --quick    # fewer requests
+
+The last line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import torch
+from openai import OpenAI
+
+from benchmarks.zoo.tasks import LIBRARY_TASKS, TASKS
+from logo_engine import LoGoEngine
+
+LEVELS = (1, 4, 8, 16)
+
+
+def prompts(n: int) -> list[list[dict[str, str]]]:
+    """``n`` chat prompts drawn round-robin from the zoo's tasks (test split)."""
+    per_task = -(-n // len(LIBRARY_TASKS))
+    pools = [TASKS[t].make_split("test", per_task, seed=3) for t in LIBRARY_TASKS]
+    out = [[{"role": "user", "content": pools[i % len(pools)][i // len(pools)].prompt}]
+           for i in range(n)]
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(port: int, max_batch_size: int, batch_wait_ms: float) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "logo_engine.cli", "serve", "--port", str(port),
+           "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms),
+           "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"logo serve exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError("logo serve did not become ready within 600 s")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    """(rows, batches) decoded so far by the server."""
+    rows = batches = 0.0
+    for line in httpx.get(url + "/metrics", timeout=60).text.splitlines():
+        if line.startswith("logo_batch_size_sum "):
+            rows = float(line.split()[-1])
+        elif line.startswith("logo_batch_size_count "):
+            batches = float(line.split()[-1])
+    return rows, batches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--requests-per-client", type=int, default=None)
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0)
+    args = parser.parse_args()
+    per_client = args.requests_per_client or (1 if args.quick else 3)
+    n_baseline = 8 if args.quick else 16
+    n_overhead = 6 if args.quick else 12
+    max_tokens = args.max_tokens
+    pool = prompts(max(LEVELS) * per_client)
+
+    engine = LoGoEngine.from_pretrained()
+    expected: dict[int, str] = {}
+
+    def local(i: int) -> float:
+        start = time.perf_counter()
+        out = engine.generate(pool[i], max_new_tokens=max_tokens)
+        elapsed = time.perf_counter() - start
+        expected.setdefault(i, out.text)
+        return elapsed
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(port, max(LEVELS), args.batch_wait_ms)
+    client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600)
+    served = client.models.list().data[0].id
+    mismatches: list[int] = []
+
+    def remote(i: int) -> float:
+        start = time.perf_counter()
+        response = client.chat.completions.create(
+            model=served, messages=pool[i], max_tokens=max_tokens  # type: ignore[arg-type]
+        )
+        elapsed = time.perf_counter() - start
+        if i in expected and response.choices[0].message.content != expected[i]:
+            mismatches.append(i)
+        return elapsed
+
+    try:
+        local(0), remote(0), local(1), remote(1)  # warm-up (first calls build caches)
+
+        # Baseline: in-process, one request at a time.
+        start = time.perf_counter()
+        base_latencies = [local(i) for i in range(n_baseline)]
+        base_wall = time.perf_counter() - start
+        baseline = {
+            "requests": n_baseline,
+            "throughput_rps": n_baseline / base_wall,
+            "p50_s": statistics.median(base_latencies),
+            "p95_s": percentile(base_latencies, 0.95),
+        }
+        for i in range(n_baseline, len(pool)):  # the oracle of every server answer
+            local(i)
+
+        # Overhead at one client: interleaved, paired by prompt.
+        ratios = []
+        for i in range(n_overhead):
+            t_local = local(i)
+            t_remote = remote(i)
+            ratios.append(t_remote / t_local)
+        overhead = statistics.median(ratios) - 1
+
+        levels = []
+        for clients in LEVELS:
+            n = clients * per_client
+            rows0, batches0 = batch_stats(url)
+            start = time.perf_counter()
+            with ThreadPoolExecutor(clients) as threads:
+                chunks = [list(range(c, n, clients)) for c in range(clients)]
+                per_thread = threads.map(lambda ids: [remote(i) for i in ids], chunks)
+                latencies = [t for ts in per_thread for t in ts]
+            wall = time.perf_counter() - start
+            rows1, batches1 = batch_stats(url)
+            levels.append({
+                "clients": clients,
+                "requests": n,
+                "throughput_rps": n / wall,
+                "speedup_vs_one_by_one": (n / wall) / baseline["throughput_rps"],
+                "p50_s": statistics.median(latencies),
+                "p95_s": percentile(latencies, 0.95),
+                "mean_batch_size": (rows1 - rows0) / max(1.0, batches1 - batches0),
+            })
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    print(f"\nmax_tokens={max_tokens}, greedy, {engine.model_name} + {len(engine.adapter_names)} "
+          f"adapters, torch threads {torch.get_num_threads()}")
+    print(f"in-process one by one: {baseline['throughput_rps']:.2f} req/s, "
+          f"p50 {baseline['p50_s']:.2f} s, p95 {baseline['p95_s']:.2f} s")
+    print(f"server overhead at 1 client (median of paired ratios - 1): {overhead * 100:+.1f}%")
+    print(f"{'clients':>8} {'req/s':>7} {'x 1-by-1':>9} {'p50 s':>7} {'p95 s':>7} {'batch':>6}")
+    for level in levels:
+        print(f"{level['clients']:>8} {level['throughput_rps']:>7.2f} "
+              f"{level['speedup_vs_one_by_one']:>9.2f} {level['p50_s']:>7.2f} "
+              f"{level['p95_s']:>7.2f} {level['mean_batch_size']:>6.1f}")
+    print(f"answers equal to in-process greedy: {not mismatches} ({len(mismatches)} differ)")
+    summary: dict[str, Any] = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+        "model": engine.model_name,
+        "max_tokens": max_tokens,
+        "baseline": baseline,
+        "overhead_1_client": overhead,
+        "levels": levels,
+        "answers_equal": not mismatches,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
