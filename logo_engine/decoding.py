@@ -128,17 +128,22 @@ class TransformersDecoder:
         params: SamplingParams,
         rows: list[RowState],
     ) -> Iterator[None]:
-        """Generate for every row with ``plan`` installed; yield after each step."""
+        """Generate for every row with ``plan`` installed; yield after each step.
+
+        Rows that are done (end of turn, stop string, their own limit, or finished by the caller
+        between steps, e.g. a cancelled request) are dropped from the batch before the next step:
+        their KV cache, mask, generator and mixture rows go, the other rows decode as before.
+        """
         ctx = ForwardContext(plan=plan)
         ids, mask = left_pad(self.tokenizer, input_ids, self.device)
         pos = positions(mask)
         cache = DynamicCache(config=self.model.config)
         generators = make_generators(params, len(rows), self.device)
-        detoks = [Detokenizer(self.tokenizer) for _ in rows]
+        live = list(zip(rows, (Detokenizer(self.tokenizer) for _ in rows), strict=True))
         logits = self.forward(ctx, ids, mask, pos, cache)
         for step in range(params.max_new_tokens):
             tokens = next_tokens(logits, params, generators)  # (B,)
-            for row, detok, token in zip(rows, detoks, tokens.tolist(), strict=True):
+            for (row, detok), token in zip(live, tokens.tolist(), strict=True):
                 if row.done:
                     continue
                 if token in self.eos_ids:
@@ -151,11 +156,21 @@ class TransformersDecoder:
                         row.finish("length")
             last = step == params.max_new_tokens - 1
             if last:
-                for row, detok in zip(rows, detoks, strict=True):
+                for row, detok in live:
                     row.push(detok.flush(), n_tokens=0)
             yield
-            if last or all(row.done for row in rows):
+            keep = [i for i, (row, _) in enumerate(live) if not row.done]
+            if last or not keep:
                 return
+            if len(keep) < len(live):  # prune the finished rows
+                index = torch.tensor(keep, device=self.device)  # (B',)
+                live = [live[i] for i in keep]
+                tokens, mask, pos = tokens[index], mask[index], pos[index]  # (B',) (B', T) (B', 1+)
+                cache.batch_select_indices(index)
+                if generators is not None:
+                    generators = [generators[i] for i in keep]
+                if ctx.plan is not None:
+                    ctx = ForwardContext(plan=ctx.plan.select_rows(index))
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B, T+1)
             pos = pos[:, -1:] + 1  # (B, 1)
             logits = self.forward(ctx, tokens[:, None], mask, pos, cache)

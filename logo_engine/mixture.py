@@ -56,6 +56,18 @@ class MixturePlan:
 
     modules: dict[str, ModuleMixture]
 
+    def select_rows(self, index: torch.Tensor) -> MixturePlan:
+        """The plan of a batch cut down to the rows ``index`` (B',); shared mixtures stay."""
+        modules = {}
+        for name, mix in self.modules.items():
+            if mix.a_cat.ndim == 3:  # one mixture per row
+                rows = index.to(mix.a_cat.device)
+                mix = ModuleMixture(
+                    mix.a_cat[rows], mix.b_cat[rows]
+                )  # (B', k·r, in) (B', out, k·r)
+            modules[name] = mix
+        return MixturePlan(modules)
+
     @classmethod
     def build(cls, library: AdapterLibrary, selections: Sequence[Selection]) -> MixturePlan | None:
         """Cat-form factors for each row's selection; ``None`` when every row is base-only."""

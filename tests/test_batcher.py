@@ -46,14 +46,20 @@ async def test_one_batch_rows_keep_their_own_limits_stops_and_mixtures(engine):
         dict(max_new_tokens=12),
     ]
     mixtures = [None, None, {"b": 1.0}, {}]
-    jobs = [job(engine, p, loop, mixture=m, **s)
-            for p, m, s in zip(PROMPTS[:4], mixtures, specs, strict=True)]
+    jobs = [
+        job(engine, p, loop, mixture=m, **s)
+        for p, m, s in zip(PROMPTS[:4], mixtures, specs, strict=True)
+    ]
     await asyncio.to_thread(run_batch, engine, jobs)
     for j, prompt, mixture, spec in zip(jobs, PROMPTS[:4], mixtures, specs, strict=True):
         events, streamed = await drain(j)
         assert isinstance(events[0], Selected) and isinstance(events[-1], Finished)
-        solo = engine.generate(prompt, adapters=mixture, max_new_tokens=spec["max_new_tokens"],
-                               stop=list(spec.get("stop", ())) or None)
+        solo = engine.generate(
+            prompt,
+            adapters=mixture,
+            max_new_tokens=spec["max_new_tokens"],
+            stop=list(spec.get("stop", ())) or None,
+        )
         got = events[-1].generation
         assert got.text == solo.text == streamed
         assert got.finish_reason == solo.finish_reason
@@ -79,8 +85,9 @@ async def test_the_batcher_groups_by_sampling_key_and_bounds_the_batch(engine):
     batcher = Batcher(engine, max_batch_size=3, batch_wait_ms=300, observer=Observer())
     try:
         greedy = [job(engine, p, loop, max_new_tokens=4) for p in PROMPTS[:4]]
-        sampled = [job(engine, p, loop, max_new_tokens=4, temperature=0.7, seed=1)
-                   for p in PROMPTS[4:6]]
+        sampled = [
+            job(engine, p, loop, max_new_tokens=4, temperature=0.7, seed=1) for p in PROMPTS[4:6]
+        ]
         for j in [greedy[0], sampled[0], *greedy[1:], sampled[1]]:
             batcher.submit(j)
         results = await asyncio.gather(*(drain(j) for j in greedy + sampled))
@@ -88,8 +95,12 @@ async def test_the_batcher_groups_by_sampling_key_and_bounds_the_batch(engine):
         await asyncio.to_thread(batcher.close)
     assert sorted(sizes) == [1, 2, 3]  # greedy: 3 + 1 (bounded), sampled: 2 (own key)
     for j, (events, _) in zip(greedy + sampled, results, strict=True):
-        solo = engine.generate(PROMPTS[(greedy + sampled).index(j)], max_new_tokens=4,
-                               temperature=j.params.temperature, seed=j.params.seed)
+        solo = engine.generate(
+            PROMPTS[(greedy + sampled).index(j)],
+            max_new_tokens=4,
+            temperature=j.params.temperature,
+            seed=j.params.seed,
+        )
         assert events[-1].generation.text == solo.text
 
 
