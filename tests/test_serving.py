@@ -28,8 +28,8 @@ PROMPTS = [p for t in tiny.TASKS.values() for p in t.prompts(3, seed=7)]  # 9 pr
 
 
 @pytest.fixture(scope="module")
-def engine(tokenizer, trained_dir):
-    eng = LoGoEngine(tiny.tiny_model(), tokenizer, adapters=trained_dir, name="tiny-llama")
+def engine(tokenizer, adapter_dir):
+    eng = LoGoEngine(tiny.tiny_model(), tokenizer, adapters=adapter_dir, name="tiny-llama")
     yield eng
     eng.close()
 
@@ -141,14 +141,12 @@ def test_raw_sse_ends_with_done(server):
 
 def test_pinning_by_model_name_and_by_the_logo_field(client, engine):
     messages = [{"role": "user", "content": PROMPTS[0]}]
-    pinned = client.chat.completions.create(
-        model="tiny-llama:digits", messages=messages, max_tokens=8
-    )
-    expected = engine.generate(messages, max_new_tokens=8, adapters={"digits": 1.0})
+    pinned = client.chat.completions.create(model="tiny-llama:b", messages=messages, max_tokens=8)
+    expected = engine.generate(messages, max_new_tokens=8, adapters={"b": 1.0})
     assert pinned.choices[0].message.content == expected.text
-    assert selection_of(pinned).pinned and selection_of(pinned).adapters == ["digits"]
+    assert selection_of(pinned).pinned and selection_of(pinned).adapters == ["b"]
 
-    mixture = {"letters": 0.75, "symbols": 0.25}
+    mixture = {"a": 0.75, "c": 0.25}
     mixed = client.chat.completions.create(
         model="tiny-llama",
         messages=messages,
@@ -262,12 +260,12 @@ def test_concurrent_streams_are_delivered_row_by_row(client, engine):
 def test_selections_per_adapter_are_counted(server, client):
     before = sum(
         metric(server, "logo_adapter_selections_total", adapter=a)
-        for a in ("letters", "digits", "symbols", "(base)")
+        for a in ("a", "b", "c", "(base)")
     )
-    client.completions.create(model="tiny-llama:symbols", prompt=PROMPTS[0], max_tokens=2)
+    client.completions.create(model="tiny-llama:c", prompt=PROMPTS[0], max_tokens=2)
     after = sum(
         metric(server, "logo_adapter_selections_total", adapter=a)
-        for a in ("letters", "digits", "symbols", "(base)")
+        for a in ("a", "b", "c", "(base)")
     )
     assert after == before + 1
     assert metric(server, "logo_pinned_requests_total") >= 1
@@ -284,11 +282,11 @@ BAD_REQUESTS = [
     ("unknown mixture adapter", _chat(logo={"adapters": {"nope": 1}}), 404, "adapter_not_found"),
     (
         "pin twice",
-        _chat(model="tiny-llama:digits", logo={"adapters": {"letters": 1}}),
+        _chat(model="tiny-llama:b", logo={"adapters": {"a": 1}}),
         400,
         "invalid_request",
     ),
-    ("negative weight", _chat(logo={"adapters": {"digits": -1}}), 400, "invalid_request"),
+    ("negative weight", _chat(logo={"adapters": {"b": -1}}), 400, "invalid_request"),
     ("bad temperature", _chat(temperature=-0.5), 400, "invalid_request"),
     ("bad top_p", _chat(top_p=0), 400, "invalid_request"),
     ("bad max_tokens", _chat(max_tokens=0), 400, "invalid_request"),

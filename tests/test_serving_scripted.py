@@ -172,7 +172,13 @@ def test_a_client_that_times_out_stops_its_row(server, engine):
     assert engine.steps == steps < 100
 
 
-def test_a_cancelled_row_leaves_the_other_rows_of_its_batch_alone(server, client, engine):
+def test_a_cancelled_row_leaves_the_other_rows_of_its_batch_alone(engine):
+    with BackgroundServer(engine, ServeConfig(batch_wait_ms=2000)) as server:  # both join
+        client = OpenAI(base_url=server.base_url, api_key="-", max_retries=0)
+        _cancel_one_of_two(server, client)
+
+
+def _cancel_one_of_two(server: BackgroundServer, client: OpenAI) -> None:
     results: dict[str, Any] = {}
 
     def full() -> None:
