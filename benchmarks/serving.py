@@ -1,19 +1,20 @@
 """Serving throughput: `logo serve` under 1, 4, 8 and 16 concurrent clients, against one-by-one
 in-process calls, on the embedded default model and zoo (issue: serving).
 
-One run measures:
-- **in-process, one by one**: ``engine.generate`` on each request in turn (the baseline);
-- **server at C concurrent clients** (C = 1, 4, 8, 16): a `logo serve` subprocess on 127.0.0.1,
-  C client threads (the official ``openai`` client), each sending its requests one after the
-  other; throughput = requests / wall time, latency per request (p50, p95), and the server's own
-  mean batch size (from ``/metrics``);
-- **server overhead at 1 client**: the same prompts sent in-process and to the server,
+One run measures, for each level C = 1, 4, 8, 16 (C x R requests, R per client):
+- **in-process, one by one**: ``engine.generate`` on each of the level's requests in turn (the
+  baseline, measured right before the level so that both see the same machine load);
+- **the server at C concurrent clients**: a `logo serve` subprocess on 127.0.0.1, C client
+  threads (the official ``openai`` client) each sending its R requests one after the other;
+  throughput = requests / wall time, latency per request (p50, p95), and the server's mean batch
+  size (from ``/metrics``);
+- **server overhead at 1 client**: the same prompts in-process and through the server,
   interleaved one by one; overhead = median(server latency / in-process latency) - 1.
 
 Every answer of the server is checked against the in-process greedy answer (they must be equal).
 
-    HF_HUB_OFFLINE=1 python -m benchmarks.serving            # full run
-    HF_HUB_OFFLINE=1 python -m benchmarks.serving --quick    # fewer requests
+    HF_HUB_OFFLINE=1 python -m benchmarks.serving            # full run (R = 2)
+    HF_HUB_OFFLINE=1 python -m benchmarks.serving --quick    # R = 1
 
 The last line printed is one JSON object with the figures.
 """
@@ -46,8 +47,10 @@ def prompts(n: int) -> list[list[dict[str, str]]]:
     """``n`` chat prompts drawn round-robin from the zoo's tasks (test split)."""
     per_task = -(-n // len(LIBRARY_TASKS))
     pools = [TASKS[t].make_split("test", per_task, seed=3) for t in LIBRARY_TASKS]
-    out = [[{"role": "user", "content": pools[i % len(pools)][i // len(pools)].prompt}]
-           for i in range(n)]
+    out = [
+        [{"role": "user", "content": pools[i % len(pools)][i // len(pools)].prompt}]
+        for i in range(n)
+    ]
     return out
 
 
@@ -58,9 +61,20 @@ def free_port() -> int:
 
 
 def start_server(port: int, max_batch_size: int, batch_wait_ms: float) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "logo_engine.cli", "serve", "--port", str(port),
-           "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms),
-           "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "logo_engine.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(max_batch_size),
+        "--batch-wait-ms",
+        str(batch_wait_ms),
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -74,6 +88,12 @@ def start_server(port: int, max_batch_size: int, batch_wait_ms: float) -> subpro
         time.sleep(0.5)
     proc.terminate()
     raise RuntimeError("logo serve did not become ready within 600 s")
+
+
+def remote_over_local(local: Any, remote: Any, i: int) -> float:
+    """One paired measurement: the same prompt in-process, then through the server."""
+    t_local = local(i)
+    return float(remote(i) / t_local)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -99,8 +119,7 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=None)
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     args = parser.parse_args()
-    per_client = args.requests_per_client or (1 if args.quick else 3)
-    n_baseline = 8 if args.quick else 16
+    per_client = args.requests_per_client or (1 if args.quick else 2)
     n_overhead = 6 if args.quick else 12
     max_tokens = args.max_tokens
     pool = prompts(max(LEVELS) * per_client)
@@ -118,47 +137,35 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(port, max(LEVELS), args.batch_wait_ms)
-    client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600)
+    client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=3600)
     served = client.models.list().data[0].id
     mismatches: list[int] = []
 
     def remote(i: int) -> float:
         start = time.perf_counter()
         response = client.chat.completions.create(
-            model=served, messages=pool[i], max_tokens=max_tokens  # type: ignore[arg-type]
+            model=served,
+            messages=pool[i],  # type: ignore[arg-type]
+            max_tokens=max_tokens,
         )
         elapsed = time.perf_counter() - start
-        if i in expected and response.choices[0].message.content != expected[i]:
+        if response.choices[0].message.content != expected[i]:
             mismatches.append(i)
         return elapsed
 
     try:
         local(0), remote(0), local(1), remote(1)  # warm-up (first calls build caches)
 
-        # Baseline: in-process, one request at a time.
-        start = time.perf_counter()
-        base_latencies = [local(i) for i in range(n_baseline)]
-        base_wall = time.perf_counter() - start
-        baseline = {
-            "requests": n_baseline,
-            "throughput_rps": n_baseline / base_wall,
-            "p50_s": statistics.median(base_latencies),
-            "p95_s": percentile(base_latencies, 0.95),
-        }
-        for i in range(n_baseline, len(pool)):  # the oracle of every server answer
-            local(i)
-
         # Overhead at one client: interleaved, paired by prompt.
-        ratios = []
-        for i in range(n_overhead):
-            t_local = local(i)
-            t_remote = remote(i)
-            ratios.append(t_remote / t_local)
+        ratios = [remote_over_local(local, remote, i) for i in range(n_overhead)]
         overhead = statistics.median(ratios) - 1
 
         levels = []
         for clients in LEVELS:
             n = clients * per_client
+            start = time.perf_counter()
+            base_latencies = [local(i) for i in range(n)]  # the baseline, just before
+            base_rps = n / (time.perf_counter() - start)
             rows0, batches0 = batch_stats(url)
             start = time.perf_counter()
             with ThreadPoolExecutor(clients) as threads:
@@ -167,35 +174,43 @@ def main() -> None:
                 latencies = [t for ts in per_thread for t in ts]
             wall = time.perf_counter() - start
             rows1, batches1 = batch_stats(url)
-            levels.append({
-                "clients": clients,
-                "requests": n,
-                "throughput_rps": n / wall,
-                "speedup_vs_one_by_one": (n / wall) / baseline["throughput_rps"],
-                "p50_s": statistics.median(latencies),
-                "p95_s": percentile(latencies, 0.95),
-                "mean_batch_size": (rows1 - rows0) / max(1.0, batches1 - batches0),
-            })
+            levels.append(
+                {
+                    "clients": clients,
+                    "requests": n,
+                    "one_by_one_rps": base_rps,
+                    "one_by_one_p50_s": statistics.median(base_latencies),
+                    "throughput_rps": n / wall,
+                    "speedup_vs_one_by_one": (n / wall) / base_rps,
+                    "p50_s": statistics.median(latencies),
+                    "p95_s": percentile(latencies, 0.95),
+                    "mean_batch_size": (rows1 - rows0) / max(1.0, batches1 - batches0),
+                }
+            )
     finally:
         server.terminate()
         server.wait(30)
 
-    print(f"\nmax_tokens={max_tokens}, greedy, {engine.model_name} + {len(engine.adapter_names)} "
-          f"adapters, torch threads {torch.get_num_threads()}")
-    print(f"in-process one by one: {baseline['throughput_rps']:.2f} req/s, "
-          f"p50 {baseline['p50_s']:.2f} s, p95 {baseline['p95_s']:.2f} s")
+    print(
+        f"\nmax_tokens={max_tokens}, greedy, {engine.model_name} + {len(engine.adapter_names)} "
+        f"adapters, torch threads {torch.get_num_threads()}"
+    )
     print(f"server overhead at 1 client (median of paired ratios - 1): {overhead * 100:+.1f}%")
-    print(f"{'clients':>8} {'req/s':>7} {'x 1-by-1':>9} {'p50 s':>7} {'p95 s':>7} {'batch':>6}")
+    print(
+        f"{'clients':>8} {'1-by-1 req/s':>13} {'server req/s':>13} {'speedup':>8} "
+        f"{'p50 s':>7} {'p95 s':>7} {'batch':>6}"
+    )
     for level in levels:
-        print(f"{level['clients']:>8} {level['throughput_rps']:>7.2f} "
-              f"{level['speedup_vs_one_by_one']:>9.2f} {level['p50_s']:>7.2f} "
-              f"{level['p95_s']:>7.2f} {level['mean_batch_size']:>6.1f}")
+        print(
+            f"{level['clients']:>8} {level['one_by_one_rps']:>13.3f} "
+            f"{level['throughput_rps']:>13.3f} {level['speedup_vs_one_by_one']:>8.2f} "
+            f"{level['p50_s']:>7.2f} {level['p95_s']:>7.2f} {level['mean_batch_size']:>6.1f}"
+        )
     print(f"answers equal to in-process greedy: {not mismatches} ({len(mismatches)} differ)")
     summary: dict[str, Any] = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "model": engine.model_name,
         "max_tokens": max_tokens,
-        "baseline": baseline,
         "overhead_1_client": overhead,
         "levels": levels,
         "answers_equal": not mismatches,
