@@ -139,6 +139,7 @@ def test_openai_like_chat_complete_and_stream(like, server):
         is_chat_model=False,
         context_window=4096,
         max_retries=0,
+        temperature=0,
     )
     assert text_model.complete("plain").text == "You said: plain"  # /v1/completions
 
