@@ -136,7 +136,8 @@ class RemoteEngine(BaseEngine):
         return RoutingConfig(**{k: v for k, v in self.info.routing.items() if k in known})
 
     def close(self) -> None:
-        """Close the HTTP connections."""
+        """Close the HTTP connections; later calls are refused (the server is left running)."""
+        super().close()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -192,6 +193,7 @@ class RemoteEngine(BaseEngine):
         tools: Tools | None,
         tool_choice: ToolChoice,
     ) -> _Run:
+        self._check_open()
         params = SamplingParams.build(max_new_tokens, temperature, top_p, seed, stop)
         routing = self._routing(routing) if routing is not None else None
         requests = [self._prepare(p, tools, tool_choice) for p in prompts]
@@ -241,6 +243,7 @@ class RemoteEngine(BaseEngine):
 
     async def aroute(self, prompt: Prompt, **kwargs: Any) -> Selection:
         """:meth:`route` on an async HTTP connection."""
+        self._check_open()
         routing = self._routing(kwargs.get("routing"))
         request = self._prepare(prompt, kwargs.get("tools"), kwargs.get("tool_choice"))
         payload: _Payload = request.input_ids
@@ -257,6 +260,7 @@ class RemoteEngine(BaseEngine):
 
     def count_tokens(self, prompt: Prompt, *, tools: Tools | None = None) -> int:
         """Number of tokens the served model sees for ``prompt`` (asked from the server)."""
+        self._check_open()
         normalize_messages(prompt)
         body: dict[str, Any] = {"model": self.model_name}
         if isinstance(prompt, str):
