@@ -25,6 +25,7 @@ from typing import Any, TypeVar, Union
 
 from logo_engine.chat import ParsedAnswer, Prompt, ToolChoice, parse_answer
 from logo_engine.errors import ContextLengthError, EngineClosedError, InvalidRequestError
+from logo_engine.selection import check_top_k, pinned_selection
 from logo_engine.types import FinishReason, Generation, RoutingConfig, Selection, Usage
 
 Mixture = Mapping[str, float]
@@ -626,8 +627,6 @@ class BaseEngine(ABC):
 
     def _check_selection(self, mixtures: list[Mixture | None], routing: RoutingConfig) -> None:
         """Validate pinned mixtures and routing, so a bad call (or stream) fails before work."""
-        from logo_engine.routing import pinned_selection  # torch: imported on use (remote clients)
-
         for mixture in mixtures:
             if mixture is not None:
                 pinned_selection(mixture, self.adapter_names)
@@ -636,16 +635,12 @@ class BaseEngine(ABC):
 
     def _validate_routing(self, routing: RoutingConfig) -> None:
         """Refuse a routing config that cannot run on this engine (engines add their checks)."""
-        from logo_engine.routing import check_top_k
-
         check_top_k(routing, len(self.adapter_names))
 
     def _select(
         self, requests: list[Request], mixtures: list[Mixture | None], routing: RoutingConfig
     ) -> list[Selection]:
         """Pinned rows keep their mixture; the other rows share one batched probe."""
-        from logo_engine.routing import pinned_selection
-
         selections: list[Selection | None] = [
             None if m is None else pinned_selection(m, self.adapter_names) for m in mixtures
         ]

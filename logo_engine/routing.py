@@ -11,17 +11,18 @@ w_i = r_i / Σ_kept r_j ("proportional", the paper's rule on raw scores) or soft
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from logo_engine.errors import (
-    AdapterNotFoundError,
-    InvalidRequestError,
     NumericalError,
     RoutingConfigError,
 )
+from logo_engine.selection import check_top_k, pinned_selection  # re-exported (torch-free)
 from logo_engine.types import RoutingConfig, Scorer, Selection
+
+__all__ = ["check_top_k", "entropy_score", "norm_score", "pinned_selection", "score", "select"]
 
 ENTROPY_EPS = 1e-6  # as in the paper's code: 1 / (H + 1e-6)
 
@@ -68,14 +69,6 @@ def _check_finite(scores: torch.Tensor, config: RoutingConfig) -> None:
         if isinstance(config.signal, str):  # a built-in scorer: the model's numbers overflowed
             raise NumericalError(message + "; the probed activations overflow")
         raise RoutingConfigError(message + "; a scorer must return finite scores")
-
-
-def check_top_k(config: RoutingConfig, n_adapters: int) -> None:
-    """Refuse a top_k larger than the library."""
-    if config.top_k > n_adapters:
-        raise RoutingConfigError(
-            f"top_k={config.top_k} but the library holds {n_adapters} adapter(s)"
-        )
 
 
 def select(
@@ -195,45 +188,3 @@ def _weights(
         # Degenerate scores (all zero, e.g. a prompt that maps to h = 0): share equally.
         return [1.0 / len(kept_scores)] * len(kept_scores)
     return [s / total for s in kept_scores]
-
-
-def pinned_selection(mixture: Mapping[str, float], names: Sequence[str]) -> Selection:
-    """Validate a caller's ``{adapter: weight}`` mixture and normalise it to sum 1.
-
-    ``{}`` is the base model. Weights must be finite and >= 0 with a positive sum; zero weights
-    are dropped.
-    """
-    if not isinstance(mixture, Mapping):
-        raise InvalidRequestError(
-            f"adapters must be a mapping {{name: weight}}, got {type(mixture).__name__}"
-        )
-    known = set(names)
-    for name, weight in mixture.items():
-        if name not in known:
-            raise AdapterNotFoundError(
-                f"unknown adapter {name!r} in the pinned mixture; the library holds {sorted(known)}"
-            )
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, (int, float))
-            or not math.isfinite(weight)
-        ):
-            raise InvalidRequestError(
-                f"weight of adapter {name!r} must be a finite number, got {weight!r}"
-            )
-        if weight < 0:
-            raise InvalidRequestError(f"weight of adapter {name!r} must be >= 0, got {weight!r}")
-    # Divide by the largest weight first: the sum of huge weights must not overflow to inf.
-    largest = max((float(w) for w in mixture.values()), default=0.0)
-    if mixture and largest <= 0:
-        raise InvalidRequestError(
-            f"the pinned mixture's weights are all zero ({dict(mixture)}); they must sum to > 0"
-        )
-    scaled = {n: float(w) / largest for n, w in mixture.items() if w > 0}
-    total = math.fsum(scaled.values())
-    kept = sorted(((n, w / total) for n, w in scaled.items()), key=lambda p: -p[1])
-    return Selection(
-        adapters=[n for n, _ in kept],
-        weights=[w for _, w in kept],
-        pinned=True,
-    )

@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from logo_engine.base import BaseEngine
 from logo_engine.chat import Prompt
 from logo_engine.errors import InvalidRequestError, LoGoError, RemoteError
+from logo_engine.selection import pinned_selection
 from logo_engine.serving import openai_api as oa
 from logo_engine.serving.batcher import Batcher, Failed, Finished, Job, Selected
 from logo_engine.serving.metrics import CONTENT_TYPE, Metrics
@@ -404,8 +405,6 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             prompts = [_one_prompt(body.messages, body.prompt)]
         tools, choice = oa.tool_schemas(body.tools), oa.tool_choice(body.tool_choice)
         if mixture is not None:
-            from logo_engine.routing import pinned_selection
-
             for prompt in prompts:  # the prompt is still validated
                 await asyncio.to_thread(engine.count_tokens, prompt, tools=tools)
             selections = [pinned_selection(mixture, engine.adapter_names)] * len(prompts)
