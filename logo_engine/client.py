@@ -130,6 +130,11 @@ class RemoteEngine(BaseEngine):
         return self.info.context_window
 
     @property
+    def chat_template(self) -> bool:
+        """Whether the served model reads chat messages (False: plain text prompts only)."""
+        return self.info.chat_template
+
+    @property
     def routing(self) -> RoutingConfig:  # type: ignore[override]
         """The server's routing defaults (fields this client does not know are dropped)."""
         known = {f.name for f in fields(RoutingConfig)}

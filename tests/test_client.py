@@ -71,6 +71,7 @@ def test_server_facts(remote, engine):
     assert remote.model_name == "tiny-llama"
     assert remote.context_window == engine.context_window
     assert remote.routing == engine.routing
+    assert remote.chat_template is True
 
 
 @pytest.mark.parametrize("prompt", [PROMPTS[1], CHAT], ids=["string", "messages"])

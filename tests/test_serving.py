@@ -206,6 +206,7 @@ def test_health_and_info(server, engine):
     assert info["adapters"] == engine.adapter_names
     assert info["context_window"] == engine.context_window
     assert info["routing"]["top_k"] == engine.routing.top_k
+    assert info["chat_template"] is True
 
 
 # ---------------------------------------------------------------------- batching

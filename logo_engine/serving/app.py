@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from logo_engine.base import BaseEngine
-from logo_engine.chat import Prompt
+from logo_engine.chat import Prompt, has_chat_template
 from logo_engine.errors import InvalidRequestError, LoGoError, RemoteError
 from logo_engine.selection import pinned_selection
 from logo_engine.serving import openai_api as oa
@@ -376,6 +376,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             context_window=engine.context_window,
             routing=routing,
             max_batch_size=state.config.max_batch_size,
+            chat_template=_chat_template(engine),
         )
 
     @app.post("/v1/logo/count_tokens")
@@ -490,6 +491,12 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             logo=_logo_result([g.selection for g in generations]),
         )
         return JSONResponse(dump(response), headers=_selection_headers(selections))
+
+
+def _chat_template(engine: BaseEngine) -> bool:
+    """Whether the engine's model reads chat messages (an engine without a tokenizer: yes)."""
+    tokenizer = getattr(engine, "tokenizer", None)
+    return tokenizer is None or has_chat_template(tokenizer)
 
 
 def _check_model(model: str | None, state: ServerState) -> None:

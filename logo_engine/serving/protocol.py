@@ -302,6 +302,7 @@ class ServerInfo(BaseModel):
     context_window: int
     routing: dict[str, Any]
     max_batch_size: int
+    chat_template: bool = True  # False: the model reads plain text only (no messages, no tools)
 
 
 class ErrorBody(BaseModel):
