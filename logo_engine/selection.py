@@ -22,7 +22,6 @@ def check_top_k(config: RoutingConfig, n_adapters: int) -> None:
         )
 
 
-
 def pinned_selection(mixture: Mapping[str, float], names: Sequence[str]) -> Selection:
     """Validate a caller's ``{adapter: weight}`` mixture and normalise it to sum 1.
 

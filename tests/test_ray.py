@@ -40,19 +40,22 @@ def deployment(model_dir, adapter_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_app({
-            "base_model": str(model_dir),
-            "adapters": str(adapter_dir),
-            "served_model_name": "tiny-llama",
-            "num_replicas": 2,
-            "ray_actor_options": {"num_cpus": 1},
-            "max_batch_size": 8,
-            "batch_wait_ms": 50,
-        })
+        app = build_app(
+            {
+                "base_model": str(model_dir),
+                "adapters": str(adapter_dir),
+                "served_model_name": "tiny-llama",
+                "num_replicas": 2,
+                "ray_actor_options": {"num_cpus": 1},
+                "max_batch_size": 8,
+                "batch_wait_ms": 50,
+            }
+        )
         serve.run(app, name="logo", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -86,14 +89,17 @@ def test_two_replicas_answer_concurrent_requests_exactly(deployment, model_dir, 
         assert response.usage.completion_tokens == expected.usage.completion_tokens
 
     # A stream through the proxy, and the replicas' own batch metrics.
-    chunks = list(client.chat.completions.create(
-        model="tiny-llama", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=8,
-        stream=True,
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-llama",
+            messages=[{"role": "user", "content": PROMPTS[0]}],
+            max_tokens=8,
+            stream=True,
+        )
+    )
     assert chunks[0].model_extra["logo"]["selection"]["adapters"]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == local.generate([{"role": "user", "content": PROMPTS[0]}],
-                                  max_new_tokens=8).text
+    assert text == local.generate([{"role": "user", "content": PROMPTS[0]}], max_new_tokens=8).text
     batched = 0.0
     for _ in range(10):  # each scrape lands on one replica
         for line in httpx.get(deployment + "/metrics").text.splitlines():

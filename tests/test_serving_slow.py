@@ -52,13 +52,12 @@ def test_completions_streams_and_selection_on_the_real_model(server, zoo_engine)
     assert response.choices[0].message.content == expected.text
     selection = response.model_extra["logo"]["selection"]
     assert selection["adapters"] == expected.selection.adapters
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=24, stream=True
-    ))
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, stream=True)
+    )
     assert chunks[0].model_extra["logo"]["selection"]["adapters"] == expected.selection.adapters
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
-    pinned = client.chat.completions.create(model=f"{MODEL}:sql", messages=messages,
-                                            max_tokens=8)
+    pinned = client.chat.completions.create(model=f"{MODEL}:sql", messages=messages, max_tokens=8)
     assert pinned.model_extra["logo"]["selection"]["adapters"] == ["sql"]
 
 
@@ -90,8 +89,18 @@ def test_logo_serve_command_starts_and_answers(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "logo_engine.cli", "serve", "--port", str(port), "--api-key", "k",
-         "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "logo_engine.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--api-key",
+            "k",
+            "--log-level",
+            "warning",
+        ],
     )
     try:
         url = f"http://127.0.0.1:{port}"

@@ -44,8 +44,13 @@ from logo_engine.types import RoutingConfig
 
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_BATCH_WAIT_MS = 10.0
-_DEPLOYMENT_OPTIONS = ("num_replicas", "autoscaling_config", "ray_actor_options",
-                       "max_ongoing_requests", "name")
+_DEPLOYMENT_OPTIONS = (
+    "num_replicas",
+    "autoscaling_config",
+    "ray_actor_options",
+    "max_ongoing_requests",
+    "name",
+)
 
 
 def run_grouped(engine: BaseEngine, jobs: list[Job], observer: BatchObserver | None) -> None:
@@ -146,20 +151,40 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
         options.pop("num_replicas", None)  # Ray Serve takes one or the other
     unknown = sorted(set(args) - set(_INIT_ARGS))
     if unknown:
-        raise ValueError(f"unknown build_app arguments {unknown}; known: {sorted(_INIT_ARGS)} "
-                         f"and deployment options {list(_DEPLOYMENT_OPTIONS)}")
+        raise ValueError(
+            f"unknown build_app arguments {unknown}; known: {sorted(_INIT_ARGS)} "
+            f"and deployment options {list(_DEPLOYMENT_OPTIONS)}"
+        )
     deployment: Any = LoGoDeployment  # a ray.serve Deployment (mypy sees the plain class)
     if options:
         deployment = deployment.options(**options)
     return deployment.bind(**args)
 
 
-_INIT_ARGS = ("base_model", "adapters", "gguf_file", "device", "routing", "api_key",
-              "served_model_name", "max_batch_size", "batch_wait_ms")
+_INIT_ARGS = (
+    "base_model",
+    "adapters",
+    "gguf_file",
+    "device",
+    "routing",
+    "api_key",
+    "served_model_name",
+    "max_batch_size",
+    "batch_wait_ms",
+)
 
 
-_JSON_ARGS = frozenset({"routing", "max_batch_size", "batch_wait_ms", "num_replicas",
-                        "autoscaling_config", "ray_actor_options", "max_ongoing_requests"})
+_JSON_ARGS = frozenset(
+    {
+        "routing",
+        "max_batch_size",
+        "batch_wait_ms",
+        "num_replicas",
+        "autoscaling_config",
+        "ray_actor_options",
+        "max_ongoing_requests",
+    }
+)
 
 
 def _parse(key: str, value: Any) -> Any:
