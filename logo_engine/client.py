@@ -19,9 +19,9 @@ routing travel in the request's ``logo`` field; the selection comes back in the 
 same :class:`~logo_engine.LoGoError` classes (from the error ``code``), plus
 :class:`~logo_engine.errors.AuthenticationError` and :class:`~logo_engine.errors.RemoteError`.
 
-Differences from a local engine: ``Generation.text`` of an answer with tool calls is the content
-around the calls (the server parses the calls out of the text; they are in ``tool_calls``);
-``tokenizer`` and ``model`` are not available; stop strings and lengths are applied server-side.
+Differences from a local engine: a stream's chunks never hold tool-call markup (the server holds
+it back; the final ``Generation`` has the raw ``text``, ``content``, ``tool_calls`` and
+``invalid_tool_calls`` as in-process); ``tokenizer`` and ``model`` are not available.
 """
 
 from __future__ import annotations
@@ -56,7 +56,15 @@ from logo_engine.chat import Prompt, ToolChoice, normalize_messages
 from logo_engine.errors import InvalidRequestError, LoGoError, RemoteError
 from logo_engine.serving.openai_api import error_class
 from logo_engine.serving.protocol import ServerInfo, read_selection
-from logo_engine.types import FinishReason, Generation, RoutingConfig, Selection, ToolCall, Usage
+from logo_engine.types import (
+    FinishReason,
+    Generation,
+    InvalidToolCall,
+    RoutingConfig,
+    Selection,
+    ToolCall,
+    Usage,
+)
 
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 RETRY_STATUSES = frozenset({502, 503, 504})  # the server is loading or a proxy hiccupped
@@ -543,6 +551,9 @@ class _Answer:
         self.tool_calls: list[ToolCall] = []
         self.finish_reason: FinishReason = "length"
         self.usage: Usage | None = None
+        self.extra: dict[
+            str, Any
+        ] = {}  # the finish chunk's logo field: text, content, broken calls
 
     def add(self, event: dict[str, Any]) -> str:
         """Take one chunk; returns its new text ("" if none)."""
@@ -552,6 +563,8 @@ class _Answer:
         logo = event.get("logo")
         if logo and self.selection is None:
             self.selection = read_selection(logo["selection"])
+        elif logo:
+            self.extra = logo
         if event.get("usage"):
             self.usage = _usage(event["usage"])
         piece = ""
@@ -571,14 +584,13 @@ class _Answer:
     def generation(self) -> Generation:
         if self.selection is None or self.usage is None:
             raise RemoteError("the server's stream ended without a selection or usage")
-        text = "".join(self.text)
-        return Generation(
-            # with tool calls, the content around them, stripped (as parse_tool_calls gives it)
-            text=text.strip() if self.tool_calls else text,
-            selection=self.selection,
-            usage=self.usage,
-            finish_reason=self.finish_reason,
-            tool_calls=self.tool_calls,
+        return _answer(
+            "".join(self.text),
+            self.extra,
+            self.selection,
+            self.usage,
+            self.finish_reason,
+            self.tool_calls,
         )
 
 
@@ -621,16 +633,41 @@ def _generation(data: dict[str, Any]) -> Generation:
     choice = data["choices"][0]
     message = choice.get("message")
     if message is not None:
-        text = message.get("content") or ""
+        content = message.get("content") or ""
         calls = [_tool_call(c) for c in message.get("tool_calls") or []]
     else:
-        text, calls = choice.get("text") or "", []
+        content, calls = choice.get("text") or "", []
+    logo = data["logo"]
+    return _answer(
+        content,
+        logo,
+        read_selection(logo["selection"]),
+        _usage(data["usage"]),
+        _finish(choice.get("finish_reason")),
+        calls,
+    )
+
+
+def _answer(
+    content: str,
+    logo: Mapping[str, Any],
+    selection: Selection,
+    usage: Usage,
+    finish_reason: FinishReason,
+    tool_calls: list[ToolCall],
+) -> Generation:
+    """The Generation of an answer: the raw text and broken calls from the ``logo`` field."""
+    text = logo.get("text")
     return Generation(
-        text=text,
-        selection=read_selection(data["logo"]["selection"]),
-        usage=_usage(data["usage"]),
-        finish_reason=_finish(choice.get("finish_reason")),
-        tool_calls=calls,
+        text=content if text is None else text,
+        content=content if text is None else (logo.get("content") or ""),
+        selection=selection,
+        usage=usage,
+        finish_reason=finish_reason,
+        tool_calls=tool_calls,
+        invalid_tool_calls=[
+            InvalidToolCall.model_validate(c) for c in logo.get("invalid_tool_calls") or []
+        ],
     )
 
 

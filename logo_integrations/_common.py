@@ -18,16 +18,16 @@ import json
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
 from logo_engine.base import BaseEngine, Mixture
 from logo_engine.chat import Prompt, has_chat_template
 from logo_engine.errors import InvalidRequestError
-from logo_engine.routing import pinned_selection
+from logo_engine.selection import pinned_selection
 from logo_engine.types import Generation, RoutingConfig, Selection, ToolCall
 
 logger = logging.getLogger(__name__)
@@ -69,14 +69,23 @@ class EngineSpec:
     device: str = "cpu"
     dtype: str | None = None  # a name in DTYPES; None: float32
     gguf_file: str | None = None
+    base_url: str | None = None  # a `logo serve` server: a RemoteEngine instead of a local one
+    api_key: str | None = field(default=None, repr=False)  # the server's key (None: LOGO_API_KEY)
 
 
 def build_engine(spec: EngineSpec) -> BaseEngine:
     """The one place an integration gets an engine it was not given.
 
     A process-wide ``LoGoEngine.shared`` instance for these arguments: any number of model objects
-    share one loaded model. Routing is not part of the key: it is chosen per call.
+    share one loaded model. Routing is not part of the key: it is chosen per call. With
+    ``base_url``, a :class:`~logo_engine.client.RemoteEngine` on that server (``model``: the served
+    model name to request, e.g. ``"<model>:<adapter>"``; None: the server's routed model); nothing
+    heavy is imported, torch included.
     """
+    if spec.base_url is not None:
+        from logo_engine.client import RemoteEngine
+
+        return RemoteEngine(spec.base_url, api_key=spec.api_key, model=spec.model)
     from logo_engine.engine import LoGoEngine
 
     return LoGoEngine.shared(
@@ -189,7 +198,13 @@ def peek_model(model: str | None) -> ModelFacts:
 
 
 def engine_has_chat_template(engine: BaseEngine) -> bool:
-    """Whether the engine's model reads chat messages (an engine without a tokenizer: yes)."""
+    """Whether the engine's model reads chat messages (an engine without a tokenizer: yes).
+
+    A remote engine says so itself (``chat_template``, from its server).
+    """
+    told = getattr(engine, "chat_template", None)
+    if isinstance(told, bool):
+        return told
     tokenizer = getattr(engine, "tokenizer", None)
     return tokenizer is None or has_chat_template(tokenizer)
 
@@ -205,7 +220,20 @@ class LoGoSettings(BaseModel):
     model: str | None = Field(
         default=None,
         description="Base model: an HF folder or hub id (None: the embedded default model). "
-        "Aliases: model_name, base_model. Not used when an engine is passed in.",
+        "Aliases: model_name, base_model. Not used when an engine is passed in. With base_url: "
+        "the served model to request (None: the server's routed model; '<model>:<adapter>' pins "
+        "that adapter).",
+    )
+    base_url: str | None = Field(
+        default=None,
+        description="A LoGo server (`logo serve`), e.g. 'http://host:8000/v1': calls go there "
+        "through logo_engine.RemoteEngine, with the same selection metadata, and this process "
+        "loads no model (nor torch). adapters, device, dtype and gguf_file are then unused.",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="The server's API key with base_url (None: env LOGO_API_KEY, if set). A local "
+        "engine needs none.",
     )
     adapters: AdapterLibrarySource | None = Field(
         default=None,
@@ -260,6 +288,15 @@ class LoGoSettings(BaseModel):
     def _check_routing(cls, value: Any) -> Any:
         return as_routing(value)
 
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(
+                f"base_url must be an http(s) URL such as http://host:8000/v1, got {value!r}"
+            )
+        return value
+
     @field_validator("dtype")
     @classmethod
     def _check_dtype(cls, value: str | None) -> str | None:
@@ -270,7 +307,10 @@ class LoGoSettings(BaseModel):
     @property
     def engine_spec(self) -> EngineSpec:
         """Where the engine comes from when none is passed in."""
-        return EngineSpec(self.model, self.adapters, self.device, self.dtype, self.gguf_file)
+        key = self.api_key.get_secret_value() if self.api_key is not None else None
+        return EngineSpec(
+            self.model, self.adapters, self.device, self.dtype, self.gguf_file, self.base_url, key
+        )
 
     def model_label(self, engine: BaseEngine | None, model: str | None = None) -> str:
         """The base model's name for metadata and traces, without loading anything."""
@@ -280,6 +320,8 @@ class LoGoSettings(BaseModel):
             return engine.model_name
         if self.model:
             return self.model
+        if self.base_url is not None:
+            return self.base_url  # the served model's name is known once the engine is built
         from logo_engine.models import DEFAULT_MODEL_NAME
 
         return DEFAULT_MODEL_NAME

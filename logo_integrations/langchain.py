@@ -73,7 +73,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langchain_core.utils.json import parse_partial_json
 from langchain_core.utils.uuid import uuid7
-from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
+from pydantic import ConfigDict, Field, PrivateAttr
 
 from logo_engine.base import BaseEngine
 from logo_engine.chat import StreamFilter
@@ -380,7 +380,9 @@ class ChatLoGo(LoGoSettings, BaseChatModel):
     :class:`~logo_engine.base.BaseEngine`) or loaded on first use with
     ``LoGoEngine.shared(model, adapters=..., device=..., dtype=..., gguf_file=...)``, a
     process-wide cached instance: many ``ChatLoGo`` objects share one loaded model, and
-    constructing one loads nothing. Unknown constructor arguments are refused.
+    constructing one loads nothing. With ``base_url="http://host:8000/v1"`` (and ``api_key``) it
+    talks to a LoGo server (`logo serve`) instead, with the same metadata, and this process loads
+    no model and no torch. Unknown constructor arguments are refused.
 
     Per call (``invoke(..., **kwargs)`` or ``.bind(**kwargs)``): ``adapters={name: weight}`` (a
     pinned mixture; ``{}`` = base model only), ``top_k``, ``signal``, ``routing``, ``temperature``,
@@ -415,12 +417,6 @@ class ChatLoGo(LoGoSettings, BaseChatModel):
     streaming: bool = Field(
         default=False, description="Stream through callbacks even on invoke (on_llm_new_token)."
     )
-    api_key: SecretStr | None = Field(
-        default=None,
-        description="Accepted as every LangChain chat model accepts it (and kept secret); a local "
-        "engine needs none.",
-    )
-
     _slot: EngineSlot = PrivateAttr()
 
     def __init__(self, engine: BaseEngine | None = None, **kwargs: Any) -> None:

@@ -511,7 +511,9 @@ class LoGoLLM(LoGoSettings, FunctionCallingLLM):
     ``LoGoEngine.shared(model, adapters=..., device=..., dtype=..., gguf_file=...)``, a
     process-wide cached instance: many ``LoGoLLM`` objects share one model, whatever their
     routing. Loading never happens in ``__init__``, ``metadata`` or ``to_payload`` (which
-    LlamaIndex reads on the event loop), and async calls load in a worker thread. Unknown
+    LlamaIndex reads on the event loop), and async calls load in a worker thread. With
+    ``base_url="http://host:8000/v1"`` (and ``api_key``) it talks to a LoGo server (`logo serve`)
+    instead, with the same metadata, and this process loads no model and no torch. Unknown
     constructor arguments are refused.
 
     Per call, every method accepts ``adapters={name: weight}`` (a pinned mixture; ``{}`` = base
@@ -558,7 +560,8 @@ class LoGoLLM(LoGoSettings, FunctionCallingLLM):
     def _known_facts(self) -> ModelFacts:
         """What the model's files say, read once (the engine's own values once it is loaded)."""
         if self._facts is None:
-            self._facts = peek_model(self.model)
+            remote = self.base_url is not None  # a served model: known from its server only
+            self._facts = ModelFacts() if remote else peek_model(self.model)
         return self._facts
 
     @property

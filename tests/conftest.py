@@ -66,3 +66,29 @@ def engine(tokenizer, adapter_dir):
     eng = LoGoEngine(tiny.tiny_model(), tokenizer, adapters=adapter_dir, name="tiny-llama")
     yield eng
     eng.close()
+
+
+# ------------------------------------------------------------ in-process and remote modes
+# Integration tests marked with `both_modes` run twice: over the engine itself ("local"), and
+# over the same engine served by `logo serve` on 127.0.0.1 (the model object built with
+# base_url=, so every call crosses HTTP through RemoteEngine). Markers: see `remote.py`.
+@pytest.fixture()
+def mode(request: pytest.FixtureRequest) -> str:
+    return getattr(request, "param", "local")
+
+
+@pytest.fixture()
+def serve():
+    """``serve(engine) -> base_url``: the engine behind a live server for this test."""
+    from logo_engine.serving.server import BackgroundServer
+
+    servers: dict[int, BackgroundServer] = {}
+
+    def start(engine) -> str:
+        if id(engine) not in servers:
+            servers[id(engine)] = BackgroundServer(engine)
+        return servers[id(engine)].base_url
+
+    yield start
+    for server in servers.values():
+        server.stop()

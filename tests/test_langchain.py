@@ -32,6 +32,7 @@ from langchain_core.tracers.context import collect_runs, tracing_v2_enabled
 from langsmith import Client
 from loop_witness import LoopWitness
 from pydantic import BaseModel, Field
+from remote import both_modes
 
 from logo_engine import RoutingConfig
 from logo_engine.errors import AdapterNotFoundError, InvalidRequestError, RoutingConfigError
@@ -81,8 +82,20 @@ def engine() -> CountingEngine:
 
 
 @pytest.fixture()
-def llm(engine) -> ChatLoGo:
-    return ChatLoGo(engine=engine)
+def make_llm(mode, serve):
+    """``make_llm(engine, **fields)``: a ChatLoGo over the engine, or over it served (remote)."""
+
+    def make(engine: ScriptedEngine, **fields: Any) -> ChatLoGo:
+        if mode == "remote":
+            return ChatLoGo(base_url=serve(engine), **fields)
+        return ChatLoGo(engine=engine, **fields)
+
+    return make
+
+
+@pytest.fixture()
+def llm(engine, make_llm) -> ChatLoGo:
+    return make_llm(engine)
 
 
 def weather_script(messages: list[dict[str, Any]], tools: Any) -> str:
@@ -315,6 +328,7 @@ def test_selection_run_metadata():
 
 
 # ------------------------------------------------------------------ selection reporting
+@both_modes
 def test_invoke_reports_the_selection_and_usage(llm, engine):
     message = llm.invoke(PROMPTS[1])
     meta = message.response_metadata
@@ -334,6 +348,7 @@ def test_invoke_reports_the_selection_and_usage(llm, engine):
     json.dumps(meta)
 
 
+@both_modes
 def test_stream_carries_the_selection_on_the_last_chunk_only(llm):
     chunks = list(llm.stream(PROMPTS[0]))
     assert len(chunks) > 2
@@ -351,6 +366,7 @@ def test_stream_carries_the_selection_on_the_last_chunk_only(llm):
     assert full.usage_metadata == invoked.usage_metadata
 
 
+@both_modes
 async def test_async_forms_match_sync(llm):
     invoked = llm.invoke(PROMPTS[2])
     ainvoked = await llm.ainvoke(PROMPTS[2])
@@ -362,7 +378,8 @@ async def test_async_forms_match_sync(llm):
     assert sum(SELECTION_KEY in c.response_metadata for c in chunks) == 1
 
 
-def test_pinned_mixture_per_call_and_bound(llm, engine):
+@both_modes
+def test_pinned_mixture_per_call_and_bound(llm, engine, make_llm):
     pinned = llm.invoke(PROMPTS[0], adapters={"sql": 3, "code": 1})
     sel = pinned.response_metadata[SELECTION_KEY]
     assert sel["pinned"] and sel["adapters"] == ["sql", "code"] and sel["weights"] == [0.75, 0.25]
@@ -372,12 +389,13 @@ def test_pinned_mixture_per_call_and_bound(llm, engine):
         assert message.response_metadata[SELECTION_KEY]["adapters"] == ["math"]
     base = llm.invoke(PROMPTS[0], adapters={})
     assert base.response_metadata[SELECTION_KEY]["adapters"] == []
-    field = ChatLoGo(engine=engine, mixture={"code": 1.0}).invoke(PROMPTS[0])
+    field = make_llm(engine, mixture={"code": 1.0}).invoke(PROMPTS[0])
     assert field.response_metadata[SELECTION_KEY]["adapters"] == ["code"]
 
 
-def test_routing_fields_and_per_call_overrides(engine):
-    llm = ChatLoGo(engine=engine, top_k=1)
+@both_modes
+def test_routing_fields_and_per_call_overrides(engine, make_llm):
+    llm = make_llm(engine, top_k=1)
     assert llm.invoke(PROMPTS[1]).response_metadata[SELECTION_KEY]["adapters"] == ["sql"]
     two = llm.invoke(PROMPTS[1], top_k=2).response_metadata[SELECTION_KEY]
     assert two["top_k"] == 2 and len(two["adapters"]) == 2
@@ -388,9 +406,10 @@ def test_routing_fields_and_per_call_overrides(engine):
         llm.invoke(PROMPTS[1], top_k=9)
 
 
-def test_an_abstained_selection_is_reported_like_any_other(engine):
+@both_modes
+def test_an_abstained_selection_is_reported_like_any_other(engine, make_llm):
     """No adapter stands out (all keyword scores 1.0 < 1.5): the base model answers, and says so."""
-    llm = ChatLoGo(engine=engine, routing={"top_k": 1, "abstain_below": 1.5})
+    llm = make_llm(engine, routing={"top_k": 1, "abstain_below": 1.5})
     handler = Recorder()
     message = llm.invoke("hello there", config={"callbacks": [handler]})
     selection = message.response_metadata[SELECTION_KEY]
@@ -405,13 +424,15 @@ def test_an_abstained_selection_is_reported_like_any_other(engine):
     assert routed["adapters"] == ["sql"] and not routed["abstained"]
 
 
-def test_sampling_fields_reach_the_engine(engine):
-    llm = ChatLoGo(engine=engine, max_tokens=2, stop=["four"])
+@both_modes
+def test_sampling_fields_reach_the_engine(engine, make_llm):
+    llm = make_llm(engine, max_tokens=2, stop=["four"])
     assert llm.invoke("one two three four five").content == "one two "
     assert llm.invoke("one two three four five", max_tokens=10).content == "one two three "
     assert llm.invoke("one two three", stop=["two"]).content == "one "
 
 
+@both_modes
 def test_errors_surface_inside_the_run(llm):
     class Errors(BaseCallbackHandler):
         def __init__(self) -> None:
@@ -449,6 +470,7 @@ def _end_selection(response: LLMResult) -> dict[str, Any]:
     return response.generations[0][0].message.response_metadata[SELECTION_KEY]
 
 
+@both_modes
 def test_on_llm_end_sees_the_selection(llm, engine):
     handler = Recorder()
     llm.invoke(PROMPTS[1], config={"callbacks": [handler]})
@@ -462,16 +484,17 @@ def test_on_llm_end_sees_the_selection(llm, engine):
     assert _end_selection(handler.ends[1]) == expected
 
 
-def test_streamed_tokens_reach_callbacks(engine):
+@both_modes
+def test_streamed_tokens_reach_callbacks(engine, make_llm):
     handler = Recorder()
     text = "".join(
         c.content
-        for c in ChatLoGo(engine=engine).stream("alpha beta gamma", config={"callbacks": [handler]})
+        for c in make_llm(engine).stream("alpha beta gamma", config={"callbacks": [handler]})
     )
     assert "".join(handler.tokens) == text == "alpha beta gamma"
     assert len([t for t in handler.tokens if t]) == 3
     handler = Recorder()
-    message = ChatLoGo(engine=engine, streaming=True).invoke(
+    message = make_llm(engine, streaming=True).invoke(
         "alpha beta gamma", config={"callbacks": [handler]}
     )
     assert [t for t in handler.tokens if t] == ["alpha ", "beta ", "gamma"]
@@ -479,7 +502,8 @@ def test_streamed_tokens_reach_callbacks(engine):
     assert _end_selection(handler.ends[0]) == message.response_metadata[SELECTION_KEY]
 
 
-async def test_async_streamed_tokens_reach_async_callbacks(engine):
+@both_modes
+async def test_async_streamed_tokens_reach_async_callbacks(engine, make_llm):
     class AsyncRecorder(AsyncCallbackHandler):
         def __init__(self) -> None:
             self.tokens: list[str] = []
@@ -492,7 +516,7 @@ async def test_async_streamed_tokens_reach_async_callbacks(engine):
             self.ends.append(response)
 
     handler = AsyncRecorder()
-    message = await ChatLoGo(engine=engine, streaming=True).ainvoke(
+    message = await make_llm(engine, streaming=True).ainvoke(
         "alpha beta gamma", config={"callbacks": [handler]}
     )
     assert [t for t in handler.tokens if t] == ["alpha ", "beta ", "gamma"]
@@ -500,11 +524,14 @@ async def test_async_streamed_tokens_reach_async_callbacks(engine):
 
 
 # ------------------------------------------------------------------------------ batching
-def test_batch_is_one_engine_call_with_a_selection_per_input(engine):
-    llm = ChatLoGo(engine=engine)
+@both_modes
+def test_batch_is_one_engine_call_with_a_selection_per_input(engine, make_llm, mode):
+    llm = make_llm(engine)
     handler = Recorder()
     batched = llm.batch(PROMPTS, config={"callbacks": [handler]})
-    assert engine.probes == [3] and engine.decodes == [3]  # one probe, one generation
+    assert engine.probes == [3]  # one probe (remote: one /v1/logo/route with three prompts)
+    # one generation; remote: three concurrent requests that the server batches as they arrive
+    assert engine.decodes == [3] if mode == "local" else sum(engine.decodes) == 3
     solo = [llm.invoke(p) for p in PROMPTS]
     selections = [m.response_metadata[SELECTION_KEY] for m in batched]
     assert len({json.dumps(s, sort_keys=True) for s in selections}) == 3
@@ -517,10 +544,12 @@ def test_batch_is_one_engine_call_with_a_selection_per_input(engine):
     assert [_end_selection(r) for r in handler.ends] == selections
 
 
-async def test_abatch_is_one_engine_call(engine):
-    llm = ChatLoGo(engine=engine)
+@both_modes
+async def test_abatch_is_one_engine_call(engine, make_llm, mode):
+    llm = make_llm(engine)
     batched = await llm.abatch(PROMPTS)
-    assert engine.probes == [3] and engine.decodes == [3]
+    assert engine.probes == [3]
+    assert engine.decodes == [3] if mode == "local" else sum(engine.decodes) == 3
     solo = [await llm.ainvoke(p) for p in PROMPTS]
     assert [m.response_metadata[SELECTION_KEY] for m in batched] == [
         m.response_metadata[SELECTION_KEY] for m in solo
@@ -634,7 +663,7 @@ def test_model_override_needs_a_loadable_model(llm):
     "kwargs",
     [
         {"foo": 1},
-        {"base_url": "http://x"},
+        {"base_url": "ftp://x"},  # base_url must be an http(s) URL
         {"top_k": 0},
         {"routing": 3},
         {"routing": {"k": 2}},
@@ -681,6 +710,7 @@ def test_the_call_is_resolved_and_tokens_counted_once(engine, monkeypatch):
     assert len(counted) == 2 and engine.probes == [1, 1]
 
 
+@both_modes
 def test_token_counts_come_from_the_engine(llm, engine):
     messages = [SystemMessage("be brief"), HumanMessage("count these words")]
     assert llm.get_num_tokens_from_messages(messages) == engine.count_tokens(
@@ -689,9 +719,10 @@ def test_token_counts_come_from_the_engine(llm, engine):
 
 
 # --------------------------------------------------------------------------------- tools
-def test_bind_tools_reaches_the_template_and_parses_calls():
+@both_modes
+def test_bind_tools_reaches_the_template_and_parses_calls(make_llm):
     engine = CountingEngine(weather_script)
-    llm = ChatLoGo(engine=engine).bind_tools([get_weather, get_time])
+    llm = make_llm(engine).bind_tools([get_weather, get_time])
     message = llm.invoke("Weather in Zürich?")
     assert engine.calls[-1]["tools"][0]["function"]["name"] == "get_weather"
     assert message.content == "Let me check."
@@ -701,9 +732,10 @@ def test_bind_tools_reaches_the_template_and_parses_calls():
     assert message.response_metadata[SELECTION_KEY]["adapters"]
 
 
-def test_streaming_with_tools_hides_the_call_markup():
+@both_modes
+def test_streaming_with_tools_hides_the_call_markup(make_llm):
     engine = CountingEngine(weather_script)
-    llm = ChatLoGo(engine=engine).bind_tools([get_weather])
+    llm = make_llm(engine).bind_tools([get_weather])
     chunks = list(llm.stream("Weather in Zürich?"))
     assert all("<tool" not in c.content and "{" not in c.content for c in chunks)
     assert "".join(c.content for c in chunks) == "Let me check. "
@@ -721,9 +753,10 @@ def test_streaming_with_tools_hides_the_call_markup():
     assert sum(bool(c.tool_call_chunks) for c in chunks) == 1
 
 
-def test_a_broken_tool_call_is_an_invalid_tool_call():
+@both_modes
+def test_a_broken_tool_call_is_an_invalid_tool_call(make_llm):
     engine = CountingEngine(lambda m, t: 'Sure. <tool_call>\n{"name": "get_weather", "argu')
-    llm = ChatLoGo(engine=engine).bind_tools([get_weather])
+    llm = make_llm(engine).bind_tools([get_weather])
     message = llm.invoke("Weather?")
     assert message.content == "Sure." and message.tool_calls == []
     (bad,) = message.invalid_tool_calls
@@ -743,26 +776,25 @@ def test_a_broken_tool_call_is_an_invalid_tool_call():
     assert message.response_metadata[INVALID_KEY] == full.response_metadata[INVALID_KEY]
 
 
-def test_tool_choice_forces_the_named_tool():
+@both_modes
+def test_tool_choice_forces_the_named_tool(make_llm):
     engine = CountingEngine(lambda m, t: tool_call_text("get_time", {"city": "Oslo"}))
-    llm = ChatLoGo(engine=engine).bind_tools([get_weather, get_time], tool_choice="get_time")
+    llm = make_llm(engine).bind_tools([get_weather, get_time], tool_choice="get_time")
     message = llm.invoke("Hello")
     assert message.tool_calls[0]["name"] == "get_time"
     assert message.tool_calls[0]["args"] == {"city": "Oslo"}
     assert (
-        ChatLoGo(engine=engine)
-        .bind_tools([get_weather], tool_choice="none")
-        .invoke("Hello")
-        .tool_calls
+        make_llm(engine).bind_tools([get_weather], tool_choice="none").invoke("Hello").tool_calls
         == []
     )
     with pytest.raises(InvalidRequestError):
-        ChatLoGo(engine=engine).bind_tools([get_weather], tool_choice="get_time")
+        make_llm(engine).bind_tools([get_weather], tool_choice="get_time")
 
 
-def test_tool_messages_round_trip_through_the_template():
+@both_modes
+def test_tool_messages_round_trip_through_the_template(make_llm):
     engine = CountingEngine(weather_script)
-    llm = ChatLoGo(engine=engine).bind_tools([get_weather])
+    llm = make_llm(engine).bind_tools([get_weather])
     first = llm.invoke([HumanMessage("Weather in Zürich?")])
     result = get_weather.invoke(first.tool_calls[0])
     final = llm.invoke([HumanMessage("Weather in Zürich?"), first, result])
@@ -780,11 +812,12 @@ class Person(BaseModel):
     age: int
 
 
-def test_structured_output_pydantic_typeddict_json_schema():
+@both_modes
+def test_structured_output_pydantic_typeddict_json_schema(make_llm):
     engine = CountingEngine(
         lambda m, t: tool_call_text(t[0]["function"]["name"], {"name": "Åsa", "age": 41})
     )
-    llm = ChatLoGo(engine=engine)
+    llm = make_llm(engine)
     assert llm.with_structured_output(Person).invoke("Åsa is 41") == Person(name="Åsa", age=41)
     schema = Person.model_json_schema()
     assert llm.with_structured_output(schema).invoke("x") == {"name": "Åsa", "age": 41}
@@ -806,6 +839,7 @@ def _llm_runs(client: MagicMock) -> tuple[list[dict[str, Any]], list[dict[str, A
     return creates, updates
 
 
+@both_modes
 @pytest.mark.parametrize("how", ["invoke", "stream", "ainvoke", "astream"])
 async def test_langsmith_run_holds_the_selection(llm, engine, how):
     client = _mock_client()
@@ -836,6 +870,7 @@ async def test_langsmith_run_holds_the_selection(llm, engine, how):
     assert updates[0]["extra"]["metadata"]["logo_adapter"] == "sql"
 
 
+@both_modes
 def test_langsmith_batch_gives_each_run_its_own_selection(llm):
     client = _mock_client()
     with tracing_v2_enabled(project_name="unit", client=client):
@@ -849,6 +884,7 @@ def test_langsmith_batch_gives_each_run_its_own_selection(llm):
     assert len(updates) == 3
 
 
+@both_modes
 def test_collect_runs_sees_the_selection_without_langsmith(llm):
     with collect_runs() as cb:
         llm.invoke(PROMPTS[0])
@@ -873,6 +909,7 @@ def test_the_engine_runs_in_one_thread_per_call(llm):
     assert results == {0: "math", 1: "sql", 2: "code"}
 
 
+@both_modes
 def test_chunks_add_up_without_concatenating_metadata(llm):
     chunks = list(llm.stream("a b c"))
     assert isinstance(chunks[-1], AIMessageChunk)
@@ -881,6 +918,7 @@ def test_chunks_add_up_without_concatenating_metadata(llm):
     assert full.response_metadata["finish_reason"] == "stop"
 
 
+@both_modes
 def test_a_precomputed_selection_is_reused_without_a_probe(llm, engine):
     selection = engine.route(PROMPTS[1], routing=dataclasses.replace(engine.routing, top_k=1))
     engine.probes.clear()

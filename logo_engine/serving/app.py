@@ -458,7 +458,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                 )
             ],
             usage=oa.usage_out(generation.usage),
-            logo=LogoResult(selection=generation.selection),
+            logo=oa.logo_result(generation),
         )
         return JSONResponse(dump(response), headers=_selection_headers(selection))
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from logo_engine.base import SamplingParams
-from logo_engine.chat import ToolChoice, parse_tool_calls
+from logo_engine.chat import ToolChoice
 from logo_engine.errors import (
     AdapterNotFoundError,
     AuthenticationError,
@@ -30,6 +30,7 @@ from logo_engine.serving.protocol import (
     ChatMessageIn,
     FunctionCallOut,
     LogoOptions,
+    LogoResult,
     PromptTokensDetails,
     ToolCallOut,
     ToolDef,
@@ -264,12 +265,22 @@ def tool_calls_out(calls: Sequence[ToolCall]) -> list[ToolCallOut]:
 
 
 def assistant_message(generation: Generation) -> AssistantMessage:
-    """The chat answer: text, or the content around tool calls and the calls themselves."""
+    """The chat answer: its content (no tool-call markup) and its tool calls."""
     if not generation.tool_calls:
-        return AssistantMessage(content=generation.text)
-    content = parse_tool_calls(generation.text)[0]
+        return AssistantMessage(content=generation.content)
     return AssistantMessage(
-        content=content or None, tool_calls=tool_calls_out(generation.tool_calls)
+        content=generation.content or None, tool_calls=tool_calls_out(generation.tool_calls)
+    )
+
+
+def logo_result(generation: Generation) -> LogoResult:
+    """The ``logo`` field of a chat answer: the selection, and what OpenAI's shape cannot hold."""
+    markup = generation.text != generation.content
+    return LogoResult(
+        selection=generation.selection,
+        text=generation.text if markup else None,
+        content=generation.content if markup else None,
+        invalid_tool_calls=list(generation.invalid_tool_calls) or None,
     )
 
 

@@ -23,7 +23,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from logo_engine.types import Selection
+from logo_engine.types import InvalidToolCall, Selection
 
 logger = logging.getLogger(__name__)
 
@@ -160,11 +160,18 @@ class UsageOut(BaseModel):
 class LogoResult(BaseModel):
     """The response's ``logo`` field: which adapters answered (the whole Selection).
 
-    A completion with several prompts also lists every choice's selection, by choice index.
+    A completion with several prompts also lists every choice's selection, by choice index. When
+    tools were offered and the answer held tool-call markup, ``text`` is the raw answer and
+    ``content`` the answer without the markup (the message content; a stream's deltas may differ
+    from it in whitespace), and ``invalid_tool_calls`` lists the calls the model wrote that do not
+    parse (OpenAI's API has no place for them). In a stream they come on the finish-reason chunk.
     """
 
     selection: Selection
     selections: list[Selection] | None = None
+    text: str | None = None
+    content: str | None = None
+    invalid_tool_calls: list[InvalidToolCall] | None = None
 
 
 class FunctionCallOut(BaseModel):

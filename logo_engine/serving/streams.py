@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from logo_engine.chat import StreamFilter, parse_tool_calls
+from logo_engine.chat import StreamFilter
 from logo_engine.serving import openai_api as oa
 from logo_engine.serving.batcher import Delta, Event, Failed, Finished, Job
 from logo_engine.serving.metrics import Metrics
@@ -58,6 +58,13 @@ def dump(response: BaseModel) -> dict[str, Any]:
         data["logo"] = {"selection": logo.selection.model_dump(mode="json")}
         if logo.selections is not None:
             data["logo"]["selections"] = [s.model_dump(mode="json") for s in logo.selections]
+        if logo.text is not None:
+            data["logo"]["text"] = logo.text
+            data["logo"]["content"] = logo.content
+        if logo.invalid_tool_calls is not None:
+            data["logo"]["invalid_tool_calls"] = [
+                c.model_dump(mode="json") for c in logo.invalid_tool_calls
+            ]
     return data
 
 
@@ -114,12 +121,7 @@ async def chat_stream(
                     yield chunk(ChunkDelta(content=delta))
             elif isinstance(event, Finished):
                 generation = event.generation
-                content = (
-                    parse_tool_calls(generation.text)[0]
-                    if generation.tool_calls
-                    else (generation.text)
-                )
-                rest = text.final_delta(content)
+                rest = text.final_delta(generation.content)
                 if rest:
                     yield chunk(ChunkDelta(content=rest))
                 if generation.tool_calls:
@@ -128,7 +130,11 @@ async def chat_stream(
                         for i, c in enumerate(oa.tool_calls_out(generation.tool_calls))
                     ]
                     yield chunk(ChunkDelta(tool_calls=calls))
-                yield chunk(ChunkDelta(), oa.finish_reason(generation))
+                extra = oa.logo_result(generation)  # raw text, broken calls: when there are any
+                has_extra = extra.text is not None or extra.invalid_tool_calls is not None
+                yield chunk(
+                    ChunkDelta(), oa.finish_reason(generation), logo=extra if has_extra else None
+                )
                 if include_usage:
                     usage = ChatCompletionChunk(
                         id=rid,
