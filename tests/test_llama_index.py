@@ -37,6 +37,7 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.tools import FunctionTool
 from loop_witness import LoopWitness
+from remote import both_modes
 
 import logo_integrations
 from logo_engine import AdapterNotFoundError, InvalidRequestError, RoutingConfig
@@ -87,10 +88,22 @@ def debug():
     return LlamaDebugHandler()
 
 
+_SERVED: list[Any] = []  # in a remote-mode test: the `serve` fixture (empty: in-process)
+
+
+@pytest.fixture(autouse=True)
+def _remote_mode(mode, serve):
+    """Tests marked ``both_modes`` also run with make_llm building LoGoLLM(base_url=...)."""
+    _SERVED[:] = [serve] if mode == "remote" else []
+    yield
+    _SERVED.clear()
+
+
 def make_llm(script: Any = None, debug: LlamaDebugHandler | None = None, **kwargs: Any) -> LoGoLLM:
     engine = ScriptedEngine(script, adapter_names=ADAPTERS)
     handlers = [debug] if debug is not None else []
-    return LoGoLLM(engine=engine, callback_manager=CallbackManager(handlers), **kwargs)
+    where = {"base_url": _SERVED[0](engine)} if _SERVED else {"engine": engine}
+    return LoGoLLM(**where, callback_manager=CallbackManager(handlers), **kwargs)
 
 
 def multiply(a: int, b: int) -> int:
@@ -263,7 +276,7 @@ def test_bad_arguments():
         {"max_new_tokens": 0},
         {"max_tokens": 0},
         {"foo": 1},
-        {"base_url": "http://x"},
+        {"base_url": "ftp://x"},  # base_url must be an http(s) URL
         {"model": "a", "base_model": "b"},
         {"max_tokens": 1, "max_new_tokens": 2},
         {"dtype": "int3"},
@@ -287,6 +300,7 @@ def test_conventional_names_and_aliases():
 
 
 # ------------------------------------------------------------------------- completion / chat
+@both_modes
 def test_complete_returns_text_selection_and_usage():
     llm = make_llm(["SELECT * FROM t"])
     response = llm.complete("write sql for this sql table")
@@ -334,6 +348,7 @@ def test_chat_and_complete_share_one_code_path():
     assert SELECTION_KEY not in b.message.additional_kwargs
 
 
+@both_modes
 def test_chat_response_fields():
     llm = make_llm(["an answer"])
     response = llm.chat(USER)
@@ -344,6 +359,7 @@ def test_chat_response_fields():
     assert response.raw["model"] == "scripted-model"
 
 
+@both_modes
 def test_pinned_mixture_per_call_and_as_default():
     llm = make_llm(["ok"])
     pinned = llm.complete("x", adapters={"code": 3, "math": 1}).additional_kwargs[SELECTION_KEY]
@@ -358,12 +374,14 @@ def test_pinned_mixture_per_call_and_as_default():
     assert not routed["pinned"] and routed["adapters"][0] == "sql"
 
 
+@both_modes
 def test_unknown_adapter_raises():
     llm = make_llm(["ok"])
     with pytest.raises(AdapterNotFoundError):
         llm.complete("x", adapters={"nope": 1.0})
 
 
+@both_modes
 def test_routing_and_top_k_per_call():
     llm = make_llm(["ok"])
     sel = llm.complete("sql math", top_k=1).additional_kwargs[SELECTION_KEY]
@@ -375,6 +393,7 @@ def test_routing_and_top_k_per_call():
     assert sel["weights"] == [0.5, 0.5]
 
 
+@both_modes
 def test_sampling_arguments_reach_the_engine():
     llm = make_llm(["one two three four five"])
     short = llm.complete("x", max_tokens=2)
@@ -396,6 +415,7 @@ def test_unknown_keyword_arguments_are_ignored_with_a_warning(caplog):
 
 
 # ------------------------------------------------------------------------------- streaming
+@both_modes
 def test_stream_complete_chunks_and_final_metadata():
     llm = make_llm(["alpha beta gamma"])
     chunks = list(llm.stream_complete("sql please"))
@@ -410,6 +430,7 @@ def test_stream_complete_chunks_and_final_metadata():
     assert chunks[-1].additional_kwargs["finish_reason"] == "stop"
 
 
+@both_modes
 def test_stream_chat_chunks():
     llm = make_llm(["alpha beta"])
     chunks = list(llm.stream_chat(USER))
@@ -419,6 +440,7 @@ def test_stream_chat_chunks():
     assert all(SELECTION_KEY in c.additional_kwargs for c in chunks)
 
 
+@both_modes
 async def test_async_forms_match_sync():
     llm = make_llm(["alpha beta"])
     assert (await llm.acomplete("x")).text == llm.complete("x").text
@@ -431,6 +453,7 @@ async def test_async_forms_match_sync():
     assert chunks[-1].additional_kwargs[SELECTION_KEY]["adapters"][0] == "sql"
 
 
+@both_modes
 def test_stream_stopped_early_closes_cleanly():
     llm = make_llm(["a b c d e f"])
     stream = llm.stream_chat(USER)
@@ -483,6 +506,7 @@ async def _call(llm: LoGoLLM, method: str, arg: Any, is_async: bool) -> Any:
     return result
 
 
+@both_modes
 @pytest.mark.parametrize(("method", "arg", "is_async"), CALLS)
 async def test_exactly_one_llm_event_per_call_with_the_selection(
     method, arg, is_async, debug, events
@@ -519,6 +543,7 @@ async def test_exactly_one_llm_event_per_call_with_the_selection(
     json.dumps(selected.model_dump(mode="json"))
 
 
+@both_modes
 def test_record_selections_context_manager():
     llm = make_llm(["ok"])
     with record_selections() as recorder:
@@ -530,6 +555,7 @@ def test_record_selections_context_manager():
     assert all(h is not recorder for h in get_dispatcher().event_handlers)
 
 
+@both_modes
 def test_failed_call_ends_its_event_with_the_exception(debug):
     llm = make_llm(["ok"], debug=debug)
     with pytest.raises(AdapterNotFoundError):
@@ -747,6 +773,7 @@ def test_chat_with_tools_parses_tool_calls():
     assert response.additional_kwargs[SELECTION_KEY]["adapters"]
 
 
+@both_modes
 def test_tool_call_with_text_before_it():
     def script(messages: Any, tools: Any) -> str:
         return "Let me compute. " + tool_call_text("add", {"a": 1, "b": 2})
@@ -757,6 +784,7 @@ def test_tool_call_with_text_before_it():
     assert [t.tool_name for t in llm.get_tool_calls_from_response(response)] == ["add"]
 
 
+@both_modes
 def test_no_tool_call():
     llm = make_llm(["just text"])
     response = llm.chat_with_tools(TOOLS, user_msg="hi")
@@ -767,6 +795,7 @@ def test_no_tool_call():
         llm.get_tool_calls_from_response(response)
 
 
+@both_modes
 def test_parallel_tool_calls_kept_only_when_allowed():
     def script(messages: Any, tools: Any) -> str:
         return (
@@ -835,6 +864,7 @@ def test_tool_history_round_trips_to_the_engine():
     assert sent[2] == {"role": "tool", "content": "42", "tool_call_id": call.tool_id}
 
 
+@both_modes
 def test_stream_with_tools_does_not_leak_tool_call_text():
     def script(messages: Any, tools: Any) -> str:
         return "Let me compute. " + tool_call_text("add", {"a": 1, "b": 2})
@@ -853,6 +883,7 @@ def test_stream_with_tools_does_not_leak_tool_call_text():
     )
 
 
+@both_modes
 async def test_astream_with_forced_tool_call_yields_only_the_final_chunk():
     llm = make_llm(tool_script)
     stream = await llm.astream_chat_with_tools(TOOLS, user_msg="x", tool_required=True)
@@ -864,12 +895,14 @@ async def test_astream_with_forced_tool_call_yields_only_the_final_chunk():
     assert chunks[0].raw["usage"]["completion_tokens"] > 0
 
 
+@both_modes
 def test_stream_with_tools_but_no_call_streams_text():
     llm = make_llm(["plain answer here"])
     chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg="hi"))
     assert [c.delta for c in chunks] == ["plain ", "answer ", "here", ""]
 
 
+@both_modes
 def test_stream_with_tools_bare_json_answer_is_held_back():
     llm = make_llm(['{"name": "add", "arguments": {"a": 1, "b": 2}}'])
     chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg="x"))
@@ -877,12 +910,14 @@ def test_stream_with_tools_bare_json_answer_is_held_back():
     assert [t.tool_name for t in llm.get_tool_calls_from_response(chunks[0])] == ["add"]
 
 
+@both_modes
 def test_predict_and_call_runs_the_tool():
     llm = make_llm(tool_script)
     output = llm.predict_and_call(TOOLS, user_msg="6 times 7?")
     assert output.response == "42"
 
 
+@both_modes
 def test_structured_predict_through_a_forced_tool_call():
     from llama_index.core.bridge.pydantic import BaseModel
     from llama_index.core.prompts import PromptTemplate
@@ -905,6 +940,7 @@ def test_structured_predict_through_a_forced_tool_call():
 BROKEN = '<tool_call>\n{"name": "multiply", "argu'
 
 
+@both_modes
 def test_a_broken_tool_call_never_becomes_the_answer():
     llm = make_llm(lambda m, t: "Let me compute. " + BROKEN)
     response = llm.chat_with_tools(TOOLS, user_msg="6 times 7?")
@@ -923,6 +959,7 @@ def test_a_broken_tool_call_never_becomes_the_answer():
     assert llm.chat(USER).message.content == "Let me compute. " + BROKEN
 
 
+@both_modes
 async def test_a_function_agent_does_not_answer_with_raw_markup():
     from llama_index.core.agent.workflow import FunctionAgent
 
