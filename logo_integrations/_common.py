@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -232,8 +233,8 @@ class LoGoSettings(BaseModel):
     )
     api_key: SecretStr | None = Field(
         default=None,
-        description="The server's API key with base_url (None: env LOGO_API_KEY, if set). A local "
-        "engine needs none.",
+        description="The server's API key with base_url (default: env LOGO_API_KEY, if set, read "
+        "when the model is built). A local engine needs none.",
     )
     adapters: AdapterLibrarySource | None = Field(
         default=None,
@@ -281,7 +282,14 @@ class LoGoSettings(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _canonical_names(cls, data: Any) -> Any:
-        return canonical_names(data) if isinstance(data, Mapping) else data
+        if not isinstance(data, Mapping):
+            return data
+        data = canonical_names(data)
+        if data.get("base_url") is not None and data.get("api_key") is None:
+            env_key = os.environ.get("LOGO_API_KEY")
+            if env_key:  # as ChatOpenAI reads OPENAI_API_KEY: the key is on the model, not hidden
+                data["api_key"] = env_key
+        return data
 
     @field_validator("routing")
     @classmethod

@@ -107,6 +107,72 @@ def test_route_and_count_tokens(remote, engine):
     assert remote.count_tokens(PROMPTS[0]) == engine.count_tokens(PROMPTS[0])
 
 
+def test_routing_fields_of_the_selection_travel(remote, engine):
+    # abstention (with its reason) and the routing signal/weighting come back as the engine
+    # computes them; raw and ranking scores too
+    for routing in (
+        RoutingConfig(abstain_below=1e9),
+        RoutingConfig(top_k=2, weighting="softmax", temperature=0.5),
+        RoutingConfig(signal="entropy", weighting="uniform"),
+    ):
+        got, want = (
+            remote.route(PROMPTS[4], routing=routing),
+            engine.route(PROMPTS[4], routing=routing),
+        )
+        _close(got, want)
+        g = remote.generate(PROMPTS[4], max_new_tokens=4, routing=routing)
+        _close(
+            g.selection, engine.generate(PROMPTS[4], max_new_tokens=4, routing=routing).selection
+        )
+    assert remote.route(PROMPTS[4], routing=RoutingConfig(abstain_below=1e9)).abstained
+
+
+def _close(got, want) -> None:
+    """Every Selection field equal (floats to 1e-5; probe time is the server's own)."""
+    a, b = got.model_dump(exclude={"probe_ms"}), want.model_dump(exclude={"probe_ms"})
+    assert set(a) == set(b)
+    for key in a:
+        if isinstance(a[key], dict):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+        elif isinstance(a[key], list) and a[key] and isinstance(a[key][0], float):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+        else:
+            assert a[key] == b[key], key
+
+
+class _FullSelections(ScriptedEngine):
+    """Routes to selections with every field set (as calibration and a vLLM backend set them)."""
+
+    def _route(self, requests, routing):
+        return [
+            s.model_copy(
+                update={
+                    "rank_scores": {n: -0.5 + i for i, n in enumerate(self.adapter_names)},
+                    "served_weights": [0.75, 0.25][: len(s.adapters)],
+                    "calibrated": True,
+                    "abstained": False,
+                    "reason": "dropped 'code': ranking score below abstain_below",
+                }
+            )
+            for s in super()._route(requests, routing)
+        ]
+
+
+def test_every_selection_field_survives_the_json_round_trip():
+    local = _FullSelections(adapter_names=("math", "sql", "code"), routing=RoutingConfig(top_k=2))
+    with BackgroundServer(local) as srv:
+        remote = RemoteEngine(srv.base_url)
+        prompt = "sql sql math"
+        want = local.route(prompt)
+        assert want.served_weights == [0.75, 0.25] and want.rank_scores and want.reason
+        routed = remote.route(prompt)
+        assert routed == want.model_copy(update={"probe_ms": routed.probe_ms})
+        for got in (remote.generate(prompt).selection, remote.stream(prompt).selection):
+            assert got.model_dump(exclude={"probe_ms"}) == want.model_dump(exclude={"probe_ms"})
+            assert got.served_mixture == {"sql": 0.75, "math": 0.25}
+        remote.close()
+
+
 def test_stream_has_the_selection_before_the_first_chunk(remote, engine):
     stream = remote.stream(CHAT, max_new_tokens=10)
     local = engine.generate(CHAT, max_new_tokens=10)
@@ -218,11 +284,15 @@ def test_tool_calls_come_back_as_tool_calls():
                 got = remote.generate("add 1 and 2", tools=tools)
             else:
                 stream = remote.stream("add 1 and 2", tools=tools)
-                assert "<tool_call>" not in "".join(stream)
+                # the engine surface streams the raw text, as a local engine does (the
+                # integrations hide the markup)
+                local_text = "".join(local.stream("add 1 and 2", tools=tools))
+                assert "".join(stream) == local_text
                 got = stream.generation
             (call,) = got.tool_calls
             assert (call.name, call.arguments) == ("add", {"a": 1, "b": 2})
-            assert got.text == "Sure."  # the content around the call
+            assert got.content == "Sure."  # the content around the call
+            assert got.text == local.generate("add 1 and 2", tools=tools).text  # raw, as local
         assert remote.generate("hi").text == "plain"
 
 

@@ -145,6 +145,15 @@ def test_pinning_by_model_name_and_by_the_logo_field(client, engine):
     expected = engine.generate(messages, max_new_tokens=8, adapters={"b": 1.0})
     assert pinned.choices[0].message.content == expected.text
     assert selection_of(pinned).pinned and selection_of(pinned).adapters == ["b"]
+    # the same pin in both places (a client that routed first, then sends its selection)
+    again = client.chat.completions.create(
+        model="tiny-llama:b",
+        messages=messages,
+        max_tokens=8,
+        extra_body={"logo": {"adapters": {"b": 1.0}}},
+    )
+    assert again.choices[0].message.content == expected.text
+    assert selection_of(again).mixture == {"b": 1.0}
 
     mixture = {"a": 0.75, "c": 0.25}
     mixed = client.chat.completions.create(
@@ -284,6 +293,12 @@ BAD_REQUESTS = [
     (
         "pin twice",
         _chat(model="tiny-llama:b", logo={"adapters": {"a": 1}}),
+        400,
+        "invalid_request",
+    ),
+    (
+        "pin twice, zero weight",
+        _chat(model="tiny-llama:b", logo={"adapters": {"b": 0}}),
         400,
         "invalid_request",
     ),

@@ -206,9 +206,11 @@ def target_mixture(
                 f"model {model!r} pins adapter {adapter!r}, which this server does not hold; "
                 f"adapters: {sorted(adapter_names)}"
             )
-        if pinned is not None:
+        if pinned is not None and (set(pinned) != {adapter} or not pinned[adapter] > 0):
+            # the same pin twice (a client that routed first, then sends the selection) is fine
             raise InvalidRequestError(
-                f"model {model!r} pins an adapter and logo.adapters pins a mixture: pass one"
+                f"model {model!r} pins adapter {adapter!r} and logo.adapters pins another "
+                f"mixture {dict(pinned)}: pass one"
             )
         return {adapter: 1.0}
     raise ModelNotFoundError(
