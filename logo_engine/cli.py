@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from logo_engine.backends import BACKENDS
 from logo_engine.errors import LoGoError
 from logo_engine.types import SIGNALS, WEIGHTINGS, RoutingConfig, Selection
 
@@ -32,6 +33,23 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--adapters",
         help="folder with one peft adapter folder per adapter (default: the shipped zoo)",
+    )
+    # Generation backends (engine.py's backend= and backend_options=); the probe stays here.
+    backend = argparse.ArgumentParser(add_help=False)
+    backend.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="transformers",
+        help="generate with this backend (default transformers; vllm: see docs/vllm.md)",
+    )
+    backend.add_argument(
+        "--backend-option",
+        dest="backend_options",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a backend option (repeatable): VALUE is read as JSON when it parses (8, 0.5, true, "
+        "{...}), else as a string; a dotted KEY sets a nested option, e.g. "
+        "llm_options.gpu_memory_utilization=0.8",
     )
     common = argparse.ArgumentParser(add_help=False, parents=[model])
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -73,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         "route", parents=[common, routing], help="probe a prompt: scores, choice"
     )
     route.add_argument("prompt")
-    gen = sub.add_parser("generate", parents=[common, routing], help="answer a prompt")
+    gen = sub.add_parser("generate", parents=[common, routing, backend], help="answer a prompt")
     gen.add_argument("prompt")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -88,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("adapters", parents=[common], help="list the adapter library")
     serve = sub.add_parser(
         "serve",
-        parents=[model, routing],
+        parents=[model, routing, backend],
         help="serve an OpenAI-compatible API (needs the [serve] extra)",
         description="Serve the engine over HTTP: OpenAI /v1/chat/completions, /v1/completions and "
         "/v1/models, plus /v1/logo/route, /healthz and /metrics. See docs/serving.md.",
@@ -129,6 +147,8 @@ def _serve(args: argparse.Namespace) -> int:
         ) from exc
     if args.max_batch_size < 1 or args.batch_wait_ms < 0 or args.max_body_bytes < 1:
         raise LoGoError("--max-batch-size and --max-body-bytes must be >= 1, --batch-wait-ms >= 0")
+    if backend_options(args.backend_options) and args.backend == "transformers":
+        raise LoGoError("--backend-option needs --backend vllm (transformers takes no options)")
     config = ServeConfig(
         api_key=args.api_key or None,
         max_batch_size=args.max_batch_size,
@@ -155,9 +175,43 @@ _ROUTING_FLAGS = (
 def _engine(args: argparse.Namespace) -> Any:
     from logo_engine.engine import LoGoEngine
 
+    name = getattr(args, "backend", "transformers")
+    options = backend_options(getattr(args, "backend_options", None))
     return LoGoEngine.from_pretrained(
-        args.base_model, adapters=args.adapters, gguf_file=args.gguf_file
+        args.base_model,
+        adapters=args.adapters,
+        gguf_file=args.gguf_file,
+        backend=None if name == "transformers" else name,
+        backend_options=options or None,
     )
+
+
+def backend_options(values: Sequence[str] | None) -> dict[str, Any]:
+    """``--backend-option KEY=VALUE`` flags as the ``backend_options`` mapping.
+
+    VALUE is JSON when it parses (numbers, booleans, null, lists, objects), else the string
+    itself; a dotted KEY (``llm_options.enforce_eager=true``) sets a key of a nested mapping.
+    """
+    options: dict[str, Any] = {}
+    for item in values or []:
+        key, sep, raw = item.partition("=")
+        path = key.strip().split(".")
+        if not sep or not all(part.strip() for part in path):
+            raise LoGoError(f"--backend-option expects KEY=VALUE, got {item!r}")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        node = options
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise LoGoError(f"--backend-option {item!r}: {part!r} is already set to a value")
+            node = child
+        if path[-1] in node and isinstance(node[path[-1]], dict) != isinstance(value, dict):
+            raise LoGoError(f"--backend-option {item!r} conflicts with an earlier option")
+        node[path[-1]] = value
+    return options
 
 
 def _routing(engine: Any, args: argparse.Namespace) -> RoutingConfig:

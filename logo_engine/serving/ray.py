@@ -82,6 +82,8 @@ class LoGoDeployment:
         served_model_name: str | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+        backend: str | None = None,
+        backend_options: Mapping[str, Any] | None = None,
     ) -> None:
         from logo_engine.engine import LoGoEngine
 
@@ -91,6 +93,8 @@ class LoGoDeployment:
             gguf_file=gguf_file,
             device=device,
             routing=RoutingConfig(**routing) if routing else None,
+            backend=backend,
+            backend_options=backend_options,
         )
         self.config = ServeConfig(
             api_key=api_key,
@@ -171,12 +175,15 @@ _INIT_ARGS = (
     "served_model_name",
     "max_batch_size",
     "batch_wait_ms",
+    "backend",
+    "backend_options",
 )
 
 
 _JSON_ARGS = frozenset(
     {
         "routing",
+        "backend_options",
         "max_batch_size",
         "batch_wait_ms",
         "num_replicas",
