@@ -81,7 +81,7 @@ from llama_index.core.llms.llm import ToolSelection
 
 from logo_engine.base import BaseEngine
 from logo_engine.chat import Prompt, StreamFilter
-from logo_engine.errors import InvalidRequestError
+from logo_engine.errors import InvalidRequestError, LoGoError
 from logo_engine.types import Generation, Selection, Usage
 from logo_integrations._common import (
     DEFAULT_MAX_TOKENS,
@@ -558,10 +558,9 @@ class LoGoLLM(LoGoSettings, FunctionCallingLLM):
         return await self._slot.aget(self.engine_spec)
 
     def _known_facts(self) -> ModelFacts:
-        """What the model's files say, read once (the engine's own values once it is loaded)."""
+        """What the local model's files say, read once (a served model's come from its server)."""
         if self._facts is None:
-            remote = self.base_url is not None  # a served model: known from its server only
-            self._facts = ModelFacts() if remote else peek_model(self.model)
+            self._facts = peek_model(self.model)
         return self._facts
 
     @property
@@ -569,23 +568,32 @@ class LoGoLLM(LoGoSettings, FunctionCallingLLM):
         """Context window, output length and model name; never loads the model.
 
         From the loaded engine when there is one, else from the model folder's config files (the
-        embedded default once converted); ``context_window=`` overrides. A chat and
+        embedded default once converted); with ``base_url``, from the server (one request, the
+        defaults while it does not answer); ``context_window=`` overrides. A chat and
         function-calling model when the tokenizer has a chat template.
         """
         engine = self._slot.loaded
+        if engine is None and self.base_url is not None:
+            engine = self.engine  # a light HTTP client: building it loads nothing
+        window: int | None
+        chat: bool | None
         if engine is not None:
-            window: int | None = engine.context_window
-            chat: bool | None = engine_has_chat_template(engine)
+            try:  # a remote engine asks its server, once
+                window, chat = engine.context_window, engine_has_chat_template(engine)
+                name = self.model_label(engine)
+            except LoGoError as exc:
+                logger.warning("LoGoLLM.metadata: the server did not answer (%s)", exc)
+                window, chat, name = None, None, self.model_label(None)
         else:
             facts = self._known_facts()
-            window, chat = facts.context_window, facts.chat_template
+            window, chat, name = facts.context_window, facts.chat_template, self.model_label(None)
         chat = True if chat is None else chat
         return LLMMetadata(
             context_window=self.context_window or window or DEFAULT_CONTEXT_WINDOW,
             num_output=self.max_tokens or DEFAULT_MAX_TOKENS,
             is_chat_model=chat,
             is_function_calling_model=chat,
-            model_name=self.model_label(engine),
+            model_name=name,
         )
 
     def to_payload(self) -> dict[str, Any]:

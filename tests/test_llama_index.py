@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import socket
 import sys
 import types
 from typing import Any
@@ -99,11 +101,16 @@ def _remote_mode(mode, serve):
     _SERVED.clear()
 
 
+def over(engine: Any, **kwargs: Any) -> LoGoLLM:
+    """LoGoLLM over this engine: given in-process, or behind a live server in remote mode."""
+    where = {"base_url": _SERVED[0](engine)} if _SERVED else {"engine": engine}
+    return LoGoLLM(**where, **kwargs)
+
+
 def make_llm(script: Any = None, debug: LlamaDebugHandler | None = None, **kwargs: Any) -> LoGoLLM:
     engine = ScriptedEngine(script, adapter_names=ADAPTERS)
     handlers = [debug] if debug is not None else []
-    where = {"base_url": _SERVED[0](engine)} if _SERVED else {"engine": engine}
-    return LoGoLLM(**where, callback_manager=CallbackManager(handlers), **kwargs)
+    return over(engine, callback_manager=CallbackManager(handlers), **kwargs)
 
 
 def multiply(a: int, b: int) -> int:
@@ -321,6 +328,7 @@ def test_complete_returns_text_selection_and_usage():
     json.dumps(response.additional_kwargs)
 
 
+@both_modes
 def test_an_abstained_selection_is_reported_like_any_other():
     """No adapter stands out (all keyword scores 1.0 < 1.5): the base model answers, and says so."""
     llm = make_llm(["plain answer"], routing=RoutingConfig(top_k=1, abstain_below=1.5))
@@ -333,9 +341,10 @@ def test_an_abstained_selection_is_reported_like_any_other():
     assert routed["adapters"] == ["sql"] and not routed["abstained"]
 
 
+@both_modes
 def test_chat_and_complete_share_one_code_path():
     engine = ScriptedEngine(adapter_names=ADAPTERS)
-    llm = LoGoLLM(engine=engine)
+    llm = over(engine)
     a = llm.complete("hello math")
     b = llm.chat([ChatMessage(role="user", content="hello math")])
     list(llm.stream_complete("hello math"))
@@ -462,6 +471,7 @@ def test_stream_stopped_early_closes_cleanly():
     stream.close()  # the engine stream is closed in the generator's finally
 
 
+@both_modes
 @pytest.mark.parametrize("method", ["acomplete", "achat", "astream_complete", "astream_chat"])
 async def test_async_calls_do_not_block_the_event_loop(method):
     witness = LoopWitness()
@@ -565,11 +575,12 @@ def test_failed_call_ends_its_event_with_the_exception(debug):
     assert isinstance(pairs[0][1].payload[EventPayload.EXCEPTION], AdapterNotFoundError)
 
 
+@both_modes
 @pytest.mark.parametrize(("method", "arg", "is_async"), CALLS)
 async def test_token_counting_handler_reads_engine_usage(method, arg, is_async):
     counter = TokenCountingHandler(tokenizer=lambda text: [])  # usage must come from raw
-    llm = LoGoLLM(
-        engine=ScriptedEngine(["one two three"], adapter_names=ADAPTERS),
+    llm = over(
+        ScriptedEngine(["one two three"], adapter_names=ADAPTERS),
         callback_manager=CallbackManager([counter]),
     )
     last = await _call(llm, method, arg, is_async)
@@ -755,9 +766,10 @@ def test_normalize_tool_choice_refuses(choice):
 TOOLS = [FunctionTool.from_defaults(fn=multiply), FunctionTool.from_defaults(fn=add)]
 
 
+@both_modes
 def test_chat_with_tools_parses_tool_calls():
     engine = ScriptedEngine(tool_script, adapter_names=ADAPTERS)
-    llm = LoGoLLM(engine=engine)
+    llm = over(engine)
     response = llm.chat_with_tools(TOOLS, user_msg="What is 6 times 7?")
     assert response.message.content == ""
     (raw_call,) = response.message.additional_kwargs["tool_calls"]
@@ -811,6 +823,7 @@ def test_parallel_tool_calls_kept_only_when_allowed():
     assert [t.tool_name for t in llm.get_tool_calls_from_response(both)] == ["add", "multiply"]
 
 
+@both_modes
 @pytest.mark.parametrize(
     ("kwargs", "expected_prefix"),
     [
@@ -834,21 +847,23 @@ def test_tool_choice_reaches_the_engine(kwargs, expected_prefix, monkeypatch):
         return request
 
     monkeypatch.setattr(engine, "_prepare", spy)
-    llm = LoGoLLM(engine=engine, max_tokens=16)  # a set length: no prompt count first
+    llm = over(engine, max_tokens=16)  # a set length: no prompt count first
     llm.chat_with_tools(TOOLS, user_msg="x", **kwargs)
     assert prefixes == [expected_prefix]
 
 
+@both_modes
 def test_tool_choice_none_sends_no_tools():
     engine = ScriptedEngine(tool_script, adapter_names=ADAPTERS)
-    llm = LoGoLLM(engine=engine)
+    llm = over(engine)
     response = llm.chat_with_tools(TOOLS, user_msg="x", tool_choice="none")
     assert response.message.content == "no tools"
 
 
+@both_modes
 def test_tool_history_round_trips_to_the_engine():
     engine = ScriptedEngine(tool_script, adapter_names=ADAPTERS)
-    llm = LoGoLLM(engine=engine)
+    llm = over(engine)
     first = llm.chat_with_tools(TOOLS, user_msg="6 times 7?")
     (call,) = llm.get_tool_calls_from_response(first)
     history = [
@@ -985,6 +1000,7 @@ class InventsNames(ScriptedEngine):
         return super()._decode(requests, selections, params, rows)
 
 
+@both_modes
 def test_one_tool_and_a_required_call_force_that_tool():
     from llama_index.core.bridge.pydantic import BaseModel
     from llama_index.core.prompts import PromptTemplate
@@ -995,7 +1011,7 @@ def test_one_tool_and_a_required_call_force_that_tool():
         title: str
         length_s: int
 
-    llm = LoGoLLM(engine=InventsNames(adapter_names=ADAPTERS))
+    llm = over(InventsNames(adapter_names=ADAPTERS))
     song = llm.structured_predict(Song, PromptTemplate("Write a song about {topic}"), topic="cats")
     assert song == Song(title="Hey", length_s=180)
     one = [FunctionTool.from_defaults(fn=multiply)]
@@ -1006,6 +1022,7 @@ def test_one_tool_and_a_required_call_force_that_tool():
     assert [t.tool_name for t in llm.get_tool_calls_from_response(free)] == ["song_tool"]
 
 
+@both_modes
 def test_signal_per_call_and_as_a_field():
     llm = make_llm(["ok"])
     assert llm.complete("sql", signal="entropy").additional_kwargs[SELECTION_KEY]["signal"] == (
@@ -1016,10 +1033,29 @@ def test_signal_per_call_and_as_a_field():
     ]["adapters"] == ["sql"]
 
 
+@both_modes
 def test_a_deep_copy_shares_the_engine():
     import copy
 
     llm = make_llm(["ok"], top_k=1)
     twin = copy.deepcopy(llm)
-    assert twin.engine is llm.engine and twin.top_k == 1
+    if _SERVED:  # a RemoteEngine is a light HTTP client: a copy opens its own, to the same server
+        assert twin.engine.base_url == llm.engine.base_url and twin.top_k == 1
+    else:
+        assert twin.engine is llm.engine and twin.top_k == 1
     assert twin.complete("x").text == "ok"
+
+
+@pytest.mark.enable_socket
+@pytest.mark.allow_hosts(["127.0.0.1"])
+def test_remote_metadata_comes_from_the_server_and_survives_its_absence(serve, caplog):
+    engine = ScriptedEngine(adapter_names=ADAPTERS, context_window=1234, model_name="served")
+    meta = LoGoLLM(base_url=serve(engine)).metadata  # before any call: asked of the server
+    assert (meta.context_window, meta.model_name, meta.is_chat_model) == (1234, "served", True)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    with caplog.at_level(logging.WARNING):
+        meta = LoGoLLM(base_url=dead, context_window=999).metadata
+    assert meta.context_window == 999 and meta.model_name == dead
+    assert "did not answer" in caplog.text

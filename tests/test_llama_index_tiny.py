@@ -15,16 +15,32 @@ from llama_index.core.callbacks import (
     TokenCountingHandler,
 )
 from llama_index.core.tools import FunctionTool
+from remote import both_modes
 
 from logo_integrations.llama_index import INVALID_KEY, SELECTION_KEY, LoGoLLM, record_selections
 
 PROMPT = "abc dde fgh"
+pytestmark = both_modes  # every test in-process and against a live `logo serve` of the engine
+_SERVED: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+def _remote_mode(mode, serve):
+    _SERVED[:] = [serve] if mode == "remote" else []
+    yield
+    _SERVED.clear()
+
+
+def over(engine: Any, **kwargs: Any) -> LoGoLLM:
+    """LoGoLLM over the engine: given in-process, or served (remote mode) with base_url=."""
+    where = {"base_url": _SERVED[0](engine)} if _SERVED else {"engine": engine}
+    return LoGoLLM(**where, **kwargs)
 
 
 @pytest.fixture()
 def llm(engine) -> LoGoLLM:
     # `engine` (conftest): the tiny llama with three random adapters a, b, c; top_k=3 by default.
-    return LoGoLLM(engine=engine, max_new_tokens=8, callback_manager=CallbackManager([]))
+    return over(engine, max_new_tokens=8, callback_manager=CallbackManager([]))
 
 
 def test_metadata_from_the_model_config(llm, engine):
@@ -76,9 +92,7 @@ def test_pinned_mixture_and_base_model(llm, engine):
 def test_one_event_selection_event_and_token_counts(engine):
     debug = LlamaDebugHandler()
     counter = TokenCountingHandler(tokenizer=lambda text: [])
-    llm = LoGoLLM(
-        engine=engine, max_new_tokens=5, callback_manager=CallbackManager([debug, counter])
-    )
+    llm = over(engine, max_new_tokens=5, callback_manager=CallbackManager([debug, counter]))
     messages = [
         ChatMessage(role="system", content="be brief"),
         ChatMessage(role="user", content=PROMPT),
@@ -118,7 +132,7 @@ def long_engine(tokenizer, adapter_dir):
 
 def test_tools_go_through_the_chat_template(long_engine):
     engine = long_engine
-    llm = LoGoLLM(engine=engine, max_new_tokens=8)
+    llm = over(engine, max_new_tokens=8)
     tool = FunctionTool.from_defaults(fn=multiply)
     schema = tool.metadata.to_openai_tool()
     with_tools = engine.count_tokens(PROMPT, tools=[schema])
@@ -138,7 +152,7 @@ def test_tools_go_through_the_chat_template(long_engine):
 
 
 def test_tool_history_renders_on_the_real_template(long_engine):
-    llm = LoGoLLM(engine=long_engine, max_new_tokens=8)
+    llm = over(long_engine, max_new_tokens=8)
     tool = FunctionTool.from_defaults(fn=multiply)
     history: list[Any] = [
         ChatMessage(role="user", content="6 times 7?"),
