@@ -314,3 +314,30 @@ def test_the_client_imports_no_torch(server):
     )
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"heavy": [], "text": report["text"], "same": True}
+
+
+def test_the_remote_integrations_import_no_torch():
+    """ChatLoGo(base_url=) and LoGoLLM(base_url=) calls load no torch (nor the server stack)."""
+    with BackgroundServer(ScriptedEngine(adapter_names=("math", "sql"))) as srv:
+        code = textwrap.dedent(f"""
+            import json, sys
+            from logo_integrations.langchain import ChatLoGo
+            from logo_integrations.llama_index import LoGoLLM
+            chat = ChatLoGo(base_url={srv.base_url!r})
+            message = chat.invoke("sql math")
+            list(chat.stream("sql"))
+            response = LoGoLLM(base_url={srv.base_url!r}).complete("sql")
+            heavy = sorted(m for m in ("torch", "transformers", "peft", "fastapi", "uvicorn")
+                           if m in sys.modules)
+            print(json.dumps({{
+                "heavy": heavy,
+                "langchain": message.response_metadata["logo_selection"]["adapters"],
+                "llama_index": response.additional_kwargs["logo_selection"]["adapters"],
+            }}))
+        """)
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+        )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["heavy"] == []
+    assert sorted(report["langchain"]) == ["math", "sql"] and report["llama_index"][0] == "sql"
