@@ -112,6 +112,7 @@ class Request:
     has_tools: bool = False
     input_ids: Any = None
     tools: list[dict[str, Any]] | None = None  # tools offered (None: none, or tool_choice="none")
+    messages: list[dict[str, Any]] | None = None  # the caller's messages (None: a plain string)
 
 
 @dataclass
@@ -128,6 +129,7 @@ class RowState:
     max_new_tokens: int | None = None  # this row's own limit (None: the run's); batches may mix
     emitted: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the engine did not recompute (prefill cache)
     finish_reason: FinishReason | None = None
     _longest_stop: int = field(init=False, default=0)
 
@@ -252,6 +254,7 @@ class _Run:
             usage=Usage(
                 prompt_tokens=request.n_prompt_tokens,
                 completion_tokens=row.completion_tokens,
+                cached_tokens=row.cached_tokens,
             ),
             finish_reason=row.finish_reason or "length",
             content=answer.content,

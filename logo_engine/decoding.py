@@ -17,6 +17,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from logo_engine.base import RowState, SamplingParams
 from logo_engine.errors import GenerationError, LoGoError, NumericalError
 from logo_engine.mixture import ForwardContext, MixturePlan, forward_context
+from logo_engine.prefix_cache import CacheUse, PrefixEntry, prefix_batch, row_kv
 
 
 class Detokenizer:
@@ -73,6 +74,11 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def cache_kwarg(model: PreTrainedModel) -> str:
+    """Name of the forward's KV-cache argument ("cache" in recent transformers)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def make_generators(
     params: SamplingParams, n_rows: int, device: torch.device
 ) -> list[torch.Generator] | None:
@@ -118,8 +124,7 @@ class TransformersDecoder:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.device = next(model.parameters()).device
-        params = inspect.signature(model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._cache_kwarg = cache_kwarg(model)
 
     def decode(
         self,
@@ -127,25 +132,50 @@ class TransformersDecoder:
         plan: MixturePlan | None,
         params: SamplingParams,
         rows: list[RowState],
+        prefill: CacheUse | None = None,
     ) -> Iterator[None]:
         """Generate for every row with ``plan`` installed; yield after each step.
 
         Rows that are done (end of turn, stop string, their own limit, or finished by the caller
         between steps, e.g. a cancelled request) are dropped from the batch before the next step:
         their KV cache, mask, generator and mixture rows go, the other rows decode as before.
+
+        With ``prefill`` (the prefill cache, and each row's mixture as its space), rows that
+        extend a cached prefix of their mixture prefill only their new tokens, and each row's KV
+        (prompt and the generated tokens fed back) is stored when it leaves the batch.
         """
         ctx = ForwardContext(plan=plan)
-        ids, mask = left_pad(self.tokenizer, input_ids, self.device)
-        pos = positions(mask)
-        cache = DynamicCache(config=self.model.config)
+        if prefill is not None and prefill.cache.enabled:
+            hits = [
+                prefill.cache.lookup(space, row, epoch=prefill.epoch)
+                for space, row in zip(prefill.spaces, input_ids, strict=True)
+            ]
+            batch = prefix_batch(
+                input_ids,
+                hits,
+                pad_id=self.tokenizer.pad_token_id,
+                config=self.model.config,
+                device=self.device,
+            )
+            ids, mask, pos, cache = batch.input_ids, batch.mask, batch.positions, batch.cache
+            for row, reused in zip(rows, batch.reused, strict=True):
+                row.cached_tokens = reused
+        else:
+            prefill = None
+            ids, mask = left_pad(self.tokenizer, input_ids, self.device)
+            pos = positions(mask)
+            cache = DynamicCache(config=self.model.config)
         generators = make_generators(params, len(rows), self.device)
-        live = list(zip(rows, (Detokenizer(self.tokenizer) for _ in rows), strict=True))
+        # per live row: its state, detokenizer, index in ``input_ids`` and the tokens it chose
+        live = [(row, Detokenizer(self.tokenizer), i, []) for i, row in enumerate(rows)]
+        fed = 0  # decode forwards after the prefill: every live row was fed each one
         logits = self.forward(ctx, ids, mask, pos, cache)
         for step in range(params.max_new_tokens):
             tokens = next_tokens(logits, params, generators)  # (B,)
-            for (row, detok), token in zip(live, tokens.tolist(), strict=True):
+            for (row, detok, _, gen), token in zip(live, tokens.tolist(), strict=True):
                 if row.done:
                     continue
+                gen.append(token)
                 if token in self.eos_ids:
                     row.push(detok.flush(), n_tokens=1)
                     row.finish("stop")
@@ -156,24 +186,28 @@ class TransformersDecoder:
                         row.finish("length")
             last = step == params.max_new_tokens - 1
             if last:
-                for row, detok in live:
+                for row, detok, *_ in live:
                     row.push(detok.flush(), n_tokens=0)
             yield
-            keep = [i for i, (row, _) in enumerate(live) if not row.done]
+            keep = [j for j, (row, *_) in enumerate(live) if not row.done]
+            if prefill is not None:  # rows leaving the batch: store their KV first
+                leaving = [j for j in range(len(live)) if last or j not in keep]
+                remember(prefill, input_ids, live, leaving, fed, mask, cache)
             if last or not keep:
                 return
             if len(keep) < len(live):  # prune the finished rows
                 index = torch.tensor(keep, device=self.device)  # (B',)
-                live = [live[i] for i in keep]
+                live = [live[j] for j in keep]
                 tokens, mask, pos = tokens[index], mask[index], pos[index]  # (B',) (B', T) (B', 1+)
                 cache.batch_select_indices(index)
                 if generators is not None:
-                    generators = [generators[i] for i in keep]
+                    generators = [generators[j] for j in keep]
                 if ctx.plan is not None:
                     ctx = ForwardContext(plan=ctx.plan.select_rows(index))
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B, T+1)
             pos = pos[:, -1:] + 1  # (B, 1)
             logits = self.forward(ctx, tokens[:, None], mask, pos, cache)
+            fed += 1
 
     def forward(
         self,
@@ -206,3 +240,30 @@ class TransformersDecoder:
                 "or the adapter mixture); nothing was generated from them"
             )
         return logits
+
+
+def remember(
+    prefill: CacheUse,
+    input_ids: Sequence[Sequence[int]],
+    live: Sequence[tuple[RowState, Detokenizer, int, list[int]]],
+    leaving: Sequence[int],
+    fed: int,
+    mask: torch.Tensor,
+    cache: DynamicCache,
+) -> None:
+    """Store the KV of the live rows ``leaving`` (batch positions) in the prefill cache.
+
+    A row's KV covers its prompt and the ``fed`` tokens fed back so far (its last chosen token
+    was never fed); ``mask`` (B, T) and ``cache`` are the batch as it stands.
+    """
+    with torch.inference_mode():
+        for j in leaving:
+            _, _, i, gen = live[j]
+            tokens = [*input_ids[i], *gen[:fed]]
+            keys, values = row_kv(cache, mask, j, len(tokens), depth=len(cache.layers))
+            entry = PrefixEntry(
+                tokens=torch.tensor(tokens, dtype=torch.long),
+                keys=keys,
+                values=values,
+            )
+            prefill.cache.insert(prefill.spaces[i], entry, epoch=prefill.epoch)

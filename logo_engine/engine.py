@@ -33,14 +33,15 @@ from logo_engine.chat import (
     ParsedAnswer,
     Prompt,
     ToolChoice,
+    has_chat_template,
+    normalize_messages,
     parse_answer,
     parse_with_response_template,
     render_prompt,
 )
-from logo_engine.decoding import TransformersDecoder, left_pad, positions
+from logo_engine.decoding import TransformersDecoder
 from logo_engine.errors import (
     AdapterLoadError,
-    GenerationError,
     InvalidRequestError,
     LoGoError,
     NumericalError,
@@ -56,9 +57,12 @@ from logo_engine.library import (
     read_adapter,
     resolve_sources,
 )
-from logo_engine.mixture import ForwardContext, HookSet, MixturePlan, ProbeDone, forward_context
+from logo_engine.mixture import HookSet, MixturePlan
+from logo_engine.prefix_cache import CacheUse, PrefixCache, PrefixCacheStats, cacheable
+from logo_engine.probing import Prober
 from logo_engine.routing import check_top_k, score, select
-from logo_engine.types import Calibration, Prototypes, RoutingConfig, Selection
+from logo_engine.sticky import STICKY_SHARE, mixture_key, sticky_selection
+from logo_engine.types import Calibration, PrefixCacheConfig, Prototypes, RoutingConfig, Selection
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +89,11 @@ class LoGoEngine(BaseEngine):
             vLLM; see docs/vllm.md) or a :class:`~logo_engine.backends.GenerationBackend`.
         backend_options: keyword arguments of the named backend (e.g.
             :class:`~logo_engine.backends.vllm.VLLMBackend`'s ``llm_options``, ``weight_grid``).
+        prefix_cache: byte budgets of the probe and prefill prefix caches (default: 256 MiB
+            each; ``PrefixCacheConfig.off()`` disables them). A call whose prompt extends a
+            recent prompt probes, and with the same mixture prefills, only its new tokens.
+            With a backend other than transformers only the probe cache applies (the backend
+            prefills on its own; vLLM keeps its own prefix cache per adapter, see docs/vllm.md).
 
     Several engines may share one model object (their hooks are shared, see
     :class:`~logo_engine.mixture.HookSet`); :meth:`close` an engine that is no longer needed.
@@ -107,6 +116,7 @@ class LoGoEngine(BaseEngine):
         adapter_memory_budget: int | None = None,
         backend: str | GenerationBackend | None = None,
         backend_options: Mapping[str, Any] | None = None,
+        prefix_cache: PrefixCacheConfig | None = None,
     ) -> None:
         self._backend = make_backend(backend, backend_options)
         if adapter_memory_budget is not None and (
@@ -129,6 +139,17 @@ class LoGoEngine(BaseEngine):
         self._device = next(model.parameters()).device
         self._dtype = next(model.parameters()).dtype
         self._decoder = TransformersDecoder(model, tokenizer, _eos_ids(model, tokenizer))
+        self.prefix_cache_config = prefix_cache or PrefixCacheConfig()
+        if not isinstance(self.prefix_cache_config, PrefixCacheConfig):
+            raise InvalidRequestError(
+                f"prefix_cache must be a PrefixCacheConfig, got {type(prefix_cache).__name__}"
+            )
+        caches = cacheable(model.config)
+        if not caches:
+            logger.info("prefix caches are off: this model's KV cache is not a plain one")
+        self._probe_cache = PrefixCache(self.prefix_cache_config.probe_bytes if caches else 0)
+        self._prefill_cache = PrefixCache(self.prefix_cache_config.prefill_bytes if caches else 0)
+        self._prober = Prober(model, tokenizer, self._layers, self._probe_cache)
         self._library = AdapterLibrary([], dtype=self._dtype, device=self._device)
         self._load_lock = threading.Lock()
         self._weight_norms: dict[str, float] = {}  # ||W||_F per Linear, for check_fits
@@ -167,6 +188,7 @@ class LoGoEngine(BaseEngine):
         adapter_memory_budget: int | None = None,
         backend: str | GenerationBackend | None = None,
         backend_options: Mapping[str, Any] | None = None,
+        prefix_cache: PrefixCacheConfig | None = None,
     ) -> LoGoEngine:
         """Load a base model and an adapter library.
 
@@ -205,6 +227,7 @@ class LoGoEngine(BaseEngine):
             adapter_memory_budget=adapter_memory_budget,
             backend=backend,
             backend_options=backend_options,
+            prefix_cache=prefix_cache,
         )
         if library_dir is not None:
             engine.load_calibrations(library_dir / CALIBRATION_NAME, missing_ok=True)
@@ -220,6 +243,7 @@ class LoGoEngine(BaseEngine):
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         gguf_file: str | None = None,
+        prefix_cache: PrefixCacheConfig | None = None,
     ) -> LoGoEngine:
         """A process-wide engine for these arguments, loaded on first use and reused after.
 
@@ -232,6 +256,7 @@ class LoGoEngine(BaseEngine):
             str(device),
             dtype,
             gguf_file,
+            prefix_cache,
         )
         with cls._shared_lock:
             engine = cls._shared.get(key)
@@ -243,6 +268,7 @@ class LoGoEngine(BaseEngine):
                     device=device,
                     dtype=dtype or torch.float32,
                     gguf_file=gguf_file,
+                    prefix_cache=prefix_cache,
                 )
                 cls._shared[key] = engine
             return engine
@@ -292,6 +318,8 @@ class LoGoEngine(BaseEngine):
             self.routing = routing
             self._calibrations = {}  # statistics were for the old library
             self._prototypes = {}
+            self.clear_prefix_caches()  # after the swap: calls that read the old library's
+            # epoch cannot store entries any more (see prefix_cache.py)
         _release_freed_memory()
         return [a.name for a in loaded]
 
@@ -304,8 +332,18 @@ class LoGoEngine(BaseEngine):
         """
         super().close()
         self._release_hooks()
+        self.clear_prefix_caches()
         if self._backend is not None:
             self._backend.close()
+
+    def clear_prefix_caches(self) -> None:
+        """Drop every entry of the probe and prefill caches (done when the library changes)."""
+        self._probe_cache.invalidate()
+        self._prefill_cache.invalidate()
+
+    def prefix_cache_stats(self) -> dict[str, PrefixCacheStats]:
+        """Size and counters of the prefix caches: ``{"probe": ..., "prefill": ...}``."""
+        return {"probe": self._probe_cache.stats(), "prefill": self._prefill_cache.stats()}
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -362,8 +400,7 @@ class LoGoEngine(BaseEngine):
     # ------------------------------------------------------------------ primitives
     def _prepare(self, prompt: Prompt, tools: Tools | None, tool_choice: ToolChoice) -> Request:
         rendered = render_prompt(self.tokenizer, prompt, tools=tools, tool_choice=tool_choice)
-        templated = bool(getattr(self.tokenizer, "chat_template", None))
-        ids = self.tokenizer(rendered.text, add_special_tokens=not templated)["input_ids"]
+        ids = self._tokenize(rendered.text)
         if not ids:
             raise InvalidRequestError("prompt encodes to zero tokens")
         offered = [dict(t) for t in tools or []] if tool_choice != "none" else []
@@ -373,6 +410,7 @@ class LoGoEngine(BaseEngine):
             response_prefix=rendered.response_prefix,
             has_tools=bool(offered),
             input_ids=ids,
+            messages=normalize_messages(prompt) if has_chat_template(self.tokenizer) else None,
             tools=offered or None,
         )
 
@@ -388,6 +426,30 @@ class LoGoEngine(BaseEngine):
         return parse_with_response_template(
             self.tokenizer, text, prefix=prefix, tools=request.tools
         )
+
+    def _tokenize(self, text: str) -> list[int]:
+        """Token ids of rendered text (a chat template writes its own special tokens)."""
+        templated = has_chat_template(self.tokenizer)
+        return list(self.tokenizer(text, add_special_tokens=not templated)["input_ids"])
+
+    def _conversation_mixture(self, request: Request, epoch: int) -> Mixture | None:
+        """The mixture of the cached generation this prompt continues (sticky routing).
+
+        That is the prefill-cache entry sharing the longest prefix with the prompt, if the shared
+        part is at least ``STICKY_SHARE`` of it; its space is the mixture that computed its KV.
+        """
+        found = self._prefill_cache.related(request.input_ids, epoch=epoch, min_share=STICKY_SHARE)
+        if found is None or not isinstance(found[0], tuple):
+            return None
+        return {str(name): float(weight) for name, weight in found[0]}  # space = mixture_key
+
+    def _probe_ids(self, request: Request, routing: RoutingConfig) -> list[int]:
+        """The tokens the probe reads: the whole prompt, or its last user message alone."""
+        users = [m for m in request.messages or [] if m["role"] == "user"]
+        if routing.probe_scope == "prompt" or not users:
+            return list(request.input_ids)
+        last = [{"role": "user", "content": users[-1]["content"]}]
+        return self._tokenize(render_prompt(self.tokenizer, last).text) or list(request.input_ids)
 
     def _validate_routing(
         self,
@@ -548,6 +610,7 @@ class LoGoEngine(BaseEngine):
                 routing,
                 library,
                 with_scores=with_scores,
+                use_cache=False,  # one-off prompts: they would only evict conversations
             )
             for i in range(0, len(prompts), batch_size)
         ]
@@ -653,6 +716,7 @@ class LoGoEngine(BaseEngine):
             self.add_prototypes(item)
 
     def _route(self, requests: list[Request], routing: RoutingConfig) -> list[Selection]:
+        epoch = self._prefill_cache.epoch  # before the library: see prefix_cache.py
         library = self._library
         self._validate_routing(routing, library)
         probe = self._probe(requests, routing, library, with_scores=routing.signal != "prototype")
@@ -662,7 +726,7 @@ class LoGoEngine(BaseEngine):
             scores = calib.prototype_scores(prototypes, library.names, probe.states)  # (B, N)
         calibration = self._calibration(routing, library)
         ranking = None if calibration is None else calib.zscores(calibration, library.names, scores)
-        return select(
+        selections = select(
             scores,
             library.names,
             routing,
@@ -672,6 +736,16 @@ class LoGoEngine(BaseEngine):
             ranking=ranking,
             calibrated=calibration is not None,
         )
+        selections = [
+            s.model_copy(update={"probe_cached_tokens": n}) if n else s
+            for s, n in zip(selections, probe.reused, strict=True)
+        ]
+        if routing.sticky_margin is not None:
+            selections = [
+                sticky_selection(self._conversation_mixture(r, epoch), s, routing.sticky_margin)
+                for r, s in zip(requests, selections, strict=True)
+            ]
+        return selections
 
     def _probe(
         self,
@@ -680,36 +754,29 @@ class LoGoEngine(BaseEngine):
         library: AdapterLibrary,
         *,
         with_scores: bool = True,
+        use_cache: bool = True,
     ) -> ProbeResult:
-        """One base-only forward up to the probe module: the probed states and raw scores."""
+        """One base-only forward up to the probe module: the probed states and raw scores.
+
+        The probe reads and stores the probe prefix cache (``use_cache``): a prompt extending a
+        cached one runs only its new tokens, and the states equal an uncached pass (fp tolerance),
+        so every signal (norm, entropy, prototype) routes alike.
+        """
         layer, module = self._probe_target(routing, library)
         start = time.perf_counter()
-        input_ids, mask = left_pad(self.tokenizer, [r.input_ids for r in requests], self._device)
-        ctx = ForwardContext()
-        if routing.probe_input == "residual":
-            ctx.probe_layer = self._layers[layer]
-        else:
-            ctx.probe_module = module
-        try:
-            with torch.inference_mode(), forward_context(ctx):
-                self.model(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    position_ids=positions(mask),
-                    use_cache=False,
-                )
-        except ProbeDone:
-            pass
-        except Exception as exc:
-            raise GenerationError(f"the probe forward failed: {exc!r}") from exc
-        if ctx.captured is None:
-            raise GenerationError(f"the probe never reached {module!r}")
+        probe = self._prober.capture(
+            [self._probe_ids(r, routing) for r in requests],
+            layer=layer,
+            module=module,
+            probe_input=routing.probe_input,
+            use_cache=use_cache,
+        )
         with torch.inference_mode():
-            h = ctx.captured  # (B, T, in)
+            h = probe.captured  # (B, T, in)
             if routing.probe_tokens == "last":
                 h = h[:, -1]  # left padding: the last position is the last prompt token
             else:
-                m = mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+                m = probe.mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
                 h = (h * m).sum(1) / m.sum(1)  # (B, in); linear, so = mean of the outputs
             if not bool(torch.isfinite(h).all()):
                 raise NumericalError(
@@ -721,7 +788,7 @@ class LoGoEngine(BaseEngine):
                 outputs = library.stacks[module].outputs(h)  # (B, N, out)
                 scores = score(outputs, routing)  # (B, N)
                 scores[:, ~library.has_module(module).to(scores.device)] = 0.0
-        return ProbeResult(h, scores, layer, module, start)
+        return ProbeResult(h, scores, layer, module, start, probe.reused)
 
     def _select(
         self, requests: list[Request], mixtures: list[Mixture | None], routing: RoutingConfig
@@ -738,8 +805,10 @@ class LoGoEngine(BaseEngine):
     ) -> Iterator[None]:
         if self._backend is not None:
             return self._backend.decode(requests, selections, params, rows)
+        epoch = self._prefill_cache.epoch  # before the library: see prefix_cache.py
         plan = MixturePlan.build(self._library, selections)
-        return self._decoder.decode([r.input_ids for r in requests], plan, params, rows)
+        prefill = CacheUse(self._prefill_cache, epoch, [mixture_key(s) for s in selections])
+        return self._decoder.decode([r.input_ids for r in requests], plan, params, rows, prefill)
 
     # ------------------------------------------------------------------ helpers
     def _probe_target(self, routing: RoutingConfig, library: AdapterLibrary) -> tuple[int, str]:
@@ -785,6 +854,7 @@ class ProbeResult:
     layer: int
     module: str
     start: float  # time.perf_counter() when the probe began
+    reused: list[int]  # per row: prompt tokens whose probe KV came from the probe cache
 
 
 # ---------------------------------------------------------------------- free helpers

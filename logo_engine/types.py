@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
-from logo_engine.errors import RoutingConfigError
+from logo_engine.errors import InvalidRequestError, RoutingConfigError
 
 if TYPE_CHECKING:  # torch stays out of the import path of remote clients (logo_engine.client)
     import torch
@@ -68,6 +68,17 @@ class RoutingConfig:
     # this probe setting (engine.calibrate, or a library's calibration.json); True: require them;
     # False: raw scores, as in the paper.
     calibrated: bool | None = None
+    # Sticky selection within a conversation (None: off, every turn routes afresh). When a prompt
+    # continues a generation the prefill cache holds (sharing at least half of its tokens), keep
+    # that generation's mixture unless this turn's top adapter outranks the mixture's top adapter
+    # by more than this margin, in ranking-score units (z-scores when calibrated, raw scores
+    # otherwise). A kept mixture lets the prefill cache reuse the conversation's KV.
+    sticky_margin: float | None = None
+    # What the probe reads: "prompt" (the whole rendered prompt, as in the paper) or
+    # "last_user_turn" (the last user message alone, rendered as a one-message chat): its cost
+    # no longer grows with the history, and the steps of an agent's tool loop, which share their
+    # last user message, route identically (so the prefill cache keeps hitting).
+    probe_scope: Literal["prompt", "last_user_turn"] = "prompt"
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
@@ -104,6 +115,16 @@ class RoutingConfig:
             value = getattr(self, name)
             if value is not None and not _finite(value):
                 raise RoutingConfigError(f"{name} must be a finite float or None, got {value!r}")
+        if self.probe_scope not in ("prompt", "last_user_turn"):
+            raise RoutingConfigError(
+                f"probe_scope must be 'prompt' or 'last_user_turn', got {self.probe_scope!r}"
+            )
+        if self.sticky_margin is not None and (
+            not _finite(self.sticky_margin) or self.sticky_margin < 0
+        ):
+            raise RoutingConfigError(
+                f"sticky_margin must be a finite float >= 0 or None, got {self.sticky_margin!r}"
+            )
 
     @property
     def signal_name(self) -> str:
@@ -162,11 +183,13 @@ class Selection(_Frozen):
     probe_layer: int | None = None
     probe_module: str | None = None
     probe_ms: float = 0.0
+    probe_cached_tokens: int = 0  # prompt tokens whose probe KV came from the probe cache
     pinned: bool = False
     calibrated: bool = False
     abstained: bool = False
     reason: str | None = None
     served_weights: list[float] | None = None
+    sticky: bool = False  # the mixture was kept from the conversation (RoutingConfig.sticky_margin)
 
     @property
     def mixture(self) -> dict[str, float]:
@@ -218,16 +241,45 @@ class Prototypes(_Frozen):
 
 
 class Usage(_Frozen):
-    """Token counts of one call."""
+    """Token counts of one call.
+
+    ``cached_tokens``: prompt tokens whose keys and values came from the engine's prefill cache
+    (not recomputed), as OpenAI's ``prompt_tokens_details.cached_tokens``; 0 when none were.
+    """
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def total_tokens(self) -> int:
         """prompt_tokens + completion_tokens."""
         return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class PrefixCacheConfig:
+    """Byte budgets of the engine's prefix caches (DESIGN.md section 2); 0 turns one off.
+
+    Each cache is LRU within its budget. Per token, a cache entry costs
+    2 (K and V) x blocks x kv_heads x head_dim x dtype bytes: ~46 KB for SmolLM2-135M in fp32,
+    so the default budgets hold ~5,800 tokens each there.
+    """
+
+    probe_bytes: int = 256 * 2**20  # base-only KV of the probe pass, reused by later probes
+    prefill_bytes: int = 256 * 2**20  # KV of generations, per mixture, reused by later prefills
+
+    def __post_init__(self) -> None:
+        for name in ("probe_bytes", "prefill_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidRequestError(f"{name} must be an int >= 0, got {value!r}")
+
+    @classmethod
+    def off(cls) -> PrefixCacheConfig:
+        """No prefix caching: every call probes and prefills its whole prompt."""
+        return cls(probe_bytes=0, prefill_bytes=0)
 
 
 class ToolCall(_Frozen):

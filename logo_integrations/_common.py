@@ -72,6 +72,7 @@ class EngineSpec:
     gguf_file: str | None = None
     base_url: str | None = None  # a `logo serve` server: a RemoteEngine instead of a local one
     api_key: str | None = field(default=None, repr=False)  # the server's key (None: LOGO_API_KEY)
+    prefix_cache_bytes: int | None = None  # each prefix cache's budget; None: engine default
 
 
 def build_engine(spec: EngineSpec) -> BaseEngine:
@@ -82,19 +83,26 @@ def build_engine(spec: EngineSpec) -> BaseEngine:
     ``base_url``, a :class:`~logo_engine.client.RemoteEngine` on that server (``model``: the served
     model name to request, e.g. ``"<model>:<adapter>"``; None: the server's routed model); nothing
     heavy is imported, torch included.
+    ``prefix_cache_bytes`` (when set) is the byte budget of each of a local engine's prefix caches.
     """
     if spec.base_url is not None:
         from logo_engine.client import RemoteEngine
 
         return RemoteEngine(spec.base_url, api_key=spec.api_key, model=spec.model)
     from logo_engine.engine import LoGoEngine
+    from logo_engine.types import PrefixCacheConfig
 
+    extra: dict[str, Any] = {}
+    if spec.prefix_cache_bytes is not None:
+        budget = spec.prefix_cache_bytes
+        extra["prefix_cache"] = PrefixCacheConfig(probe_bytes=budget, prefill_bytes=budget)
     return LoGoEngine.shared(
         spec.model,
         adapters=spec.adapters,
         device=spec.device,
         dtype=parse_dtype(spec.dtype),
         gguf_file=spec.gguf_file,
+        **extra,
     )
 
 
@@ -248,6 +256,13 @@ class LoGoSettings(BaseModel):
         default=None, description=f"torch dtype name, one of {list(DTYPES)} (None: float32)."
     )
     gguf_file: str | None = Field(default=None, description="GGUF file inside `model`.")
+    prefix_cache_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Byte budget of each of the engine's prefix caches, probe and prefill (None: "
+        "the engine's default, 256 MiB each; 0: off). An agent's next step then probes and "
+        "prefills only its new tokens. Not used when an engine is passed in.",
+    )
 
     temperature: float = Field(default=0.0, ge=0.0, description="0: greedy decoding.")
     max_tokens: int | None = Field(
@@ -317,7 +332,14 @@ class LoGoSettings(BaseModel):
         """Where the engine comes from when none is passed in."""
         key = self.api_key.get_secret_value() if self.api_key is not None else None
         return EngineSpec(
-            self.model, self.adapters, self.device, self.dtype, self.gguf_file, self.base_url, key
+            self.model,
+            self.adapters,
+            self.device,
+            self.dtype,
+            self.gguf_file,
+            base_url=self.base_url,
+            api_key=key,
+            prefix_cache_bytes=self.prefix_cache_bytes,
         )
 
     def model_label(self, engine: BaseEngine | None, model: str | None = None) -> str:

@@ -223,12 +223,19 @@ def lc_invalid_tool_calls(generation: Generation) -> list[LCInvalidToolCall]:
 
 
 def usage_metadata(usage: Usage) -> UsageMetadata:
-    """Engine token counts as LangChain ``UsageMetadata``."""
-    return UsageMetadata(
+    """Engine token counts as LangChain ``UsageMetadata``.
+
+    Prompt tokens served from the engine's prefill cache, when there are any, are
+    ``input_token_details["cache_read"]`` (LangChain's convention for cached input).
+    """
+    out = UsageMetadata(
         input_tokens=usage.prompt_tokens,
         output_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
     )
+    if usage.cached_tokens:
+        out["input_token_details"] = {"cache_read": usage.cached_tokens}
+    return out
 
 
 def response_metadata(

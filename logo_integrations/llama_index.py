@@ -450,8 +450,12 @@ def tool_schema(tool: BaseTool | Mapping[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------- responses (pure)
 def usage_counts(usage: Usage) -> dict[str, Any]:
-    """Engine token counts as the JSON LlamaIndex handlers read (``raw["usage"]``)."""
-    return usage.model_dump(mode="json")
+    """Engine token counts as the JSON LlamaIndex handlers read (``raw["usage"]``).
+
+    Cached prompt tokens are not a top-level count: :func:`response_metadata` adds them in
+    OpenAI's ``prompt_tokens_details`` shape when there are any.
+    """
+    return usage.model_dump(mode="json", exclude={"cached_tokens"})
 
 
 def response_metadata(
@@ -463,7 +467,9 @@ def response_metadata(
     """``(additional_kwargs, raw)`` of one response: JSON only, no tensors.
 
     ``additional_kwargs = {"logo_selection": ..., prompt_tokens, completion_tokens, total_tokens,
-    "finish_reason"}``; ``raw = {"model", "logo_selection", "usage", "finish_reason"}``. Usage and
+    "finish_reason"}``; ``raw = {"model", "logo_selection", "usage", "finish_reason"}``. Prompt
+    tokens served from the engine's prefill cache, when there are any, are ``cached_tokens`` in
+    ``additional_kwargs`` and ``raw["usage"]["prompt_tokens_details"]["cached_tokens"]``. Usage and
     finish reason are known only at the end of a stream, so intermediate chunks carry just the
     selection.
     """
@@ -472,7 +478,10 @@ def response_metadata(
     if usage is not None:
         counts = usage_counts(usage)
         additional.update(counts)
-        raw["usage"] = counts
+        raw["usage"] = dict(counts)
+        if usage.cached_tokens:  # OpenAI's shape for prompt tokens served from a cache
+            additional["cached_tokens"] = usage.cached_tokens
+            raw["usage"]["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
     if finish_reason is not None:
         additional["finish_reason"] = finish_reason
         raw["finish_reason"] = finish_reason

@@ -148,6 +148,7 @@ def test_probe_ignores_earlier_requests(engine):
     first = engine.route("hello world")
     engine.generate("abc", adapters={"a": 1.0}, max_new_tokens=3)
     engine.generate("xyz", max_new_tokens=3)
+    engine.clear_prefix_caches()  # probe the model again, not the cached pass
     assert engine.route("hello world").scores == first.scores
 
 

@@ -1,0 +1,184 @@
+"""The probe pass: a base-only forward that stops at the probed module, with its prefix cache.
+
+No adapter is active in the probe, so the keys and values it computes are the base model's own
+and any later prompt that extends a probed one can reuse them (see
+:mod:`logo_engine.prefix_cache`). A cached probe runs only the new tokens, over the cached KV of
+the blocks below the probe point, and takes the prefix's captured inputs from the cache: the
+captured tensor it returns has the layout of one uncached left-padded pass over the whole
+prompts, so what routing does with it does not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from logo_engine.decoding import cache_kwarg, left_pad, positions
+from logo_engine.errors import GenerationError
+from logo_engine.mixture import ForwardContext, ProbeDone, forward_context
+from logo_engine.prefix_cache import (
+    PrefixCache,
+    PrefixEntry,
+    PrefixHit,
+    filled_depth,
+    prefix_batch,
+    row_kv,
+)
+
+
+@dataclass(frozen=True)
+class ProbeCapture:
+    """What one probe pass captured.
+
+    ``captured`` (B, T, in) and ``mask`` (B, T) are laid out as one left-padded pass over the
+    whole prompts; ``reused`` counts per row the tokens whose KV came from the cache.
+    """
+
+    captured: torch.Tensor  # (B, T, in)
+    mask: torch.Tensor  # (B, T)
+    reused: list[int]
+
+
+class Prober:
+    """Runs probe passes on one model, through a probe prefix cache."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        layers: nn.ModuleList,
+        cache: PrefixCache,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.layers = layers
+        self.cache = cache
+        self.device = next(model.parameters()).device
+        self._cache_kwarg = cache_kwarg(model)
+
+    def capture(
+        self,
+        ids: Sequence[Sequence[int]],
+        *,
+        layer: int,
+        module: str,
+        probe_input: str,
+        use_cache: bool = True,
+    ) -> ProbeCapture:
+        """The probed input at every prompt token of every row.
+
+        A row whose every token is cached (a repeat, or the start of a longer cached prompt)
+        runs nothing: the probed input at token j depends on tokens 0..j only. The other rows
+        run their new tokens in one batch, and are stored. ``use_cache=False`` neither reads
+        nor stores (calibration's many one-off prompts would only evict conversations).
+        """
+        ctx = ForwardContext()
+        if probe_input == "residual":
+            ctx.probe_layer = self.layers[layer]
+        else:
+            ctx.probe_module = module
+        if not (use_cache and self.cache.enabled):
+            input_ids, mask = left_pad(self.tokenizer, ids, self.device)
+            captured = self._forward(ctx, module, input_ids, mask, positions(mask), None)
+            return ProbeCapture(captured, mask, [0] * len(ids))
+        epoch = self.cache.epoch
+        space = (probe_input, layer, module if probe_input == "module" else "")
+        hits = [self.cache.lookup(space, row, epoch=epoch, limit=len(row)) for row in ids]
+        rows: list[torch.Tensor | None] = [None] * len(ids)  # per row: (len(row), in)
+        reused = [0] * len(ids)
+        for i, (row, hit) in enumerate(zip(ids, hits, strict=True)):
+            if hit is not None and hit.length == len(row) and hit.entry.captured is not None:
+                rows[i] = hit.entry.captured[: len(row)]  # probed before: nothing to run
+                reused[i] = len(row)
+        todo = [i for i, r in enumerate(rows) if r is None]
+        if todo:
+            ran = self._run(ctx, module, [ids[i] for i in todo], [hits[i] for i in todo], space)
+            for i, (row_captured, n) in zip(todo, ran, strict=True):
+                rows[i], reused[i] = row_captured, n
+        width = max(len(r) for r in ids)
+        with torch.inference_mode():
+            first = next(r for r in rows if r is not None)
+            captured = first.new_zeros(len(ids), width, first.shape[-1])  # (B, T, in)
+            mask = torch.zeros(len(ids), width, dtype=torch.long)  # (B, T)
+            for i, full in enumerate(rows):
+                if full is None:
+                    raise GenerationError(f"the probe captured nothing for row {i}")
+                captured[i, width - len(full) :] = full
+                mask[i, width - len(full) :] = 1
+        return ProbeCapture(captured, mask.to(self.device), reused)
+
+    def _run(
+        self,
+        ctx: ForwardContext,
+        module: str,
+        ids: Sequence[Sequence[int]],
+        hits: Sequence[PrefixHit | None],
+        space: Hashable,
+    ) -> list[tuple[torch.Tensor, int]]:
+        """Probe ``ids`` over their cached prefixes and store them; per row (captured, reused)."""
+        epoch = self.cache.epoch
+        batch = prefix_batch(
+            ids,
+            hits,
+            pad_id=self.tokenizer.pad_token_id,
+            config=self.model.config,
+            device=self.device,
+        )
+        new = self._forward(  # (b, N, in): the probed input at the new tokens only
+            ctx, module, batch.input_ids, batch.mask, batch.positions, batch.cache
+        )
+        out = []
+        with torch.inference_mode():
+            depth = filled_depth(batch.cache, batch.mask.shape[1])  # blocks the pass ran
+            for j, (row, hit) in enumerate(zip(ids, hits, strict=True)):
+                n_new = len(row) - batch.reused[j]
+                full = new[j, new.shape[1] - n_new :]  # (n_new, in)
+                if hit is not None and hit.entry.captured is not None:
+                    full = torch.cat([hit.entry.captured[: hit.length], full])  # (len(row), in)
+                elif len(ids) > 1:
+                    full = full.clone()  # a view would keep the whole batch alive in the cache
+                out.append((full, batch.reused[j]))
+                if depth == 0:  # a probe in block 0 has no KV below it: nothing to reuse
+                    continue
+                keys, values = row_kv(batch.cache, batch.mask, j, len(row), depth)
+                entry = PrefixEntry(
+                    tokens=torch.tensor(row, dtype=torch.long),
+                    keys=keys,
+                    values=values,
+                    captured=full,
+                )
+                self.cache.insert(space, entry, epoch=epoch)
+        return out
+
+    def _forward(
+        self,
+        ctx: ForwardContext,
+        module: str,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+        cache: Any,
+    ) -> torch.Tensor:
+        """Run the model with ``ctx`` until the probe hook stops it; the captured input."""
+        kwargs = {} if cache is None else {self._cache_kwarg: cache}
+        try:
+            with torch.inference_mode(), forward_context(ctx):
+                self.model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    use_cache=cache is not None,
+                    **kwargs,
+                )
+        except ProbeDone:
+            pass
+        except Exception as exc:
+            raise GenerationError(f"the probe forward failed: {exc!r}") from exc
+        if ctx.captured is None:
+            raise GenerationError(f"the probe never reached {module!r}")
+        return ctx.captured
