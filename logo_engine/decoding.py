@@ -142,7 +142,8 @@ class TransformersDecoder:
 
         With ``prefill`` (the prefill cache, and each row's mixture as its space), rows that
         extend a cached prefix of their mixture prefill only their new tokens, and each row's KV
-        (prompt and the generated tokens fed back) is stored when it leaves the batch.
+        (prompt and the generated tokens fed back) is stored when it leaves the batch (a stream
+        closed early stores nothing for its rows still running).
         """
         ctx = ForwardContext(plan=plan)
         if prefill is not None and prefill.cache.enabled:
