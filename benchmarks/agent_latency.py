@@ -33,7 +33,8 @@ measures, in one run, variants interleaved, medians over repeats, ratios within 
     HF_HUB_OFFLINE=1 python -m benchmarks.agent_latency --quick   # ~15 min on 2 busy cores
     HF_HUB_OFFLINE=1 python -m benchmarks.agent_latency           # full run
     options: --repeats N, --threads N, --only replay outputs budget single langchain sticky,
-    --json FILE, --figures DIR, --replot FILE (redraw the figure from a --json file)
+    --json FILE, --figures DIR, --doc docs/benchmarks.md (write the tables there),
+    --replot FILE (redraw the figure and, with --doc, the tables from a --json file)
 
 The last line printed is one JSON object with the headline figures.
 """
@@ -46,6 +47,7 @@ import datetime as dt
 import json
 import platform
 import random
+import re
 import statistics
 import time
 from collections.abc import Sequence
@@ -719,6 +721,192 @@ def sticky_quality(engine: LoGoEngine, per_task: int, margins: Sequence[float]) 
     }
 
 
+# ---------------------------------------------------------------------------- report
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The tables of one run, for docs/benchmarks.md (between the agent_latency markers)."""
+    out = [
+        f"Run of {result['date']} ({'quick' if result['quick'] else 'full'} mode), "
+        f"{result['machine']}; the machine was shared with other jobs.",
+    ]
+    if "replay" in result:
+        rep = result["replay"]
+        rows = rep["rows"]
+        calls = range(len(next(iter(rows.values()))))
+        out += [
+            "",
+            f"**TTFT per model call** (ms, median of {rep['repeats']} interleaved repeats; "
+            "in brackets: prompt tokens served from the prefill cache)",
+            "",
+            md_table(
+                ["variant", *[f"call {i + 1}" for i in calls]],
+                [["prompt tokens", *[rows["LoGo, uncached"][i]["prompt_tokens"] for i in calls]]]
+                + [
+                    [
+                        label,
+                        *[
+                            f"{r[i]['ttft_s'] * 1e3:.0f}"
+                            + (f" [{r[i]['cached_tokens']}]" if r[i]["cached_tokens"] else "")
+                            for i in calls
+                        ],
+                    ]
+                    for label, r in rows.items()
+                ],
+            ),
+            "",
+            "**Ratios from call 2 on** (median and worst of calls 2-6)",
+            "",
+            md_table(
+                ["variant", "TTFT / base + prefix cache", "TTFT / LoGo uncached"],
+                [
+                    [
+                        label,
+                        f"{r['over_base_cached_median']:.2f} (max {r['over_base_cached_max']:.2f})",
+                        f"{r['over_logo_uncached_median']:.2f} "
+                        f"(max {r['over_logo_uncached_max']:.2f})",
+                    ]
+                    for label, r in rep["ratios"].items()
+                ],
+            ),
+            "",
+            "**Cache memory** (largest size seen after any call, against the budget)",
+            "",
+            md_table(
+                ["variant", "probe cache", "prefill cache"],
+                [
+                    [
+                        label,
+                        f"{peak['probe'] / MiB:.1f} / "
+                        f"{rep['budget_bytes'][label]['probe'] / MiB:.0f} MiB",
+                        f"{peak['prefill'] / MiB:.1f} / "
+                        f"{rep['budget_bytes'][label]['prefill'] / MiB:.0f} MiB",
+                    ]
+                    for label, peak in rep["peak_bytes"].items()
+                    if rep["budget_bytes"][label]["probe"]
+                ],
+            ),
+        ]
+    if "budget" in result:
+        b = result["budget"]
+        ((label, rows),) = b["rows"].items()
+        out += [
+            "",
+            f"**Small budget** ({label}, 64 MiB per cache): peak probe "
+            f"{b['peak_bytes'][label]['probe'] / MiB:.1f} MiB, prefill "
+            f"{b['peak_bytes'][label]['prefill'] / MiB:.1f} MiB; evictions "
+            f"{b['evictions']}; TTFT per call (ms): "
+            + ", ".join(f"{r['ttft_s'] * 1e3:.0f}" for r in rows)
+            + "; cached tokens: "
+            + ", ".join(str(r["cached_tokens"]) for r in rows),
+        ]
+    if "outputs" in result:
+        o = result["outputs"]
+        out += [
+            "",
+            f"**Outputs** ({o['n_tokens']} greedy tokens per call, against the uncached engine; "
+            "the sticky variant against the uncached engine pinned to its mixture): "
+            + "; ".join(f"{k}: {sum(v)}/{len(v)} identical" for k, v in o["identical"].items()),
+        ]
+    if "single" in result:
+        sg = result["single"]
+        out += [
+            "",
+            f"**Single shot** (a first-seen prompt of {sg['prompt_tokens']} tokens, caches cleared "
+            f"before every call; decode over {sg['n_decode']} tokens; the base model through the "
+            "same engine loop)",
+            "",
+            md_table(
+                ["variant", "TTFT (ms)", "TTFT / base", "decode tok/s", "decode / base"],
+                [
+                    [
+                        label,
+                        f"{r['ttft_s'] * 1e3:.0f}",
+                        f"{r['ttft_over_base']:.2f}",
+                        f"{r['decode_tok_s']:.1f}",
+                        f"{r['decode_over_base']:.2f}",
+                    ]
+                    for label, r in sg["rows"].items()
+                ],
+            ),
+        ]
+    if "langchain" in result:
+        lc = result["langchain"]
+        out += [
+            "",
+            "**LangChain `create_agent` loop** (`ChatLoGo(streaming=True)`, six questions in one "
+            "thread; per model call: TTFT in ms [cache_read tokens])",
+            "",
+            md_table(
+                ["variant", "model calls", "TTFT per call [cache_read]"],
+                [
+                    [
+                        label,
+                        len(v["calls"]),
+                        ", ".join(
+                            f"{c['ttft_s'] * 1e3:.0f}"
+                            + (f" [{c['cache_read']}]" if c["cache_read"] else "")
+                            for c in v["calls"]
+                        ),
+                    ]
+                    for label, v in lc["variants"].items()
+                ],
+            ),
+            "",
+            f"Transcripts identical with and without caches: LoGo "
+            f"{lc['cached_transcript_identical']}, base {lc['base_transcript_identical']}.",
+        ]
+    if "sticky" in result:
+        st = result["sticky"]
+        out += [
+            "",
+            f"**Routing quality on two-turn conversations** ({st['conversations']} "
+            f"conversations, {st['per_task']} per task and kind; turn-2 task score and top-1 "
+            "routing, turn 1 of the same task or of another one; kept: share of turns that kept "
+            "the conversation's mixture; reused: share of turn-2 prompt tokens served from the "
+            "prefill cache)",
+            "",
+            md_table(
+                [
+                    "routing",
+                    "score, same",
+                    "score, switch",
+                    "top-1, same",
+                    "top-1, switch",
+                    "kept",
+                    "reused",
+                ],
+                [
+                    [
+                        name,
+                        f"{100 * r['same_score']:.1f}",
+                        f"{100 * r['switch_score']:.1f}",
+                        f"{100 * r['same_top1']:.0f}%",
+                        f"{100 * r['switch_top1']:.0f}%",
+                        f"{100 * r['kept']:.0f}%",
+                        f"{100 * r['reused']:.0f}%",
+                    ]
+                    for name, r in st["table"].items()
+                ],
+            ),
+        ]
+    return "\n".join(out)
+
+
+def update_doc(path: Path, body: str) -> None:
+    """Replace the block between the agent_latency markers of ``path`` (appended if absent)."""
+    start, end = "<!-- agent_latency:start -->", "<!-- agent_latency:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = path.read_text()
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text + "\n" + block
+    path.write_text(text)
+
+
 # ---------------------------------------------------------------------------- main
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
@@ -738,7 +926,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
     parser.add_argument("--figures", type=Path, default=Path("docs/figures"))
-    parser.add_argument("--replot", type=Path, default=None, help="redraw from a --json file")
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        help="redraw the figure (and --doc tables) from a --json file",
+    )
+    parser.add_argument(
+        "--doc",
+        type=Path,
+        default=None,
+        help="write the tables into this markdown file (docs/benchmarks.md)",
+    )
     return parser.parse_args(argv)
 
 
@@ -746,7 +945,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.replot:
         data = json.loads(args.replot.read_text())
-        plot(data["replay"], args.figures / FIGURE)
+        if "replay" in data:
+            plot(data["replay"], args.figures / FIGURE)
+        if args.doc:
+            update_doc(args.doc, markdown(data))
         return data
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 5)
@@ -789,6 +991,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["sticky"] = sticky_quality(load_engine(), 2 if args.quick else 4, [0.5, 1.0, 2.0])
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
+    if args.doc:
+        update_doc(args.doc, markdown(result))
     print(json.dumps(headline(result), default=str))
     return result
 
