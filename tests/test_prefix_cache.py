@@ -572,3 +572,59 @@ def test_integrations_pass_cache_reads_through(engine):
     again = llm.chat([*messages, answer.message, ChatMessage(role="user", content="more")])
     details = again.raw["usage"]["prompt_tokens_details"]
     assert details["cached_tokens"] == again.additional_kwargs["cached_tokens"] > 0
+
+
+# ----------------------------------------------------------------- every probe signal
+EXAMPLES = {
+    "a": ["abc def", "ghi abc", "def def ghi"],
+    "b": ["12 34 + 5", "7 * 8", "56 / 7"],
+    "c": ["hello there", "last one", "now then"],
+}
+
+
+@pytest.mark.parametrize("signal", ["entropy", "prototype", "calibrated"])
+def test_cached_probe_routes_alike_for_every_signal(engine, uncached, signal):
+    """Prototype scores read the probed state; calibrated ranking reads z-scores of raw scores."""
+    if signal == "prototype":
+        routing = RoutingConfig(top_k=2, signal="prototype")
+        for eng in (engine, uncached):
+            eng.fit_prototypes(EXAMPLES, routing=routing)
+    elif signal == "calibrated":
+        routing = RoutingConfig(top_k=2, calibrated=True)
+        for eng in (engine, uncached):
+            eng.calibrate(EXAMPLES, routing=routing, n_random=8)
+    else:
+        routing = RoutingConfig(top_k=2, signal="entropy")
+    # Fitting and calibrating probe one-off prompts: they neither read nor fill the probe cache.
+    assert engine.prefix_cache_stats()["probe"].lookups == 0
+    assert engine.prefix_cache_stats()["probe"].entries == 0
+    reused = []
+    for n in range(1, len(TURNS) + 1):
+        prompt = conversation(n)
+        got, want = engine.route(prompt, routing=routing), uncached.route(prompt, routing=routing)
+        assert_same_selection(got, want)
+        assert got.rank_scores == pytest.approx(want.rank_scores, rel=1e-4, abs=1e-6)
+        assert got.calibrated == want.calibrated == (signal == "calibrated")
+        reused.append(got.probe_cached_tokens)
+    assert reused[0] == 0 and all(r > 0 for r in reused[1:])
+
+
+def test_integration_setting_sizes_the_built_engines_caches(monkeypatch):
+    from logo_engine.testing import ScriptedEngine
+    from logo_integrations.langchain import ChatLoGo
+    from logo_integrations.llama_index import LoGoLLM
+
+    loads = []
+    monkeypatch.setattr(
+        LoGoEngine,
+        "shared",
+        classmethod(lambda cls, *a, **k: loads.append(k) or ScriptedEngine(model_name="m")),
+    )
+    ChatLoGo(model="some/model", prefix_cache_bytes=1 << 20).invoke("hi")
+    LoGoLLM(model="some/model", prefix_cache_bytes=0).complete("hi")
+    ChatLoGo(model="some/model").invoke("hi")
+    assert loads[0]["prefix_cache"] == PrefixCacheConfig(probe_bytes=1 << 20, prefill_bytes=1 << 20)
+    assert loads[1]["prefix_cache"] == PrefixCacheConfig.off()
+    assert "prefix_cache" not in loads[2]  # None: the engine's default budgets
+    with pytest.raises(ValueError, match="prefix_cache_bytes"):
+        ChatLoGo(prefix_cache_bytes=-1)

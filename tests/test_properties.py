@@ -79,7 +79,13 @@ def test_any_prompt_generates_or_fails_cleanly(eng, prompt, n, temperature):
     assert again.text == out.text and again.selection.adapters == out.selection.adapters
     stream = eng.stream(prompt, max_new_tokens=n, temperature=temperature, seed=1)
     assert "".join(stream) == out.text
-    assert stream.generation is not None and stream.generation.usage == out.usage
+    # Repeats reuse the prefill cache (at most the prompt less one token: logits need a forward).
+    assert again.usage.cached_tokens <= again.usage.prompt_tokens - 1
+    counts = {"cached_tokens"}  # what was cached differs between calls, never the counts
+    assert stream.generation is not None
+    assert stream.generation.usage.model_dump(exclude=counts) == out.usage.model_dump(
+        exclude=counts
+    )
 
 
 # Adapted in both layers of the `adapter_dir` library. The residual stream (hidden size) can only be

@@ -34,12 +34,11 @@ def reference(tokenizer, adapter_dir):
 
 
 def same(got, want):
-    """Generations equal except the probe's wall time."""
+    """Generations equal except the probe's wall time and what came from the prefix caches."""
     if isinstance(got, list):
         return len(got) == len(want) and all(same(g, w) for g, w in zip(got, want, strict=True))
-    return got.model_dump(exclude={"selection": {"probe_ms"}}) == want.model_dump(
-        exclude={"selection": {"probe_ms"}}
-    )
+    ignore = {"selection": {"probe_ms", "probe_cached_tokens"}, "usage": {"cached_tokens"}}
+    return got.model_dump(exclude=ignore) == want.model_dump(exclude=ignore)
 
 
 def _vllm_engine(tokenizer, adapter_dir, tmp_path, *, max_lora_rank=32, max_loras=2, **options):
@@ -68,9 +67,8 @@ def test_outputs_equal_the_engine_decode_loop(vengine, reference):
     got = vengine.generate_batch(PROMPTS, max_new_tokens=10, adapters=mixtures)
     assert same(got, want)
     stream = vengine.stream(PROMPTS[0], max_new_tokens=10)
-    assert stream.selection.model_copy(update={"probe_ms": 0}) == want[0].selection.model_copy(
-        update={"probe_ms": 0}
-    )
+    timing = {"probe_ms": 0, "probe_cached_tokens": 0}
+    assert stream.selection.model_copy(update=timing) == want[0].selection.model_copy(update=timing)
     assert "".join(stream) == want[0].text
     assert same(stream.generation, want[0])
 
@@ -408,3 +406,18 @@ def test_logo_serve_backend_flag_errors(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["serve", "--backend", "tgi"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_probe_cache_applies_and_prefill_cache_does_not(vengine, reference):
+    """vLLM prefills on its own: the engine's probe cache still serves, its prefill cache not."""
+    first = [{"role": "user", "content": PROMPTS[0]}]
+    answer = vengine.generate(first, max_new_tokens=6)
+    reply = {"role": "assistant", "content": answer.text}
+    second = [*first, reply, {"role": "user", "content": "x"}]
+    got = vengine.generate(second, max_new_tokens=6)
+    want = reference.generate(second, max_new_tokens=6)
+    assert got.text == want.text
+    assert got.selection.adapters == want.selection.adapters
+    assert got.selection.probe_cached_tokens > 0  # the first turn's probe KV was reused
+    assert got.usage.cached_tokens == 0  # nothing prefilled from the engine's cache
+    assert vengine.prefix_cache_stats()["prefill"].entries == 0

@@ -52,7 +52,9 @@ def _prompts() -> list[str]:
 
 def _same(got, want) -> None:
     assert got.text == want.text
-    assert got.usage == want.usage and got.finish_reason == want.finish_reason
+    counts = {"cached_tokens"}  # the reference's prefill cache; vLLM's own is not reported
+    assert got.usage.model_dump(exclude=counts) == want.usage.model_dump(exclude=counts)
+    assert got.finish_reason == want.finish_reason
     assert got.selection.adapters == want.selection.adapters
     assert got.selection.weights == want.selection.weights
 
