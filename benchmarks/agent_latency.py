@@ -959,6 +959,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "quick": args.quick,
         "prompt_tokens": None,
     }
+
+    def save() -> None:  # after every stage: a late failure keeps what was measured
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1, default=str))
+
     variants = make_variants() if only & {"replay", "outputs", "single", "langchain"} else []
     if variants:
         result["prompt_tokens"] = [
@@ -973,24 +978,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         args.figures.mkdir(parents=True, exist_ok=True)
         plot(result["replay"], args.figures / FIGURE)
+        save()
     if "outputs" in only:
         log("outputs")
         result["outputs"] = outputs(variants, 32)
+        save()
     if "single" in only:
         log("single-shot")
         result["single"] = single_shot(variants, repeats, 8 if args.quick else 32)
+        save()
     if "langchain" in only:
         log("langchain create_agent loop")
         result["langchain"] = langchain_loop(variants)
+        save()
     del variants
     if "budget" in only:
         log("budget: 64 MiB per cache")
         result["budget"] = budget_run(max(1, repeats // 2), 64 * MiB)
+        save()
     if "sticky" in only:
         log("sticky quality")
         result["sticky"] = sticky_quality(load_engine(), 2 if args.quick else 4, [0.5, 1.0, 2.0])
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1, default=str))
+        save()
     if args.doc:
         update_doc(args.doc, markdown(result))
     print(json.dumps(headline(result), default=str))
