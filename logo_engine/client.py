@@ -672,7 +672,13 @@ def _answer(
 
 
 def _usage(data: Mapping[str, Any]) -> Usage:
-    return Usage(prompt_tokens=data["prompt_tokens"], completion_tokens=data["completion_tokens"])
+    """OpenAI usage -> engine usage (cached prompt tokens from ``prompt_tokens_details``)."""
+    details = data.get("prompt_tokens_details") or {}
+    return Usage(
+        prompt_tokens=data["prompt_tokens"],
+        completion_tokens=data["completion_tokens"],
+        cached_tokens=int(details.get("cached_tokens") or 0),
+    )
 
 
 def _finish(reason: str | None) -> FinishReason:

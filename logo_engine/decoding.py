@@ -168,7 +168,9 @@ class TransformersDecoder:
             cache = DynamicCache(config=self.model.config)
         generators = make_generators(params, len(rows), self.device)
         # per live row: its state, detokenizer, index in ``input_ids`` and the tokens it chose
-        live = [(row, Detokenizer(self.tokenizer), i, []) for i, row in enumerate(rows)]
+        live: list[tuple[RowState, Detokenizer, int, list[int]]] = [
+            (row, Detokenizer(self.tokenizer), i, []) for i, row in enumerate(rows)
+        ]
         fed = 0  # decode forwards after the prefill: every live row was fed each one
         logits = self.forward(ctx, ids, mask, pos, cache)
         for step in range(params.max_new_tokens):

@@ -628,3 +628,18 @@ def test_integration_setting_sizes_the_built_engines_caches(monkeypatch):
     assert "prefix_cache" not in loads[2]  # None: the engine's default budgets
     with pytest.raises(ValueError, match="prefix_cache_bytes"):
         ChatLoGo(prefix_cache_bytes=-1)
+
+
+def test_server_usage_round_trips_cached_tokens():
+    """`logo serve` writes OpenAI's prompt_tokens_details.cached_tokens; RemoteEngine reads it."""
+    from logo_engine.client import _usage
+    from logo_engine.serving.openai_api import usage_out
+
+    for usage in (
+        Usage(prompt_tokens=9, completion_tokens=2, cached_tokens=7),
+        Usage(prompt_tokens=3, completion_tokens=1),
+    ):
+        wire = usage_out(usage).model_dump(mode="json")
+        assert wire["prompt_tokens_details"] == {"cached_tokens": usage.cached_tokens}
+        assert _usage(wire) == usage
+    assert _usage({"prompt_tokens": 4, "completion_tokens": 1}).cached_tokens == 0  # other servers
