@@ -63,7 +63,10 @@ async def test_one_batch_rows_keep_their_own_limits_stops_and_mixtures(engine):
         got = events[-1].generation
         assert got.text == solo.text == streamed
         assert got.finish_reason == solo.finish_reason
-        assert got.usage == solo.usage
+        # the prefill cache may serve a repeat: counts equal, cached_tokens may not
+        assert got.usage.model_dump(exclude={"cached_tokens"}) == solo.usage.model_dump(
+            exclude={"cached_tokens"}
+        )
         assert got.selection.adapters == solo.selection.adapters
         assert got.selection.weights == pytest.approx(solo.selection.weights)
 

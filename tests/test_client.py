@@ -60,7 +60,10 @@ def remote(server):
 def same(remote_gen, local_gen) -> None:
     assert remote_gen.text == local_gen.text
     assert remote_gen.finish_reason == local_gen.finish_reason
-    assert remote_gen.usage == local_gen.usage
+    # the prefill caches of the two engines hold different histories: cached_tokens may differ
+    assert remote_gen.usage.model_dump(exclude={"cached_tokens"}) == local_gen.usage.model_dump(
+        exclude={"cached_tokens"}
+    )
     assert remote_gen.selection.adapters == local_gen.selection.adapters
     assert remote_gen.selection.weights == pytest.approx(local_gen.selection.weights, abs=1e-6)
     assert remote_gen.selection.pinned == local_gen.selection.pinned

@@ -137,6 +137,7 @@ def test_scorer_returning_nan_is_a_typed_error_and_the_engine_recovers(engine):
     routing = RoutingConfig(top_k=1, signal=nan_scorer)
     with pytest.raises(RoutingConfigError, match="non-finite"):
         engine.route("hello", routing=routing)
+    engine.clear_prefix_caches()  # else the repeated probe is read from the probe cache
     with tiny.ForwardCounter(engine.model) as forwards:
         with pytest.raises(RoutingConfigError, match="non-finite"):
             engine.generate("hello", routing=routing, max_new_tokens=4)
