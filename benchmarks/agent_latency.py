@@ -30,7 +30,8 @@ measures, in one run, variants interleaved, medians over repeats, ratios within 
    top adapter is the turn-2 task's adapter, routed afresh, sticky (margins in z-score units),
    with the last-user-turn probe, and with both.
 
-    HF_HUB_OFFLINE=1 python -m benchmarks.agent_latency --quick   # ~15 min on 2 busy cores
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python -m benchmarks.agent_latency --quick --repeats 3
+        # the measured run: 33 min on 2 shared cores
     HF_HUB_OFFLINE=1 python -m benchmarks.agent_latency           # full run
     options: --repeats N, --threads N, --only replay outputs budget single langchain sticky,
     --json FILE, --figures DIR, --doc docs/benchmarks.md (write the tables there),
