@@ -27,8 +27,9 @@ measures, in one run, variants interleaved, medians over repeats, ratios within 
 6. ``sticky``: what sticky routing and the last-user-turn probe do to quality: two-turn
    conversations from the zoo's test prompts (turn 1 of one task with its reference answer,
    turn 2 of the same task or another), the turn-2 task score and whether the turn-2 mixture's
-   top adapter is the turn-2 task's adapter, routed afresh, sticky (margins in z-score units),
-   with the last-user-turn probe, and with both.
+   top adapter is the turn-2 task's adapter, routed afresh, sticky (margins in ranking-score
+   units: z-scores, or tenths of a prototype similarity), with the last-user-turn probe, and
+   with both.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python -m benchmarks.agent_latency --quick --repeats 3
         # the measured run: 33 min on 2 shared cores
@@ -66,7 +67,10 @@ from logo_engine import LoGoEngine, RoutingConfig
 from logo_engine.types import PrefixCacheConfig
 
 MiB = 2**20
-STICKY_MARGIN = 1.0  # z-score units (the zoo ships a calibration)
+# Sticky margins in units of the ranking score's spread: 1 z-score, or 0.1 of a prototype
+# similarity (a cosine in [-1, 1]: the zoo's top similarities lie around 0.3-0.7).
+STICKY_MARGIN = 1.0
+MARGIN_UNIT = {"prototype": 0.1}  # any other signal: z-score units (the zoo is calibrated)
 FIGURE = "agent_ttft_per_turn.png"
 
 SYSTEM = (
@@ -269,7 +273,9 @@ def make_variants(budget: PrefixCacheConfig | None = None) -> list[Variant]:
 
 
 def sticky(routing: RoutingConfig, margin: float = STICKY_MARGIN) -> RoutingConfig:
-    return dataclasses.replace(routing, sticky_margin=margin)
+    """``routing`` made sticky; ``margin`` in units of the signal (MARGIN_UNIT)."""
+    unit = MARGIN_UNIT.get(routing.signal_name, 1.0)
+    return dataclasses.replace(routing, sticky_margin=margin * unit)
 
 
 def scoped(routing: RoutingConfig) -> RoutingConfig:
@@ -677,9 +683,9 @@ def sticky_quality(engine: LoGoEngine, per_task: int, margins: Sequence[float]) 
     default = engine.routing
     methods = {
         "fresh": default,
-        **{f"sticky {m:g}": sticky(default, m) for m in margins},
+        **{f"sticky {sticky(default, m).sticky_margin:g}": sticky(default, m) for m in margins},
         "last-user-turn probe": scoped(default),
-        f"last-user-turn probe + sticky {STICKY_MARGIN:g}": sticky(scoped(default)),
+        f"last-user-turn probe + sticky {sticky(default).sticky_margin:g}": sticky(scoped(default)),
     }
     results: dict[str, dict[str, list[float]]] = {
         name: {
