@@ -20,6 +20,8 @@ path for the default routing. Abstention thresholds are not tuned on these promp
 of the library tasks (the score below which that share of in-library prompts falls).
 
     HF_HUB_OFFLINE=1 python -m benchmarks.routing_natural --out docs/natural.json
+    HF_HUB_OFFLINE=1 python -m benchmarks.routing_natural \
+        --data benchmarks/data/natural_prompts_confirm.json --out docs/natural_confirm.json
     HF_HUB_OFFLINE=1 python -m benchmarks.routing_natural --adapters /tmp/zoo --out /tmp/n.json
 
 The last line printed is one JSON object with the headline figures.
@@ -298,7 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = LoGoEngine.from_pretrained(adapters=args.adapters, progress=False)
     names = engine.adapter_names
     folders = resolve_sources(args.adapters)
-    items = load_items(limit=args.limit)
+    items = load_items(args.data, limit=args.limit)
     n_train = check_separate(items, folders)
     logger.info("%d prompts; none among %d training/validation prompts", len(items), n_train)
     prompts = [it.prompt for it in items]
@@ -430,6 +432,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "adapters": str(args.adapters),
+        "data": args.data.name,
         "default_routing": default.to_dict() if not callable(default.signal) else str(default),
         "prompts": {
             "task": sum(it.in_library for it in items),
@@ -470,6 +473,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--abstain-quantile", type=float, default=0.025)
     parser.add_argument("--out", type=Path, default=None, help="write the full report (JSON)")
     parser.add_argument("--limit", type=int, default=None, help="first n prompts of each group")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DATA,
+        help="the prompt set (default: natural_prompts.json; natural_prompts_confirm.json is the "
+        "second set, written after the zoo's default routing was chosen)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
