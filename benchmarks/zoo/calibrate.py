@@ -32,7 +32,9 @@ from logo_engine.models import default_adapters_dir
 # similarities, the top 3 weighted by a sharp softmax (one adapter dominates when it stands out,
 # weights spread when none does). Abstention did not pay on this zoo (docs/routing.md), so it is
 # off unless --abstain-quantile is given; its threshold is never tuned on the natural prompts.
-SHIPPED_ROUTING = RoutingConfig(top_k=3, signal="prototype", calibrated=False, temperature=0.05)
+# calibrated=None: prototype similarities are ranked raw (the zoo ships no statistics for them),
+# and a caller who switches to signal="norm" or "entropy" gets the shipped z-scores.
+SHIPPED_ROUTING = RoutingConfig(top_k=3, signal="prototype", temperature=0.05)
 THRESHOLD_PROMPTS = 16  # generator validation prompts per task, seed 1 (as the benchmark)
 
 
