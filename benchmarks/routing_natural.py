@@ -46,6 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.baselines import RetrieverIndex, SentenceEmbedder, adapter_train_prompts
+from benchmarks.zoo.calibrate import quantile_of_top, threshold_prompts
 from benchmarks.zoo.replay import REPLAY_PROMPTS
 from benchmarks.zoo.tasks import LIBRARY_TASKS, TASKS
 from logo_engine import RoutingConfig, Selection
@@ -60,7 +61,6 @@ logger = logging.getLogger("benchmarks.routing_natural")
 DATA = Path(__file__).parent / "data" / "natural_prompts.json"
 ANSWER_SLACK = 4  # max_new_tokens = longest reference answer (tokens) + this
 OOL_MAX_TOKENS = 40
-N_VALIDATION = 16  # generator validation prompts per library task (thresholds)
 Mixture = dict[str, float]
 
 
@@ -221,11 +221,6 @@ def check_default(
     return {"checked": True, "rows": len(offline), "same_selection": same}
 
 
-def quantile_of_top(ranking: torch.Tensor, q: float) -> float:
-    """The q-quantile of each row's top ranking score. ranking (P, N)."""
-    return float(ranking.max(-1).values.quantile(q))
-
-
 # ----------------------------------------------------------------------------- generation
 def generate(
     engine: LoGoEngine,
@@ -309,12 +304,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # One probe pass each: the natural prompts, generator validation prompts, random prompts.
     probed = probe_all(engine, prompts, default, args.batch_size)
-    val_prompts, val_owner = [], []
-    for name in names:
-        for ex in TASKS[name].make_split("validation", N_VALIDATION, seed=1):
-            val_prompts.append(ex.prompt)
-            val_owner.append(name)
-    val = probe_all(engine, val_prompts, default, args.batch_size)
+    val = probe_all(engine, threshold_prompts(names), default, args.batch_size)
     randoms = probe_all(engine, engine._random_prompts(64, 0), default, args.batch_size)
     probe_seconds = time.perf_counter() - start
 

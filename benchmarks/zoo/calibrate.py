@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -35,20 +36,34 @@ from logo_engine.models import default_adapters_dir
 # calibrated=None: prototype similarities are ranked raw (the zoo ships no statistics for them),
 # and a caller who switches to signal="norm" or "entropy" gets the shipped z-scores.
 SHIPPED_ROUTING = RoutingConfig(top_k=3, signal="prototype", temperature=0.05)
-THRESHOLD_PROMPTS = 16  # generator validation prompts per task, seed 1 (as the benchmark)
+THRESHOLD_PROMPTS = 16  # generator validation prompts per task (seed 1) that set thresholds
+
+
+def threshold_prompts(names: Sequence[str]) -> list[str]:
+    """The prompts abstention thresholds are set on: generator validation prompts, seed 1.
+
+    The rule of ``routing.json`` here and of ``benchmarks/routing_natural.py`` alike; never the
+    natural prompts.
+    """
+    return [
+        ex.prompt
+        for task in LIBRARY_TASKS
+        if task in names
+        for ex in TASKS[task].make_split("validation", THRESHOLD_PROMPTS, seed=1)
+    ]
+
+
+def quantile_of_top(ranking: torch.Tensor, q: float) -> float:
+    """The q-quantile of each row's top ranking score. ranking (P, N)."""
+    return float(ranking.max(-1).values.quantile(q))
 
 
 def abstain_threshold(engine: LoGoEngine, routing: RoutingConfig, quantile: float) -> float:
-    """The ``quantile`` of the top ranking score over generator validation prompts."""
-    prompts = [
-        ex.prompt
-        for task in LIBRARY_TASKS
-        if task in engine.adapter_names
-        for ex in TASKS[task].make_split("validation", THRESHOLD_PROMPTS, seed=1)
-    ]
-    sels = engine.route_batch(prompts, routing=routing)
-    tops = torch.tensor([max((s.rank_scores or s.scores).values()) for s in sels])
-    return round(float(tops.quantile(quantile)), 4)
+    """The ``quantile`` of the top ranking score over :func:`threshold_prompts`."""
+    names = engine.adapter_names
+    sels = engine.route_batch(threshold_prompts(names), routing=routing)
+    ranking = torch.tensor([[(s.rank_scores or s.scores)[n] for n in names] for s in sels])
+    return round(quantile_of_top(ranking, quantile), 4)
 
 
 def main() -> None:
