@@ -406,6 +406,17 @@ def test_routing_fields_and_per_call_overrides(engine, make_llm):
         llm.invoke(PROMPTS[1], top_k=9)
 
 
+def test_the_signal_setting_offers_exactly_the_engines_signals():
+    """The integrations' ``signal`` field lists the engine's SIGNALS (a Literal, for schemas)."""
+    from typing import get_args
+
+    from logo_engine.types import SIGNALS
+    from logo_integrations._common import LoGoSettings
+
+    literal = get_args(LoGoSettings.model_fields["signal"].annotation)[0]
+    assert get_args(literal) == SIGNALS
+
+
 @both_modes
 def test_an_abstained_selection_is_reported_like_any_other(engine, make_llm):
     """No adapter stands out (all keyword scores 1.0 < 1.5): the base model answers, and says so."""
