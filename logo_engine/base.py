@@ -24,7 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union
 
 from logo_engine.chat import ParsedAnswer, Prompt, ToolChoice, parse_answer
-from logo_engine.errors import ContextLengthError, EngineClosedError, InvalidRequestError
+from logo_engine.errors import (
+    ContextLengthError,
+    EngineClosedError,
+    InvalidRequestError,
+    LoGoError,
+)
 from logo_engine.selection import check_top_k, pinned_selection
 from logo_engine.types import FinishReason, Generation, RoutingConfig, Selection, Usage
 
@@ -180,8 +185,21 @@ class RowState:
         return 0
 
 
+@dataclass(frozen=True)
+class Joining:
+    """Rows that join a running batch at its next step, routed (see :meth:`_Run.join`)."""
+
+    requests: list[Request]
+    selections: list[Selection]
+    rows: list[RowState]
+
+
 class _Run:
-    """One call in progress: its requests, selections and rows. Iterate it to decode."""
+    """One call in progress: its requests, selections and rows. Iterate it to decode.
+
+    A ``joinable`` run (on an engine whose ``joins_runs`` is true) takes more rows while it
+    decodes (:meth:`join`): continuous batching, for servers.
+    """
 
     def __init__(
         self,
@@ -191,6 +209,8 @@ class _Run:
         params: SamplingParams,
         routing: RoutingConfig,
         rows: list[RowState] | None = None,
+        *,
+        joinable: bool = False,
     ) -> None:
         self.engine = engine
         self.requests = requests
@@ -201,14 +221,49 @@ class _Run:
         # One RowState per request; a server batching requests passes rows with their own stop
         # strings and max_new_tokens (params.max_new_tokens is then the largest of them).
         self.rows = rows or [RowState(stop=params.stop, text=r.response_prefix) for r in requests]
+        self.over = False  # the decode loop has ended (no row can join any more)
+        self._inbox: list[Joining] | None = [] if joinable and engine.joins_runs else None
         self._steps: Generator[None, None, None] = self._iterate()
+
+    @property
+    def joinable(self) -> bool:
+        return self._inbox is not None
 
     def _iterate(self) -> Generator[None, None, None]:
         self.selections = self.engine._select(self.requests, self.mixtures, self.routing)
         yield  # the selection is known before the first token
-        yield from self.engine._decode(self.requests, self.selections, self.params, self.rows)
+        joins = {} if self._inbox is None else {"joins": self._take_joins}
+        yield from self.engine._decode(
+            self.requests, self.selections, self.params, self.rows, **joins
+        )
         for row in self.rows:
             row.finish("length")
+
+    def _take_joins(self) -> list[Joining]:
+        assert self._inbox is not None
+        groups, self._inbox[:] = list(self._inbox), []
+        return groups
+
+    def join(
+        self, requests: list[Request], mixtures: list[Mixture | None], rows: list[RowState]
+    ) -> list[Selection]:
+        """Add rows to this running batch; returns their selections.
+
+        The rows are routed now (one batched probe) and decode from the next step on, each as it
+        would alone. Call it between steps of a joinable run that is not over, with requests of
+        the run's sampling settings and routing (rows carry their own stop strings and limits).
+        """
+        if self._inbox is None:
+            raise LoGoError("this run does not take joining rows (joinable=False)")
+        if self.selections is None or self.over:
+            raise LoGoError("rows can join a run only while it decodes")
+        selections = self.engine._select(requests, mixtures, self.routing)
+        self.requests.extend(requests)
+        self.mixtures.extend(mixtures)
+        self.rows.extend(rows)
+        self.selections.extend(selections)
+        self._inbox.append(Joining(requests, selections, rows))
+        return selections
 
     def step(self) -> bool:
         """Advance by one decoding step; False once the run is over.
@@ -217,6 +272,7 @@ class _Run:
         output may lack the mixture).
         """
         more = next(self._steps, StopIteration) is not StopIteration
+        self.over = not more
         if self.engine.closed:
             self.close()
             self.engine._check_open()
@@ -234,6 +290,7 @@ class _Run:
 
     def close(self) -> None:
         """Stop decoding now (a consumer that stopped early); frees the run's state."""
+        self.over = True
         self._steps.close()
 
     def generations(self) -> list[Generation]:
@@ -401,7 +458,17 @@ class BaseEngine(ABC):
         params: SamplingParams,
         rows: list[RowState],
     ) -> Iterator[None]:
-        """Generate for all rows with their fixed selections; yield after each step."""
+        """Generate for all rows with their fixed selections; yield after each step.
+
+        Engines whose :attr:`joins_runs` is true also take ``joins``, a function called between
+        steps that returns the :class:`Joining` groups to add to the running batch; their loop
+        ends only when no row is left and no group waits.
+        """
+
+    @property
+    def joins_runs(self) -> bool:
+        """Whether rows can join a running batch of this engine (continuous batching)."""
+        return False
 
     # ----------------------------------------------------------------------- life cycle
     @property

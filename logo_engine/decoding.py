@@ -9,7 +9,8 @@ text into one :class:`~logo_engine.base.RowState` per row and yielding once per 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -17,7 +18,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from logo_engine.base import RowState, SamplingParams
 from logo_engine.errors import GenerationError, LoGoError, NumericalError
 from logo_engine.mixture import ForwardContext, MixturePlan, forward_context
-from logo_engine.prefix_cache import CacheUse, PrefixEntry, prefix_batch, row_kv
+from logo_engine.prefix_cache import CacheUse, PrefixEntry, concat_kv, prefix_batch, row_kv
 
 
 class Detokenizer:
@@ -111,6 +112,46 @@ def next_tokens(
     )
 
 
+@dataclass(frozen=True)
+class JoinGroup:
+    """Rows that join a running batch (continuous batching), already routed.
+
+    ``plan`` holds these rows' mixtures (row order as ``input_ids``); ``spaces`` their
+    prefill-cache spaces (None: no prefill cache).
+    """
+
+    input_ids: Sequence[Sequence[int]]
+    plan: MixturePlan | None
+    rows: list[RowState]
+    prefill: CacheUse | None = None
+
+
+@dataclass
+class _Live:
+    """One row of the running batch."""
+
+    row: RowState
+    ids: Sequence[int]  # its prompt tokens
+    space: Hashable | None  # its prefill-cache space
+    limit: int  # its own max_new_tokens
+    detok: Detokenizer
+    gen: list[int] = field(default_factory=list)  # the tokens it chose
+    fed: int = 0  # of which fed back into the model (their KV is in the cache)
+
+
+@dataclass
+class _Batch:
+    """The running batch: one entry of ``live`` per row of every tensor."""
+
+    live: list[_Live]
+    ctx: ForwardContext
+    mask: torch.Tensor  # (B, T): real positions of the cache
+    pos: torch.Tensor  # (B, 1+): positions of the last tokens fed
+    cache: DynamicCache  # T positions
+    generators: list[torch.Generator] | None
+    prefill: CacheUse | None  # where rows store their KV when they leave
+
+
 class TransformersDecoder:
     """Generation on the transformers model itself, with the mixture hooks of the engine."""
 
@@ -133,6 +174,7 @@ class TransformersDecoder:
         params: SamplingParams,
         rows: list[RowState],
         prefill: CacheUse | None = None,
+        joins: Callable[[], list[JoinGroup]] | None = None,
     ) -> Iterator[None]:
         """Generate for every row with ``plan`` installed; yield after each step.
 
@@ -144,73 +186,143 @@ class TransformersDecoder:
         extend a cached prefix of their mixture prefill only their new tokens, and each row's KV
         (prompt and the generated tokens fed back) is stored when it leaves the batch (a stream
         closed early stores nothing for its rows still running).
+
+        With ``joins``, rows may join the running batch (continuous batching): between steps,
+        ``joins()`` returns the groups that arrived; each is prefilled on its own (its first
+        token chosen from its own logits), then its KV cache, mask and mixture are appended to
+        the batch, left-padded to the common length, and it decodes with the others from the
+        next step. Padding is masked out and positions count real tokens only, so a row decodes
+        as it would alone. The loop ends when no row is left and no group is waiting.
         """
-        ctx = ForwardContext(plan=plan)
+        group = JoinGroup(input_ids, plan, rows, prefill)
+        batch, logits = self._prefill(group, params)
+        while True:
+            tokens = next_tokens(logits, params, batch.generators)  # (B,)
+            self._accept(batch.live, tokens)
+            yield
+            tokens = self._drop_done(batch, tokens)
+            for group in joins() if joins is not None else ():
+                tokens = self._join(batch, tokens, group, params)
+            if not batch.live:
+                return
+            batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.live), 1)], dim=1)
+            batch.pos = batch.pos[:, -1:] + 1  # (B, 1)
+            logits = self.forward(batch.ctx, tokens[:, None], batch.mask, batch.pos, batch.cache)
+            for live in batch.live:
+                live.fed += 1
+
+    def _prefill(self, group: JoinGroup, params: SamplingParams) -> tuple[_Batch, torch.Tensor]:
+        """A batch of ``group``'s rows, their prompts run: the batch and its logits (B, V)."""
+        prefill = group.prefill
         if prefill is not None and prefill.cache.enabled:
             hits = [
                 prefill.cache.lookup(space, row, epoch=prefill.epoch)
-                for space, row in zip(prefill.spaces, input_ids, strict=True)
+                for space, row in zip(prefill.spaces, group.input_ids, strict=True)
             ]
-            batch = prefix_batch(
-                input_ids,
+            built = prefix_batch(
+                group.input_ids,
                 hits,
                 pad_id=self.tokenizer.pad_token_id,
                 config=self.model.config,
                 device=self.device,
             )
-            ids, mask, pos, cache = batch.input_ids, batch.mask, batch.positions, batch.cache
-            for row, reused in zip(rows, batch.reused, strict=True):
+            ids, mask, pos, cache = built.input_ids, built.mask, built.positions, built.cache
+            for row, reused in zip(group.rows, built.reused, strict=True):
                 row.cached_tokens = reused
+            spaces: Sequence[Hashable | None] = prefill.spaces
         else:
             prefill = None
-            ids, mask = left_pad(self.tokenizer, input_ids, self.device)
+            ids, mask = left_pad(self.tokenizer, group.input_ids, self.device)
             pos = positions(mask)
             cache = DynamicCache(config=self.model.config)
-        generators = make_generators(params, len(rows), self.device)
-        # per live row: its state, detokenizer, index in ``input_ids`` and the tokens it chose
-        live: list[tuple[RowState, Detokenizer, int, list[int]]] = [
-            (row, Detokenizer(self.tokenizer), i, []) for i, row in enumerate(rows)
+            spaces = [None] * len(group.rows)
+        live = [
+            _Live(
+                row=row,
+                ids=row_ids,
+                space=space,
+                limit=row.max_new_tokens or params.max_new_tokens,
+                detok=Detokenizer(self.tokenizer),
+            )
+            for row, row_ids, space in zip(group.rows, group.input_ids, spaces, strict=True)
         ]
-        fed = 0  # decode forwards after the prefill: every live row was fed each one
+        ctx = ForwardContext(plan=group.plan)
         logits = self.forward(ctx, ids, mask, pos, cache)
-        for step in range(params.max_new_tokens):
-            tokens = next_tokens(logits, params, generators)  # (B,)
-            for (row, detok, _, gen), token in zip(live, tokens.tolist(), strict=True):
-                if row.done:
-                    continue
-                gen.append(token)
-                if token in self.eos_ids:
-                    row.push(detok.flush(), n_tokens=1)
-                    row.finish("stop")
-                else:
-                    row.push(detok.add(token), n_tokens=1)
-                    if row.at_limit:  # a row with a shorter limit than the run's
-                        row.push(detok.flush(), n_tokens=0)
-                        row.finish("length")
-            last = step == params.max_new_tokens - 1
-            if last:
-                for row, detok, *_ in live:
-                    row.push(detok.flush(), n_tokens=0)
-            yield
-            keep = [j for j, (row, *_) in enumerate(live) if not row.done]
-            if prefill is not None:  # rows leaving the batch: store their KV first
-                leaving = [j for j in range(len(live)) if last or j not in keep]
-                remember(prefill, input_ids, live, leaving, fed, mask, cache)
-            if last or not keep:
-                return
-            if len(keep) < len(live):  # prune the finished rows
-                index = torch.tensor(keep, device=self.device)  # (B',)
-                live = [live[j] for j in keep]
-                tokens, mask, pos = tokens[index], mask[index], pos[index]  # (B',) (B', T) (B', 1+)
-                cache.batch_select_indices(index)
-                if generators is not None:
-                    generators = [generators[j] for j in keep]
-                if ctx.plan is not None:
-                    ctx = ForwardContext(plan=ctx.plan.select_rows(index))
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B, T+1)
-            pos = pos[:, -1:] + 1  # (B, 1)
-            logits = self.forward(ctx, tokens[:, None], mask, pos, cache)
-            fed += 1
+        batch = _Batch(
+            live=live,
+            ctx=ctx,
+            mask=mask,
+            pos=pos,
+            cache=cache,
+            generators=make_generators(params, len(live), self.device),
+            prefill=prefill,
+        )
+        return batch, logits
+
+    def _accept(self, live: Sequence[_Live], tokens: torch.Tensor) -> None:
+        """Give each live row its chosen token: text, end of turn, its own limit."""
+        for entry, token in zip(live, tokens.tolist(), strict=True):
+            row = entry.row
+            if row.done:
+                continue
+            entry.gen.append(token)
+            if token in self.eos_ids:
+                row.push(entry.detok.flush(), n_tokens=1)
+                row.finish("stop")
+            else:
+                row.push(entry.detok.add(token), n_tokens=1)
+                if row.completion_tokens >= entry.limit:
+                    row.push(entry.detok.flush(), n_tokens=0)
+                    row.finish("length")
+
+    def _drop_done(self, batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
+        """Store and drop the rows that are done; returns the pending tokens of those left."""
+        keep = [j for j, entry in enumerate(batch.live) if not entry.row.done]
+        if batch.prefill is not None:  # rows leaving the batch: store their KV first
+            leaving = [j for j in range(len(batch.live)) if j not in keep]
+            remember(batch.prefill, batch.live, leaving, batch.mask, batch.cache)
+        if len(keep) == len(batch.live):
+            return tokens
+        batch.live = [batch.live[j] for j in keep]
+        if not keep:
+            return tokens[:0]
+        index = torch.tensor(keep, device=self.device)  # (B',)
+        batch.mask, batch.pos = batch.mask[index], batch.pos[index]  # (B', T) (B', 1+)
+        batch.cache.batch_select_indices(index)
+        if batch.generators is not None:
+            batch.generators = [batch.generators[j] for j in keep]
+        if batch.ctx.plan is not None:
+            batch.ctx = ForwardContext(plan=batch.ctx.plan.select_rows(index))
+        return tokens[index]
+
+    def _join(
+        self, batch: _Batch, tokens: torch.Tensor, group: JoinGroup, params: SamplingParams
+    ) -> torch.Tensor:
+        """Prefill ``group``, choose its first tokens, append its live rows to ``batch``."""
+        new, logits = self._prefill(group, params)
+        new_tokens = next_tokens(logits, params, new.generators)  # (b,)
+        self._accept(new.live, new_tokens)
+        new_tokens = self._drop_done(new, new_tokens)
+        if not new.live:
+            return tokens
+        if not batch.live:  # the batch had emptied: the group carries on alone
+            batch.live, batch.ctx, batch.generators = new.live, new.ctx, new.generators
+            batch.mask, batch.pos, batch.cache = new.mask, new.pos, new.cache
+            batch.prefill = new.prefill
+            return new_tokens
+        if (batch.prefill is None) != (new.prefill is None):
+            raise LoGoError("rows joining a batch must use the prefill cache as the batch does")
+        counts = [len(batch.live), len(new.live)]
+        batch.mask, batch.cache = concat_kv(
+            [(batch.mask, batch.cache), (new.mask, new.cache)], config=self.model.config
+        )
+        batch.pos = torch.cat([batch.pos[:, -1:], new.pos[:, -1:]])  # (B + b, 1)
+        plan = MixturePlan.concat([(batch.ctx.plan, counts[0]), (new.ctx.plan, counts[1])])
+        batch.ctx = ForwardContext(plan=plan)
+        if batch.generators is not None and new.generators is not None:
+            batch.generators = [*batch.generators, *new.generators]
+        batch.live = [*batch.live, *new.live]
+        return torch.cat([tokens, new_tokens])
 
     def forward(
         self,
@@ -247,26 +359,24 @@ class TransformersDecoder:
 
 def remember(
     prefill: CacheUse,
-    input_ids: Sequence[Sequence[int]],
-    live: Sequence[tuple[RowState, Detokenizer, int, list[int]]],
+    live: Sequence[_Live],
     leaving: Sequence[int],
-    fed: int,
     mask: torch.Tensor,
     cache: DynamicCache,
 ) -> None:
     """Store the KV of the live rows ``leaving`` (batch positions) in the prefill cache.
 
-    A row's KV covers its prompt and the ``fed`` tokens fed back so far (its last chosen token
-    was never fed); ``mask`` (B, T) and ``cache`` are the batch as it stands.
+    A row's KV covers its prompt and the tokens fed back so far (its last chosen token was never
+    fed); ``mask`` (B, T) and ``cache`` are the batch as it stands.
     """
     with torch.inference_mode():
         for j in leaving:
-            _, _, i, gen = live[j]
-            tokens = [*input_ids[i], *gen[:fed]]
+            entry = live[j]
+            tokens = [*entry.ids, *entry.gen[: entry.fed]]
             keys, values = row_kv(cache, mask, j, len(tokens), depth=len(cache.layers))
-            entry = PrefixEntry(
+            stored = PrefixEntry(
                 tokens=torch.tensor(tokens, dtype=torch.long),
                 keys=keys,
                 values=values,
             )
-            prefill.cache.insert(prefill.spaces[i], entry, epoch=prefill.epoch)
+            prefill.cache.insert(entry.space, stored, epoch=prefill.epoch)

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,7 +27,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from logo_engine import calibration as calib
 from logo_engine.backends import GenerationBackend, make_backend
-from logo_engine.base import BaseEngine, Mixture, Request, RowState, SamplingParams, Tools
+from logo_engine.base import (
+    BaseEngine,
+    Joining,
+    Mixture,
+    Request,
+    RowState,
+    SamplingParams,
+    Tools,
+)
 from logo_engine.calibration import CALIBRATION_NAME, ROUTING_NAME, CalibrationKey, ProbeKey
 from logo_engine.chat import (
     ParsedAnswer,
@@ -39,7 +47,7 @@ from logo_engine.chat import (
     parse_with_response_template,
     render_prompt,
 )
-from logo_engine.decoding import TransformersDecoder
+from logo_engine.decoding import JoinGroup, TransformersDecoder
 from logo_engine.errors import (
     AdapterLoadError,
     InvalidRequestError,
@@ -144,7 +152,7 @@ class LoGoEngine(BaseEngine):
             raise InvalidRequestError(
                 f"prefix_cache must be a PrefixCacheConfig, got {type(prefix_cache).__name__}"
             )
-        caches = cacheable(model.config)
+        caches = self._plain_kv = cacheable(model.config)
         if not caches:
             logger.info("prefix caches are off: this model's KV cache is not a plain one")
         self._probe_cache = PrefixCache(self.prefix_cache_config.probe_bytes if caches else 0)
@@ -802,13 +810,34 @@ class LoGoEngine(BaseEngine):
         selections: list[Selection],
         params: SamplingParams,
         rows: list[RowState],
+        joins: Callable[[], list[Joining]] | None = None,
     ) -> Iterator[None]:
         if self._backend is not None:
             return self._backend.decode(requests, selections, params, rows)
+        first = self._join_group(requests, selections, rows)
+        take = None
+        if joins is not None:
+
+            def take() -> list[JoinGroup]:
+                return [self._join_group(j.requests, j.selections, j.rows) for j in joins()]
+
+        return self._decoder.decode(
+            first.input_ids, first.plan, params, rows, first.prefill, joins=take
+        )
+
+    @property
+    def joins_runs(self) -> bool:
+        """Rows can join a running batch on the engine's own decoder (plain KV caches only)."""
+        return self._backend is None and self._plain_kv
+
+    def _join_group(
+        self, requests: list[Request], selections: list[Selection], rows: list[RowState]
+    ) -> JoinGroup:
+        """Rows for the decoder: token ids, mixtures (cat form) and prefill-cache use."""
         epoch = self._prefill_cache.epoch  # before the library: see prefix_cache.py
         plan = MixturePlan.build(self._library, selections)
         prefill = CacheUse(self._prefill_cache, epoch, [mixture_key(s) for s in selections])
-        return self._decoder.decode([r.input_ids for r in requests], plan, params, rows, prefill)
+        return JoinGroup([r.input_ids for r in requests], plan, rows, prefill)
 
     # ------------------------------------------------------------------ helpers
     def _probe_target(self, routing: RoutingConfig, library: AdapterLibrary) -> tuple[int, str]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -66,6 +67,42 @@ class MixturePlan:
                     mix.a_cat[rows], mix.b_cat[rows]
                 )  # (B', k·r, in) (B', out, k·r)
             modules[name] = mix
+        return MixturePlan(modules)
+
+    @staticmethod
+    def concat(parts: Sequence[tuple[MixturePlan | None, int]]) -> MixturePlan | None:
+        """The plans of several batches ``(plan, n_rows)`` stacked into one per-row plan.
+
+        Each row keeps its own factors; narrower ones are padded with zero columns of A and B
+        (which add exactly 0), a module some part lacks gets zero factors there, and ``None``
+        (base-only rows) contributes zeros everywhere.
+        """
+        shapes: dict[str, tuple[int, int, torch.dtype, torch.device]] = {}
+        for plan, _ in parts:
+            for name, given in (plan.modules if plan is not None else {}).items():
+                d_out, d_in = given.b_cat.shape[-2], given.a_cat.shape[-1]
+                shapes.setdefault(name, (d_out, d_in, given.a_cat.dtype, given.a_cat.device))
+        if not shapes:
+            return None
+        modules = {}
+        for name, (d_out, d_in, dtype, device) in shapes.items():
+            a_parts, b_parts = [], []
+            for plan, n in parts:
+                mix = plan.modules.get(name) if plan is not None else None
+                if mix is None:
+                    a = torch.zeros(n, 0, d_in, dtype=dtype, device=device)  # (n, 0, in)
+                    b = torch.zeros(n, d_out, 0, dtype=dtype, device=device)  # (n, out, 0)
+                elif mix.a_cat.ndim == 2:  # shared by the part's rows
+                    a = mix.a_cat.expand(n, *mix.a_cat.shape)  # (n, k·r, in)
+                    b = mix.b_cat.expand(n, *mix.b_cat.shape)  # (n, out, k·r)
+                else:
+                    a, b = mix.a_cat, mix.b_cat
+                a_parts.append(a)
+                b_parts.append(b)
+            width = max(a.shape[1] for a in a_parts)
+            a_cat = torch.cat([F.pad(a, (0, 0, 0, width - a.shape[1])) for a in a_parts])
+            b_cat = torch.cat([F.pad(b, (0, width - b.shape[2])) for b in b_parts])
+            modules[name] = ModuleMixture(a_cat.contiguous(), b_cat.contiguous())  # (B, W, in)
         return MixturePlan(modules)
 
     @classmethod

@@ -331,6 +331,29 @@ def row_kv(
     return tuple(keys), tuple(values)
 
 
+def concat_kv(
+    parts: Sequence[tuple[torch.Tensor, DynamicCache]], *, config: PretrainedConfig
+) -> tuple[torch.Tensor, DynamicCache]:
+    """Batches (mask (B_i, T_i), cache of T_i positions) stacked into one (sum B_i, max T_i).
+
+    Shorter batches are left-padded: zero keys and values under a zero mask, so every real
+    position attends to exactly what it did before. Every block must hold plain growing KV.
+    """
+    width = max(mask.shape[1] for mask, _ in parts)
+    masks = [F.pad(mask, (width - mask.shape[1], 0)) for mask, _ in parts]  # (B_i, T)
+    data = []
+    for layers in zip(*(cache.layers for _, cache in parts), strict=True):
+        keys, values = [], []
+        for layer in layers:
+            if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
+                raise TypeError(f"block {type(layer).__name__} holds no growing keys and values")
+            pad = width - layer.keys.shape[-2]
+            keys.append(F.pad(layer.keys, (0, 0, pad, 0)) if pad else layer.keys)  # (B_i, H, T, d)
+            values.append(F.pad(layer.values, (0, 0, pad, 0)) if pad else layer.values)
+        data.append((torch.cat(keys), torch.cat(values)))
+    return torch.cat(masks), DynamicCache(ddp_cache_data=data, config=config)
+
+
 def filled_depth(cache: DynamicCache, length: int) -> int:
     """Number of leading blocks whose KV covers ``length`` positions (the blocks a pass ran)."""
     depth = 0

@@ -85,6 +85,9 @@ async def test_the_batcher_groups_by_sampling_key_and_bounds_the_batch(engine):
         def row_cancelled(self):
             pass
 
+        def rows_joined(self, waits):
+            sizes.append(-len(waits))  # none: a job of another key waits, or the batch is full
+
     batcher = Batcher(engine, max_batch_size=3, batch_wait_ms=300, observer=Observer())
     try:
         greedy = [job(engine, p, loop, max_new_tokens=4) for p in PROMPTS[:4]]

@@ -41,10 +41,10 @@ class DecodeWatch:
         self.stepped = threading.Event()
         decode = engine._decode
 
-        def watched(*args):
+        def watched(*args, **kwargs):
             self.open += 1
             try:
-                for step in decode(*args):
+                for step in decode(*args, **kwargs):
                     self.steps += 1
                     self.stepped.set()
                     yield step

@@ -221,6 +221,7 @@ def test_health_and_info(server, engine):
 def test_concurrent_requests_are_batched_and_equal_their_solo_results(client, engine, server):
     before_batches = metric(server, "logo_batch_size_count")
     before_rows = metric(server, "logo_batch_size_sum")
+    before_joined = metric(server, "logo_joined_rows_total")
     # Different lengths and stop strings in one batch: each row keeps its own.
     jobs = [
         dict(prompt=p, max_tokens=4 + i, stop=["o"] if i % 3 == 0 else None)
@@ -242,7 +243,8 @@ def test_concurrent_requests_are_batched_and_equal_their_solo_results(client, en
         assert selection_of(response).adapters == expected.selection.adapters
     batches = metric(server, "logo_batch_size_count") - before_batches
     rows = metric(server, "logo_batch_size_sum") - before_rows
-    assert rows == 8
+    joined = metric(server, "logo_joined_rows_total") - before_joined
+    assert rows + joined == 8  # each request started a batch's rows or joined a running batch
     assert batches < 8  # some requests shared a batch (the 200 ms window makes it all, usually)
 
 

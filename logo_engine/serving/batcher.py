@@ -13,9 +13,15 @@ top-p and seed, so a batch holds requests with the same sampling settings (all g
 share one key, whatever their top_p or seed) and the same routing configuration. Prompts, tools,
 pinned mixtures, stop strings and ``max_tokens`` may differ freely between rows.
 
-A batch is fixed once it starts (the KV cache is built for its rows); requests arriving meanwhile
-wait for the next batch. A cancelled request (a client that disconnected) stops its row at the next
-step: the row produces nothing more, and a batch whose rows are all cancelled or done stops.
+Continuous batching: on an engine whose runs take joining rows (``engine.joins_runs``: the
+engine's own decoder), requests that arrive while a batch decodes join it between two steps, up to
+``max_batch_size`` live rows: they are routed (one batched probe), prefilled on their own and then
+decode with the others, each as it would alone. So a row that finishes early frees its place for
+the next request at once, instead of the batch running on with an idle row until its longest row
+ends. Rows join only while no request of another key waits (that one gets the next batch, so no
+key is starved). Other engines (generation backends, remote engines) run each batch as it started.
+A cancelled request (a client that disconnected) stops its row at the next step: the row produces
+nothing more, and a batch whose rows are all cancelled or done stops.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Union
 
@@ -76,6 +82,8 @@ class BatchObserver(Protocol):
     def row_finished(self, generation: Generation) -> None: ...
 
     def row_cancelled(self) -> None: ...
+
+    def rows_joined(self, queue_wait_s: list[float]) -> None: ...
 
 
 @dataclass(eq=False)
@@ -210,17 +218,51 @@ class Batcher:
         if self.observer is not None:
             started = time.monotonic()
             self.observer.batch_started(len(jobs), [started - j.enqueued_at for j in jobs])
+        key = jobs[0].key
         try:
-            run_batch(self.engine, jobs, self.observer)
+            run_batch(
+                self.engine, jobs, self.observer, refill=lambda live: self._joiners(key, live)
+            )
         except Exception:  # run_batch reports errors to the jobs; this is a bug of ours
             logger.exception("a batch failed outside the engine")
 
+    def _joiners(self, key: Hashable, live: int) -> list[Job]:
+        """Queued jobs with ``key`` that may join a running batch of ``live`` rows.
 
-def run_batch(engine: BaseEngine, jobs: list[Job], observer: BatchObserver | None = None) -> None:
+        At most ``max_batch_size - live``; none while a job of another key waits (the running
+        batch then drains, and that job's batch starts next).
+        """
+        joiners: list[Job] = []
+        while live + len(joiners) < self.max_batch_size and not self._deferred:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:  # stopping: let the running batch end, take nothing more
+                self._queue.put(None)
+                break
+            if item.cancelled:
+                continue
+            if item.key == key:
+                joiners.append(item)
+            else:
+                self._deferred.append(item)
+        return joiners
+
+
+def run_batch(
+    engine: BaseEngine,
+    jobs: list[Job],
+    observer: BatchObserver | None = None,
+    *,
+    refill: Callable[[int], list[Job]] | None = None,
+) -> None:
     """Decode ``jobs`` (equal keys) as one engine batch, posting each row's events as they come.
 
-    Runs in the calling thread, step by step. Errors end every unfinished row with
-    :class:`Failed`; nothing is raised.
+    Runs in the calling thread, step by step. With ``refill`` (and an engine whose runs take
+    joining rows), ``refill(live)`` is asked between steps for jobs of the same key to join the
+    batch of ``live`` rows. Errors end every unfinished row with :class:`Failed`; nothing is
+    raised; a failed join fails its own jobs only.
     """
     first = jobs[0].params
     params = SamplingParams(
@@ -229,14 +271,7 @@ def run_batch(engine: BaseEngine, jobs: list[Job], observer: BatchObserver | Non
         top_p=first.top_p,
         seed=first.seed,
     )
-    rows = [
-        RowState(
-            stop=j.params.stop,
-            text=j.request.response_prefix,
-            max_new_tokens=j.params.max_new_tokens,
-        )
-        for j in jobs
-    ]
+    rows = [_row_state(j) for j in jobs]
     run = _Run(
         engine,
         [j.request for j in jobs],
@@ -244,9 +279,11 @@ def run_batch(engine: BaseEngine, jobs: list[Job], observer: BatchObserver | Non
         params,
         jobs[0].routing,
         rows=rows,
+        joinable=refill is not None,
     )
+    jobs = list(jobs)  # grows as rows join
     try:
-        _drive(run, jobs, observer)
+        _drive(run, jobs, observer, refill if run.joinable else None)
     except Exception as exc:
         for job in jobs:
             if not job.over:
@@ -255,7 +292,39 @@ def run_batch(engine: BaseEngine, jobs: list[Job], observer: BatchObserver | Non
         run.close()
 
 
-def _drive(run: _Run, jobs: list[Job], observer: BatchObserver | None) -> None:
+def _row_state(job: Job) -> RowState:
+    return RowState(
+        stop=job.params.stop,
+        text=job.request.response_prefix,
+        max_new_tokens=job.params.max_new_tokens,
+    )
+
+
+def _join(run: _Run, jobs: list[Job], new: list[Job], observer: BatchObserver | None) -> None:
+    """Route ``new`` and add them to the running ``run`` (appended to ``jobs``)."""
+    if observer is not None:
+        now = time.monotonic()
+        observer.rows_joined([now - j.enqueued_at for j in new])
+    try:
+        selections = run.join(
+            [j.request for j in new], [j.mixture for j in new], [_row_state(j) for j in new]
+        )
+    except Exception as exc:  # their probe failed: the running rows carry on
+        for job in new:
+            job.post(Failed(exc))
+        return
+    for job, selection in zip(new, selections, strict=True):
+        job.post(Selected(selection))
+    jobs.extend(new)
+
+
+def _drive(
+    run: _Run,
+    jobs: list[Job],
+    observer: BatchObserver | None,
+    refill: Callable[[int], list[Job]] | None = None,
+) -> None:
+    """Step ``run`` to its end, posting each row's events (rows of ``refill`` join on the way)."""
     announced = False
     while True:
         alive = run.step()
@@ -282,7 +351,15 @@ def _drive(run: _Run, jobs: list[Job], observer: BatchObserver | None) -> None:
                 job.post(Finished(generation))
                 if observer is not None:
                     observer.row_finished(generation)
-        if not alive or all(job.over for job in jobs):
+        if alive and refill is not None and announced:
+            new = refill(sum(not job.over for job in jobs))
+            if new:
+                _join(run, jobs, new, observer)
+        if not alive:
+            return
+        if all(job.over for job in jobs):
+            if run.joinable:  # one more (cheap) step: the decoder stores the rows' KV and ends
+                run.step()
             return
 
 

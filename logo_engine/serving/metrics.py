@@ -55,9 +55,14 @@ class Metrics:
         self.batch_size = Histogram(
             "logo_batch_size", "Rows per engine batch", buckets=_BATCH_BUCKETS, registry=r
         )
+        self.joined = Counter(
+            "logo_joined_rows",
+            "Rows that joined a batch already decoding (continuous batching)",
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "logo_queue_wait_seconds",
-            "Time a request waited for its batch to start",
+            "Time a request waited for its batch to start (or to join one)",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -81,6 +86,11 @@ class Metrics:
     # ---------------------------------------------------------------- BatchObserver
     def batch_started(self, size: int, queue_wait_s: list[float]) -> None:
         self.batch_size.observe(size)
+        for wait in queue_wait_s:
+            self.queue_wait.observe(wait)
+
+    def rows_joined(self, queue_wait_s: list[float]) -> None:
+        self.joined.inc(len(queue_wait_s))
         for wait in queue_wait_s:
             self.queue_wait.observe(wait)
 
