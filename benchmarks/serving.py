@@ -12,6 +12,9 @@ One run measures, for each level C = 1, 4, 8, 16 (C x R requests, R per client):
   interleaved one by one; overhead = median(server latency / in-process latency) - 1.
 
 Every answer of the server is checked against the in-process greedy answer (they must be equal).
+Every measured call sends a prompt neither process has seen before (the prefix caches would
+otherwise serve repeats from memory); prompts still share the chat template's system prompt, as
+real requests do.
 
     HF_HUB_OFFLINE=1 python -m benchmarks.serving            # full run (R = 2)
     HF_HUB_OFFLINE=1 python -m benchmarks.serving --quick    # R = 1
@@ -101,15 +104,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def batch_stats(url: str) -> tuple[float, float]:
-    """(rows, batches) decoded so far by the server."""
-    rows = batches = 0.0
+def batch_stats(url: str) -> tuple[float, float, float]:
+    """(rows that started a batch, batches, rows that joined a running batch) so far."""
+    rows = batches = joined = 0.0
     for line in httpx.get(url + "/metrics", timeout=60).text.splitlines():
         if line.startswith("logo_batch_size_sum "):
             rows = float(line.split()[-1])
         elif line.startswith("logo_batch_size_count "):
             batches = float(line.split()[-1])
-    return rows, batches
+        elif line.startswith("logo_joined_rows_total "):
+            joined = float(line.split()[-1])
+    return rows, batches, joined
 
 
 def main() -> None:
@@ -122,7 +127,8 @@ def main() -> None:
     per_client = args.requests_per_client or (1 if args.quick else 2)
     n_overhead = 6 if args.quick else 12
     max_tokens = args.max_tokens
-    pool = prompts(max(LEVELS) * per_client)
+    fresh = iter(range(10**9))  # the next prompt index nobody has seen
+    pool = prompts(4 + n_overhead + sum(LEVELS) * per_client)
 
     engine = LoGoEngine.from_pretrained()
     expected: dict[int, str] = {}
@@ -154,26 +160,29 @@ def main() -> None:
         return elapsed
 
     try:
-        local(0), remote(0), local(1), remote(1)  # warm-up (first calls build caches)
+        for _ in range(2):  # warm-up (first calls build caches)
+            i = next(fresh)
+            local(i), remote(i)
 
         # Overhead at one client: interleaved, paired by prompt.
-        ratios = [remote_over_local(local, remote, i) for i in range(n_overhead)]
+        ratios = [remote_over_local(local, remote, next(fresh)) for _ in range(n_overhead)]
         overhead = statistics.median(ratios) - 1
 
         levels = []
         for clients in LEVELS:
             n = clients * per_client
+            ids = [next(fresh) for _ in range(n)]
             start = time.perf_counter()
-            base_latencies = [local(i) for i in range(n)]  # the baseline, just before
+            base_latencies = [local(i) for i in ids]  # the baseline, just before
             base_rps = n / (time.perf_counter() - start)
-            rows0, batches0 = batch_stats(url)
+            rows0, batches0, joined0 = batch_stats(url)
             start = time.perf_counter()
             with ThreadPoolExecutor(clients) as threads:
-                chunks = [list(range(c, n, clients)) for c in range(clients)]
+                chunks = [ids[c::clients] for c in range(clients)]
                 per_thread = threads.map(lambda ids: [remote(i) for i in ids], chunks)
                 latencies = [t for ts in per_thread for t in ts]
             wall = time.perf_counter() - start
-            rows1, batches1 = batch_stats(url)
+            rows1, batches1, joined1 = batch_stats(url)
             levels.append(
                 {
                     "clients": clients,
@@ -185,6 +194,7 @@ def main() -> None:
                     "p50_s": statistics.median(latencies),
                     "p95_s": percentile(latencies, 0.95),
                     "mean_batch_size": (rows1 - rows0) / max(1.0, batches1 - batches0),
+                    "joined_rows": joined1 - joined0,
                 }
             )
     finally:
@@ -198,13 +208,14 @@ def main() -> None:
     print(f"server overhead at 1 client (median of paired ratios - 1): {overhead * 100:+.1f}%")
     print(
         f"{'clients':>8} {'1-by-1 req/s':>13} {'server req/s':>13} {'speedup':>8} "
-        f"{'p50 s':>7} {'p95 s':>7} {'batch':>6}"
+        f"{'p50 s':>7} {'p95 s':>7} {'batch':>6} {'joined':>7}"
     )
     for level in levels:
         print(
             f"{level['clients']:>8} {level['one_by_one_rps']:>13.3f} "
             f"{level['throughput_rps']:>13.3f} {level['speedup_vs_one_by_one']:>8.2f} "
-            f"{level['p50_s']:>7.2f} {level['p95_s']:>7.2f} {level['mean_batch_size']:>6.1f}"
+            f"{level['p50_s']:>7.2f} {level['p95_s']:>7.2f} {level['mean_batch_size']:>6.1f} "
+            f"{level['joined_rows']:>7.0f}"
         )
     print(f"answers equal to in-process greedy: {not mismatches} ({len(mismatches)} differ)")
     summary: dict[str, Any] = {

@@ -231,11 +231,11 @@ class _Run:
 
     def _iterate(self) -> Generator[None, None, None]:
         self.selections = self.engine._select(self.requests, self.mixtures, self.routing)
+        # the rows decoded from the start (rows that join later come through the inbox)
+        start = (list(self.requests), list(self.selections), list(self.rows))
         yield  # the selection is known before the first token
         joins = {} if self._inbox is None else {"joins": self._take_joins}
-        yield from self.engine._decode(
-            self.requests, self.selections, self.params, self.rows, **joins
-        )
+        yield from self.engine._decode(*start[:2], self.params, start[2], **joins)
         for row in self.rows:
             row.finish("length")
 

@@ -68,7 +68,10 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(engine, sampl
         engine, requests(engine, first), [None, {"a": 1.0}], params, engine.routing, joinable=True
     )
     assert run.joinable and engine.joins_runs
-    for _ in range(3):  # the selection, then two tokens
+    assert run.step()  # the selection: the decode has not begun
+    early = [PROMPTS[2]]
+    run.join(requests(engine, early), [None], [RowState(max_new_tokens=10)])
+    for _ in range(2):  # two tokens
         assert run.step()
     # three rows join: routed, a pinned mixture of two adapters of different ranks, base only
     joiners = [PROMPTS[3], PROMPTS[5], PROMPTS[7]]
@@ -87,13 +90,14 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(engine, sampl
     want = [
         solo(engine, first[0], None, 14, **sampling),
         solo(engine, first[1], {"a": 1.0}, 14, **sampling),
+        solo(engine, early[0], None, 10, **sampling),
         *(
             solo(engine, p, m, n, **sampling)
             for p, m, n in zip(joiners, mixtures, limits, strict=True)
         ),
         solo(engine, PROMPTS[8], None, 6, **sampling),
     ]
-    assert len(got) == len(want) == 6
+    assert len(got) == len(want) == 7
     for g, w in zip(got, want, strict=True):
         assert_same(g, w)
 
