@@ -232,10 +232,10 @@ class _Run:
     def _iterate(self) -> Generator[None, None, None]:
         self.selections = self.engine._select(self.requests, self.mixtures, self.routing)
         # the rows decoded from the start (rows that join later come through the inbox)
-        start = (list(self.requests), list(self.selections), list(self.rows))
+        requests, selections, rows = list(self.requests), list(self.selections), list(self.rows)
         yield  # the selection is known before the first token
         joins = {} if self._inbox is None else {"joins": self._take_joins}
-        yield from self.engine._decode(*start[:2], self.params, start[2], **joins)
+        yield from self.engine._decode(requests, selections, self.params, rows, **joins)  # type: ignore[arg-type]
         for row in self.rows:
             row.finish("length")
 

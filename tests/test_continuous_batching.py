@@ -213,12 +213,14 @@ class Observer:
     def __init__(self) -> None:
         self.batches: list[int] = []
         self.joined: list[int] = []
+        self.join_waits: list[float] = []
 
     def batch_started(self, size, waits):
         self.batches.append(size)
 
     def rows_joined(self, waits):
         self.joined.append(len(waits))
+        self.join_waits.append(min(waits))
 
     def row_finished(self, generation):
         pass
@@ -276,5 +278,40 @@ async def test_no_row_joins_while_a_request_of_another_key_waits(slow):
         await asyncio.to_thread(batcher.close)
     assert observer.joined == []  # the greedy request did not overtake the sampled one
     assert observer.batches == [1, 1, 1]
+    for events in results:
+        assert isinstance(events[-1], Finished)
+
+
+async def test_waiting_requests_join_together_by_the_ratio_or_after_the_longest_wait(slow):
+    """join_ratio 0.5: with 4-5 rows live, one or two waiting rows wait for max_join_wait_steps."""
+    engine = slow
+    loop = asyncio.get_running_loop()
+    observer = Observer()
+    batcher = Batcher(
+        engine,
+        max_batch_size=8,
+        batch_wait_ms=500,
+        observer=observer,
+        join_ratio=0.5,
+        max_join_wait_steps=3,
+    )
+    try:
+        running = [job(engine, p, loop, max_new_tokens=80) for p in PROMPTS[:4]]
+        for j in running:
+            batcher.submit(j)
+        for j in running:
+            assert isinstance(await j.events.get(), Selected)
+        one = job(engine, PROMPTS[4], loop, max_new_tokens=60)
+        batcher.submit(one)
+        assert isinstance(await one.events.get(), Selected)
+        two = [job(engine, p, loop, max_new_tokens=2) for p in PROMPTS[5:7]]
+        for j in two:
+            batcher.submit(j)
+        results = await asyncio.gather(*(collect(j) for j in [*running, one, *two]))
+    finally:
+        await asyncio.to_thread(batcher.close)
+    assert observer.batches == [4]
+    assert observer.joined == [1, 2]  # 1 < 0.5 x 4 and 2 < 0.5 x 5: each waited, then joined
+    assert min(observer.join_waits) >= 0.02  # at least 2 whole steps of 10 ms (3 boundaries)
     for events in results:
         assert isinstance(events[-1], Finished)

@@ -17,9 +17,11 @@ Continuous batching: on an engine whose runs take joining rows (``engine.joins_r
 engine's own decoder), requests that arrive while a batch decodes join it between two steps, up to
 ``max_batch_size`` live rows: they are routed (one batched probe), prefilled on their own and then
 decode with the others, each as it would alone. So a row that finishes early frees its place for
-the next request at once, instead of the batch running on with an idle row until its longest row
-ends. Rows join only while no request of another key waits (that one gets the next batch, so no
-key is starved). Other engines (generation backends, remote engines) run each batch as it started.
+the next request, instead of the batch running on until its longest row ends. A join stalls the
+running rows for its probe and prefill, so waiting requests join together (TGI's rule): once they
+are ``join_ratio`` x the live rows, or once the oldest has waited ``max_join_wait_steps`` steps.
+Rows join only while no request of another key waits (that one gets the next batch, so no key is
+starved). Other engines (generation backends, remote engines) run each batch as it started.
 A cancelled request (a client that disconnected) stops its row at the next step: the row produces
 nothing more, and a batch whose rows are all cancelled or done stops.
 """
@@ -139,6 +141,8 @@ class Batcher:
         max_batch_size: int = 8,
         batch_wait_ms: float = 10.0,
         observer: BatchObserver | None = None,
+        join_ratio: float = 0.3,
+        max_join_wait_steps: int = 8,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -148,6 +152,9 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1e3
         self.observer = observer
+        self.join_ratio = join_ratio
+        self.max_join_wait_steps = max_join_wait_steps
+        self._join_wait = 0  # steps the oldest request waiting to join has waited
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._deferred: deque[Job] = deque()  # jobs that did not fit the last batch's key
         self._stopping = False
@@ -219,6 +226,7 @@ class Batcher:
             started = time.monotonic()
             self.observer.batch_started(len(jobs), [started - j.enqueued_at for j in jobs])
         key = jobs[0].key
+        self._join_wait = 0
         try:
             run_batch(
                 self.engine, jobs, self.observer, refill=lambda live: self._joiners(key, live)
@@ -227,26 +235,38 @@ class Batcher:
             logger.exception("a batch failed outside the engine")
 
     def _joiners(self, key: Hashable, live: int) -> list[Job]:
-        """Queued jobs with ``key`` that may join a running batch of ``live`` rows.
+        """Waiting jobs with ``key`` that join a running batch of ``live`` rows now.
 
-        At most ``max_batch_size - live``; none while a job of another key waits (the running
-        batch then drains, and that job's batch starts next).
+        Each join costs the running rows a probe and a prefill of their own, so waiting rows
+        join together (the rule of TGI's router): once they are at least ``join_ratio`` x the
+        live rows, or once the oldest has waited ``max_join_wait_steps`` steps, or at once when
+        no row is left; at most ``max_batch_size - live``. None while a job of another key
+        waits: the running batch then drains, and that job's batch starts next.
         """
-        joiners: list[Job] = []
-        while live + len(joiners) < self.max_batch_size and not self._deferred:
+        while True:  # everything queued, in arrival order, goes to the waiting line
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is None:  # stopping: let the running batch end, take nothing more
                 self._queue.put(None)
-                break
-            if item.cancelled:
-                continue
-            if item.key == key:
-                joiners.append(item)
-            else:
+                return []
+            if not item.cancelled:
                 self._deferred.append(item)
+        waiting = [j for j in self._deferred if not j.cancelled]
+        if not waiting or any(j.key != key for j in waiting):
+            self._join_wait = 0
+            return []
+        self._join_wait += 1
+        if (
+            live
+            and len(waiting) < self.join_ratio * live
+            and self._join_wait < self.max_join_wait_steps
+        ):
+            return []
+        joiners = waiting[: max(0, self.max_batch_size - live)]
+        self._deferred = deque(j for j in waiting if j not in joiners)
+        self._join_wait = 0
         return joiners
 
 
