@@ -63,7 +63,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(port: int, max_batch_size: int, batch_wait_ms: float) -> subprocess.Popen[bytes]:
+def start_server(
+    port: int, max_batch_size: int, batch_wait_ms: float, continuous: bool = True
+) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable,
         "-m",
@@ -77,6 +79,7 @@ def start_server(port: int, max_batch_size: int, batch_wait_ms: float) -> subpro
         str(batch_wait_ms),
         "--log-level",
         "warning",
+        *([] if continuous else ["--no-continuous-batching"]),
     ]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 600
@@ -123,6 +126,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests-per-client", type=int, default=None)
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
+    parser.add_argument(
+        "--no-continuous-batching",
+        dest="continuous",
+        action="store_false",
+        help="serve with static batches (each runs as it started)",
+    )
     args = parser.parse_args()
     per_client = args.requests_per_client or (1 if args.quick else 2)
     n_overhead = 6 if args.quick else 12
@@ -142,7 +151,7 @@ def main() -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server(port, max(LEVELS), args.batch_wait_ms)
+    server = start_server(port, max(LEVELS), args.batch_wait_ms, args.continuous)
     client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=3600)
     served = client.models.list().data[0].id
     mismatches: list[int] = []
@@ -203,7 +212,8 @@ def main() -> None:
 
     print(
         f"\nmax_tokens={max_tokens}, greedy, {engine.model_name} + {len(engine.adapter_names)} "
-        f"adapters, torch threads {torch.get_num_threads()}"
+        f"adapters, torch threads {torch.get_num_threads()}, "
+        f"{'continuous' if args.continuous else 'static'} batching"
     )
     print(f"server overhead at 1 client (median of paired ratios - 1): {overhead * 100:+.1f}%")
     print(
@@ -222,6 +232,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "model": engine.model_name,
         "max_tokens": max_tokens,
+        "continuous_batching": args.continuous,
         "overhead_1_client": overhead,
         "levels": levels,
         "answers_equal": not mismatches,

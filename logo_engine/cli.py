@@ -128,6 +128,12 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a batch waits for more requests after its first (default 10)",
     )
     serve.add_argument(
+        "--no-continuous-batching",
+        dest="continuous_batching",
+        action="store_false",
+        help="run each batch as it started (requests arriving meanwhile wait for it to end)",
+    )
+    serve.add_argument(
         "--served-model-name", help="model name clients use (default: the base model's name)"
     )
     serve.add_argument(
@@ -153,6 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,
+        continuous_batching=args.continuous_batching,
         served_model_name=args.served_model_name,
         max_body_bytes=args.max_body_bytes,
     )

@@ -315,3 +315,24 @@ async def test_waiting_requests_join_together_by_the_ratio_or_after_the_longest_
     assert min(observer.join_waits) >= 0.02  # at least 2 whole steps of 10 ms (3 boundaries)
     for events in results:
         assert isinstance(events[-1], Finished)
+
+
+async def test_without_continuous_batching_a_late_request_waits_for_the_batch(slow):
+    engine = slow
+    loop = asyncio.get_running_loop()
+    observer = Observer()
+    batcher = Batcher(
+        engine, max_batch_size=4, batch_wait_ms=0, observer=observer, continuous=False
+    )
+    try:
+        long = job(engine, PROMPTS[0], loop, max_new_tokens=30)
+        batcher.submit(long)
+        assert isinstance(await long.events.get(), Selected)
+        late = job(engine, PROMPTS[4], loop, max_new_tokens=3)
+        batcher.submit(late)
+        long_events, late_events = await asyncio.gather(collect(long), collect(late))
+    finally:
+        await asyncio.to_thread(batcher.close)
+    assert observer.batches == [1, 1] and observer.joined == []
+    assert isinstance(long_events[-1], Finished)
+    assert_same(late_events[-1].generation, solo(engine, PROMPTS[4], None, 3))

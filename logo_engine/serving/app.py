@@ -84,6 +84,7 @@ class ServeConfig:
     api_key: str | None = None  # required as "Authorization: Bearer <key>" on /v1 when set
     max_batch_size: int = 8  # rows per engine batch
     batch_wait_ms: float = 10.0  # how long a batch waits for more rows after its first arrived
+    continuous_batching: bool = True  # rows may join a running batch (engines that allow it)
     served_model_name: str | None = None  # the routed model's name (default: engine.model_name)
     max_body_bytes: int = MAX_BODY_BYTES  # larger request bodies get a 413
 
@@ -123,6 +124,7 @@ def local_runner(engine: BaseEngine, state: ServerState) -> JobRunner:
         max_batch_size=state.config.max_batch_size,
         batch_wait_ms=state.config.batch_wait_ms,
         observer=state.metrics,
+        continuous=state.config.continuous_batching,
     )
 
 

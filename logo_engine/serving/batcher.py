@@ -141,6 +141,7 @@ class Batcher:
         max_batch_size: int = 8,
         batch_wait_ms: float = 10.0,
         observer: BatchObserver | None = None,
+        continuous: bool = True,
         join_ratio: float = 0.3,
         max_join_wait_steps: int = 8,
     ) -> None:
@@ -152,6 +153,7 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1e3
         self.observer = observer
+        self.continuous = continuous  # rows may join a running batch (see module docstring)
         self.join_ratio = join_ratio
         self.max_join_wait_steps = max_join_wait_steps
         self._join_wait = 0  # steps the oldest request waiting to join has waited
@@ -229,7 +231,10 @@ class Batcher:
         self._join_wait = 0
         try:
             run_batch(
-                self.engine, jobs, self.observer, refill=lambda live: self._joiners(key, live)
+                self.engine,
+                jobs,
+                self.observer,
+                refill=(lambda live: self._joiners(key, live)) if self.continuous else None,
             )
         except Exception:  # run_batch reports errors to the jobs; this is a bug of ours
             logger.exception("a batch failed outside the engine")
