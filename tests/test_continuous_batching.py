@@ -336,3 +336,39 @@ async def test_without_continuous_batching_a_late_request_waits_for_the_batch(sl
     assert observer.batches == [1, 1] and observer.joined == []
     assert isinstance(long_events[-1], Finished)
     assert_same(late_events[-1].generation, solo(engine, PROMPTS[4], None, 3))
+
+
+# ------------------------------------------------------------------ the server's prefill cache
+@pytest.mark.enable_socket
+@pytest.mark.allow_hosts(["127.0.0.1"])
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "static"])
+def test_a_served_answer_is_kept_for_the_next_turn(tokenizer, adapter_dir, continuous):
+    """The last rows of a batch store their KV too: the next turn reuses prompt + answer."""
+    from openai import OpenAI
+
+    from logo_engine.serving.app import ServeConfig
+    from logo_engine.serving.server import BackgroundServer
+
+    engine = LoGoEngine(tiny.tiny_model(), tokenizer, adapters=adapter_dir, name="tiny-llama")
+    config = ServeConfig(batch_wait_ms=0, continuous_batching=continuous)
+    try:
+        with BackgroundServer(engine, config) as server:
+            client = OpenAI(base_url=server.base_url, api_key="-", max_retries=0, timeout=60)
+            turn = [{"role": "user", "content": PROMPTS[0]}]
+            first = client.chat.completions.create(
+                model="tiny-llama:a", messages=turn, max_tokens=6
+            )
+            n_first = first.usage.prompt_tokens
+            follow = [
+                *turn,
+                {"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": PROMPTS[1]},
+            ]
+            second = client.chat.completions.create(
+                model="tiny-llama:a", messages=follow, max_tokens=2
+            )
+    finally:
+        engine.close()
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= n_first  # at least the whole first prompt came from the prefill cache
+    assert cached < second.usage.prompt_tokens

@@ -383,8 +383,8 @@ def _drive(
         if not alive:
             return
         if all(job.over for job in jobs):
-            if run.joinable:  # one more (cheap) step: the decoder stores the rows' KV and ends
-                run.step()
+            if run.engine.joins_runs:  # one more (cheap) step: the engine's own decoder stores
+                run.step()  # the last rows' KV in its prefill cache (for the next turn) and ends
             return
 
 
