@@ -372,3 +372,30 @@ def test_a_served_answer_is_kept_for_the_next_turn(tokenizer, adapter_dir, conti
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached >= n_first  # at least the whole first prompt came from the prefill cache
     assert cached < second.usage.prompt_tokens
+
+
+async def test_a_joined_row_whose_client_goes_away_leaves_and_the_others_carry_on(slow):
+    engine = slow
+    loop = asyncio.get_running_loop()
+    observer = Observer()
+    batcher = Batcher(engine, max_batch_size=4, batch_wait_ms=0, observer=observer)
+    try:
+        first = job(engine, PROMPTS[0], loop, max_new_tokens=40)
+        batcher.submit(first)
+        assert isinstance(await first.events.get(), Selected)
+        gone = job(engine, PROMPTS[3], loop, max_new_tokens=40)
+        stays = job(engine, PROMPTS[6], loop, max_new_tokens=12)
+        batcher.submit(gone)
+        batcher.submit(stays)
+        assert isinstance(await gone.events.get(), Selected)  # it joined the running batch
+        gone.cancel()
+        first_events, stays_events = await asyncio.gather(collect(first), collect(stays))
+    finally:
+        await asyncio.to_thread(batcher.close)
+    assert observer.batches == [1] and sum(observer.joined) == 2
+    left = []
+    while not gone.events.empty():
+        left.append(gone.events.get_nowait())
+    assert not any(isinstance(e, Finished) for e in left)  # it stopped: no answer after the cancel
+    assert_same(first_events[-1].generation, solo(engine, PROMPTS[0], None, 40))
+    assert_same(stays_events[-1].generation, solo(engine, PROMPTS[6], None, 12))
