@@ -42,6 +42,7 @@ from openai import OpenAI
 
 from benchmarks.zoo.tasks import LIBRARY_TASKS, TASKS
 from logo_engine import LoGoEngine
+from logo_engine.cli import DTYPES
 
 LEVELS = (1, 4, 8, 16)
 
@@ -64,7 +65,11 @@ def free_port() -> int:
 
 
 def start_server(
-    port: int, max_batch_size: int, batch_wait_ms: float, continuous: bool = True
+    port: int,
+    max_batch_size: int,
+    batch_wait_ms: float,
+    continuous: bool = True,
+    dtype: str = "float32",
 ) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable,
@@ -80,6 +85,8 @@ def start_server(
         "--log-level",
         "warning",
         *([] if continuous else ["--no-continuous-batching"]),
+        "--dtype",
+        dtype,
     ]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 600
@@ -132,6 +139,9 @@ def main() -> None:
         action="store_false",
         help="serve with static batches (each runs as it started)",
     )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="model dtype, both sides (default fp32)"
+    )
     args = parser.parse_args()
     per_client = args.requests_per_client or (1 if args.quick else 2)
     n_overhead = 6 if args.quick else 12
@@ -139,7 +149,7 @@ def main() -> None:
     fresh = iter(range(10**9))  # the next prompt index nobody has seen
     pool = prompts(4 + n_overhead + sum(LEVELS) * per_client)
 
-    engine = LoGoEngine.from_pretrained()
+    engine = LoGoEngine.from_pretrained(dtype=getattr(torch, args.dtype))
     expected: dict[int, str] = {}
 
     def local(i: int) -> float:
@@ -151,7 +161,7 @@ def main() -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server(port, max(LEVELS), args.batch_wait_ms, args.continuous)
+    server = start_server(port, max(LEVELS), args.batch_wait_ms, args.continuous, args.dtype)
     client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=3600)
     served = client.models.list().data[0].id
     mismatches: list[int] = []
@@ -213,7 +223,7 @@ def main() -> None:
     print(
         f"\nmax_tokens={max_tokens}, greedy, {engine.model_name} + {len(engine.adapter_names)} "
         f"adapters, torch threads {torch.get_num_threads()}, "
-        f"{'continuous' if args.continuous else 'static'} batching"
+        f"{'continuous' if args.continuous else 'static'} batching, {args.dtype}"
     )
     print(f"server overhead at 1 client (median of paired ratios - 1): {overhead * 100:+.1f}%")
     print(
@@ -233,6 +243,7 @@ def main() -> None:
         "model": engine.model_name,
         "max_tokens": max_tokens,
         "continuous_batching": args.continuous,
+        "dtype": args.dtype,
         "overhead_1_client": overhead,
         "levels": levels,
         "answers_equal": not mismatches,

@@ -25,6 +25,8 @@ from logo_engine.backends import BACKENDS
 from logo_engine.errors import LoGoError
 from logo_engine.types import SIGNALS, WEIGHTINGS, RoutingConfig, Selection
 
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype: names of torch dtypes
+
 
 def _parser() -> argparse.ArgumentParser:
     model = argparse.ArgumentParser(add_help=False)
@@ -33,6 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--adapters",
         help="folder with one peft adapter folder per adapter (default: the shipped zoo)",
+    )
+    model.add_argument(
+        "--device", default="cpu", help="torch device of the model: cpu, cuda, cuda:1 (default cpu)"
+    )
+    model.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="parameter dtype (default float32; bfloat16 halves memory and is faster on GPUs "
+        "and AMX CPUs, with answers that may differ from float32)",
     )
     # Generation backends (engine.py's backend= and backend_options=); the probe stays here.
     backend = argparse.ArgumentParser(add_help=False)
@@ -180,14 +192,24 @@ _ROUTING_FLAGS = (
 
 
 def _engine(args: argparse.Namespace) -> Any:
+    import torch
+
     from logo_engine.engine import LoGoEngine
 
     name = getattr(args, "backend", "transformers")
     options = backend_options(getattr(args, "backend_options", None))
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise LoGoError(f"--device {args.device!r} is not a torch device: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoGoError(f"--device {args.device}: this torch build sees no CUDA device")
     return LoGoEngine.from_pretrained(
         args.base_model,
         adapters=args.adapters,
         gguf_file=args.gguf_file,
+        device=device,
+        dtype=getattr(torch, args.dtype),
         backend=None if name == "transformers" else name,
         backend_options=options or None,
     )

@@ -302,3 +302,30 @@ def test_cli_flags_override_the_library_defaults(adapter_dir, tmp_path, tokenize
     assert main(["route", "hello", *common[:-1], "--abstain-below", "1e9"]) == 0
     table = capsys.readouterr().out
     assert "(base model: no adapter)" in table and "no adapter stood out" in table
+
+
+def test_cli_device_and_dtype(adapter_dir, tmp_path, tokenizer, capsys):
+    import torch
+
+    from logo_engine import Selection
+    from logo_engine.cli import _engine, _parser, main
+
+    base = tmp_path / "base"
+    tiny.tiny_model().save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    common = ["--base-model", str(base), "--adapters", str(adapter_dir)]
+    args = _parser().parse_args(["route", "hello", *common, "--dtype", "bfloat16"])
+    engine = _engine(args)
+    try:
+        assert next(engine.model.parameters()).dtype == torch.bfloat16
+        stack = next(iter(engine.library.stacks.values()))
+        assert stack.buckets[0].lora_a.dtype == torch.bfloat16  # the adapters follow the model
+    finally:
+        engine.close()
+    assert main(["route", "hello", *common, "--dtype", "bfloat16", "--json"]) == 0
+    assert Selection.model_validate_json(capsys.readouterr().out).adapters
+    if not torch.cuda.is_available():
+        assert main(["route", "hello", *common, "--device", "cuda"]) != 0
+        assert "sees no CUDA device" in capsys.readouterr().err
+    assert main(["route", "hello", *common, "--device", "nowhere"]) != 0
+    assert "is not a torch device" in capsys.readouterr().err
