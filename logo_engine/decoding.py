@@ -114,10 +114,10 @@ def next_tokens(
 
 @dataclass(frozen=True)
 class JoinGroup:
-    """Rows that join a running batch (continuous batching), already routed.
+    """Rows to decode, already routed: a run's first rows, or rows that join it later.
 
-    ``plan`` holds these rows' mixtures (row order as ``input_ids``); ``spaces`` their
-    prefill-cache spaces (None: no prefill cache).
+    ``plan`` holds these rows' mixtures (row order as ``input_ids``); ``prefill`` the prefill
+    cache and each row's space in it (None: no prefill cache).
     """
 
     input_ids: Sequence[Sequence[int]]
@@ -169,23 +169,21 @@ class TransformersDecoder:
 
     def decode(
         self,
-        input_ids: Sequence[Sequence[int]],
-        plan: MixturePlan | None,
+        group: JoinGroup,
         params: SamplingParams,
-        rows: list[RowState],
-        prefill: CacheUse | None = None,
         joins: Callable[[], list[JoinGroup]] | None = None,
     ) -> Iterator[None]:
-        """Generate for every row with ``plan`` installed; yield after each step.
+        """Generate for every row of ``group`` with its plan installed; yield after each step.
 
         Rows that are done (end of turn, stop string, their own limit, or finished by the caller
         between steps, e.g. a cancelled request) are dropped from the batch before the next step:
         their KV cache, mask, generator and mixture rows go, the other rows decode as before.
 
-        With ``prefill`` (the prefill cache, and each row's mixture as its space), rows that
-        extend a cached prefix of their mixture prefill only their new tokens, and each row's KV
-        (prompt and the generated tokens fed back) is stored when it leaves the batch (a stream
-        closed early stores nothing for its rows still running).
+        With ``group.prefill`` (the prefill cache, and each row's mixture as its space), rows
+        that extend a cached prefix of their mixture prefill only their new tokens, and each
+        row's KV (prompt and the generated tokens fed back) is stored when it leaves the batch,
+        or when the loop is closed after it was done (a server closes a run once its rows are
+        answered); a stream closed early stores nothing for its rows still running.
 
         With ``joins``, rows may join the running batch (continuous batching): between steps,
         ``joins()`` returns the groups that arrived; each is prefilled on its own (its first
@@ -194,15 +192,18 @@ class TransformersDecoder:
         next step. Padding is masked out and positions count real tokens only, so a row decodes
         as it would alone. The loop ends when no row is left and no group is waiting.
         """
-        group = JoinGroup(input_ids, plan, rows, prefill)
         batch, logits = self._prefill(group, params)
         while True:
             tokens = next_tokens(logits, params, batch.generators)  # (B,)
             self._accept(batch.live, tokens)
-            yield
+            try:
+                yield
+            except GeneratorExit:
+                self._store(batch, [j for j, e in enumerate(batch.live) if e.row.done])
+                raise
             tokens = self._drop_done(batch, tokens)
-            for group in joins() if joins is not None else ():
-                tokens = self._join(batch, tokens, group, params)
+            for joining in joins() if joins is not None else ():
+                batch, tokens = self._join(batch, tokens, joining, params)
             if not batch.live:
                 return
             batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.live), 1)], dim=1)
@@ -275,12 +276,16 @@ class TransformersDecoder:
                     row.push(entry.detok.flush(), n_tokens=0)
                     row.finish("length")
 
+    @staticmethod
+    def _store(batch: _Batch, rows: Sequence[int]) -> None:
+        """Store the KV of the batch's ``rows`` (positions) in the prefill cache, if it has one."""
+        if batch.prefill is not None and rows:
+            remember(batch.prefill, batch.live, rows, batch.mask, batch.cache)
+
     def _drop_done(self, batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
         """Store and drop the rows that are done; returns the pending tokens of those left."""
         keep = [j for j, entry in enumerate(batch.live) if not entry.row.done]
-        if batch.prefill is not None:  # rows leaving the batch: store their KV first
-            leaving = [j for j in range(len(batch.live)) if j not in keep]
-            remember(batch.prefill, batch.live, leaving, batch.mask, batch.cache)
+        self._store(batch, [j for j in range(len(batch.live)) if j not in keep])
         if len(keep) == len(batch.live):
             return tokens
         batch.live = [batch.live[j] for j in keep]
@@ -297,19 +302,20 @@ class TransformersDecoder:
 
     def _join(
         self, batch: _Batch, tokens: torch.Tensor, group: JoinGroup, params: SamplingParams
-    ) -> torch.Tensor:
-        """Prefill ``group``, choose its first tokens, append its live rows to ``batch``."""
+    ) -> tuple[_Batch, torch.Tensor]:
+        """Prefill ``group``, choose its first tokens, append its live rows to ``batch``.
+
+        Returns the batch that goes on (the group's own when ``batch`` had emptied) and its
+        pending tokens.
+        """
         new, logits = self._prefill(group, params)
         new_tokens = next_tokens(logits, params, new.generators)  # (b,)
         self._accept(new.live, new_tokens)
         new_tokens = self._drop_done(new, new_tokens)
         if not new.live:
-            return tokens
+            return batch, tokens
         if not batch.live:  # the batch had emptied: the group carries on alone
-            batch.live, batch.ctx, batch.generators = new.live, new.ctx, new.generators
-            batch.mask, batch.pos, batch.cache = new.mask, new.pos, new.cache
-            batch.prefill = new.prefill
-            return new_tokens
+            return new, new_tokens
         if (batch.prefill is None) != (new.prefill is None):
             raise LoGoError("rows joining a batch must use the prefill cache as the batch does")
         counts = [len(batch.live), len(new.live)]
@@ -322,7 +328,7 @@ class TransformersDecoder:
         if batch.generators is not None and new.generators is not None:
             batch.generators = [*batch.generators, *new.generators]
         batch.live = [*batch.live, *new.live]
-        return torch.cat([tokens, new_tokens])
+        return batch, torch.cat([tokens, new_tokens])
 
     def forward(
         self,

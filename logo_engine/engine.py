@@ -821,9 +821,7 @@ class LoGoEngine(BaseEngine):
             def take() -> list[JoinGroup]:
                 return [self._join_group(j.requests, j.selections, j.rows) for j in joins()]
 
-        return self._decoder.decode(
-            first.input_ids, first.plan, params, rows, first.prefill, joins=take
-        )
+        return self._decoder.decode(first, params, joins=take)
 
     @property
     def joins_runs(self) -> bool:

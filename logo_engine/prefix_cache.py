@@ -319,9 +319,8 @@ def row_kv(
     whole = mask.shape[0] == 1 and length == mask.shape[1]
     keys, values = [], []
     for layer in cache.layers[:depth]:
-        if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
-            raise TypeError(f"block {type(layer).__name__} holds no growing keys and values")
-        k, v = layer.keys[row], layer.values[row]  # (H, S, d)
+        layer_keys, layer_values = _growing_kv(layer)  # (B, H, S, d)
+        k, v = layer_keys[row], layer_values[row]  # (H, S, d)
         if whole:
             keys.append(k)
             values.append(v)
@@ -345,13 +344,19 @@ def concat_kv(
     for layers in zip(*(cache.layers for _, cache in parts), strict=True):
         keys, values = [], []
         for layer in layers:
-            if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
-                raise TypeError(f"block {type(layer).__name__} holds no growing keys and values")
-            pad = width - layer.keys.shape[-2]
-            keys.append(F.pad(layer.keys, (0, 0, pad, 0)) if pad else layer.keys)  # (B_i, H, T, d)
-            values.append(F.pad(layer.values, (0, 0, pad, 0)) if pad else layer.values)
+            k, v = _growing_kv(layer)  # (B_i, H, T_i, d)
+            pad = width - k.shape[-2]
+            keys.append(F.pad(k, (0, 0, pad, 0)) if pad else k)  # (B_i, H, T, d)
+            values.append(F.pad(v, (0, 0, pad, 0)) if pad else v)
         data.append((torch.cat(keys), torch.cat(values)))
     return torch.cat(masks), DynamicCache(ddp_cache_data=data, config=config)
+
+
+def _growing_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's keys and values (B, H, T, d); refused unless it is a plain growing layer."""
+    if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
+        raise TypeError(f"block {type(layer).__name__} holds no growing keys and values")
+    return layer.keys, layer.values
 
 
 def filled_depth(cache: DynamicCache, length: int) -> int:

@@ -7,7 +7,9 @@ per-part mixtures applied one part at a time, and the batcher's own event order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -199,6 +201,17 @@ def slow(tokenizer, adapter_dir):
     eng.close()
 
 
+@contextlib.asynccontextmanager
+async def batcher_of(engine: LoGoEngine, **options: Any) -> AsyncIterator[tuple[Batcher, Observer]]:
+    """A running Batcher over ``engine`` with an :class:`Observer`, closed on exit."""
+    observer = Observer()
+    batcher = Batcher(engine, observer=observer, **options)
+    try:
+        yield batcher, observer
+    finally:
+        await asyncio.to_thread(batcher.close)
+
+
 async def collect(j: Job) -> list[Any]:
     return [event async for event in j.stream()]
 
@@ -232,9 +245,7 @@ class Observer:
 async def test_the_batcher_lets_a_late_request_join_and_finish_first(slow):
     engine = slow
     loop = asyncio.get_running_loop()
-    observer = Observer()
-    batcher = Batcher(engine, max_batch_size=4, batch_wait_ms=0, observer=observer)
-    try:
+    async with batcher_of(engine, max_batch_size=4, batch_wait_ms=0) as (batcher, observer):
         long = job(engine, PROMPTS[0], loop, max_new_tokens=60)
         batcher.submit(long)
         assert isinstance(await long.events.get(), Selected)
@@ -252,8 +263,6 @@ async def test_the_batcher_lets_a_late_request_join_and_finish_first(slow):
             raise AssertionError(f"{name} did not finish")
 
         got_long, got_late = await asyncio.gather(finish("long", long), finish("late", late))
-    finally:
-        await asyncio.to_thread(batcher.close)
     assert observer.batches == [1] and observer.joined == [1]  # one batch; the late row joined
     assert order == ["late", "long"]  # it did not wait for the long row to end
     assert_same(got_late, solo(engine, PROMPTS[4], None, 3))
@@ -263,9 +272,7 @@ async def test_the_batcher_lets_a_late_request_join_and_finish_first(slow):
 async def test_no_row_joins_while_a_request_of_another_key_waits(slow):
     engine = slow
     loop = asyncio.get_running_loop()
-    observer = Observer()
-    batcher = Batcher(engine, max_batch_size=4, batch_wait_ms=0, observer=observer)
-    try:
+    async with batcher_of(engine, max_batch_size=4, batch_wait_ms=0) as (batcher, observer):
         first = job(engine, PROMPTS[0], loop, max_new_tokens=40)
         batcher.submit(first)
         assert isinstance(await first.events.get(), Selected)
@@ -274,8 +281,6 @@ async def test_no_row_joins_while_a_request_of_another_key_waits(slow):
         batcher.submit(sampled)
         batcher.submit(greedy)
         results = await asyncio.gather(*(collect(j) for j in (first, sampled, greedy)))
-    finally:
-        await asyncio.to_thread(batcher.close)
     assert observer.joined == []  # the greedy request did not overtake the sampled one
     assert observer.batches == [1, 1, 1]
     for events in results:
@@ -286,16 +291,9 @@ async def test_waiting_requests_join_together_by_the_ratio_or_after_the_longest_
     """join_ratio 0.5: with 4-5 rows live, one or two waiting rows wait for max_join_wait_steps."""
     engine = slow
     loop = asyncio.get_running_loop()
-    observer = Observer()
-    batcher = Batcher(
-        engine,
-        max_batch_size=8,
-        batch_wait_ms=500,
-        observer=observer,
-        join_ratio=0.5,
-        max_join_wait_steps=3,
-    )
-    try:
+    async with batcher_of(
+        engine, max_batch_size=8, batch_wait_ms=500, join_ratio=0.5, max_join_wait_steps=3
+    ) as (batcher, observer):
         running = [job(engine, p, loop, max_new_tokens=80) for p in PROMPTS[:4]]
         for j in running:
             batcher.submit(j)
@@ -308,8 +306,6 @@ async def test_waiting_requests_join_together_by_the_ratio_or_after_the_longest_
         for j in two:
             batcher.submit(j)
         results = await asyncio.gather(*(collect(j) for j in [*running, one, *two]))
-    finally:
-        await asyncio.to_thread(batcher.close)
     assert observer.batches == [4]
     assert observer.joined == [1, 2]  # 1 < 0.5 x 4 and 2 < 0.5 x 5: each waited, then joined
     assert min(observer.join_waits) >= 0.02  # at least 2 whole steps of 10 ms (3 boundaries)
@@ -320,19 +316,16 @@ async def test_waiting_requests_join_together_by_the_ratio_or_after_the_longest_
 async def test_without_continuous_batching_a_late_request_waits_for_the_batch(slow):
     engine = slow
     loop = asyncio.get_running_loop()
-    observer = Observer()
-    batcher = Batcher(
-        engine, max_batch_size=4, batch_wait_ms=0, observer=observer, continuous=False
-    )
-    try:
+    async with batcher_of(engine, max_batch_size=4, batch_wait_ms=0, continuous=False) as (
+        batcher,
+        observer,
+    ):
         long = job(engine, PROMPTS[0], loop, max_new_tokens=30)
         batcher.submit(long)
         assert isinstance(await long.events.get(), Selected)
         late = job(engine, PROMPTS[4], loop, max_new_tokens=3)
         batcher.submit(late)
         long_events, late_events = await asyncio.gather(collect(long), collect(late))
-    finally:
-        await asyncio.to_thread(batcher.close)
     assert observer.batches == [1, 1] and observer.joined == []
     assert isinstance(long_events[-1], Finished)
     assert_same(late_events[-1].generation, solo(engine, PROMPTS[4], None, 3))
@@ -377,9 +370,7 @@ def test_a_served_answer_is_kept_for_the_next_turn(tokenizer, adapter_dir, conti
 async def test_a_joined_row_whose_client_goes_away_leaves_and_the_others_carry_on(slow):
     engine = slow
     loop = asyncio.get_running_loop()
-    observer = Observer()
-    batcher = Batcher(engine, max_batch_size=4, batch_wait_ms=0, observer=observer)
-    try:
+    async with batcher_of(engine, max_batch_size=4, batch_wait_ms=0) as (batcher, observer):
         first = job(engine, PROMPTS[0], loop, max_new_tokens=40)
         batcher.submit(first)
         assert isinstance(await first.events.get(), Selected)
@@ -390,8 +381,6 @@ async def test_a_joined_row_whose_client_goes_away_leaves_and_the_others_carry_o
         assert isinstance(await gone.events.get(), Selected)  # it joined the running batch
         gone.cancel()
         first_events, stays_events = await asyncio.gather(collect(first), collect(stays))
-    finally:
-        await asyncio.to_thread(batcher.close)
     assert observer.batches == [1] and sum(observer.joined) == 2
     left = []
     while not gone.events.empty():

@@ -327,9 +327,7 @@ def _row_state(job: Job) -> RowState:
 
 def _join(run: _Run, jobs: list[Job], new: list[Job], observer: BatchObserver | None) -> None:
     """Route ``new`` and add them to the running ``run`` (appended to ``jobs``)."""
-    if observer is not None:
-        now = time.monotonic()
-        observer.rows_joined([now - j.enqueued_at for j in new])
+    joined_at = time.monotonic()
     try:
         selections = run.join(
             [j.request for j in new], [j.mixture for j in new], [_row_state(j) for j in new]
@@ -338,6 +336,8 @@ def _join(run: _Run, jobs: list[Job], new: list[Job], observer: BatchObserver | 
         for job in new:
             job.post(Failed(exc))
         return
+    if observer is not None:
+        observer.rows_joined([joined_at - j.enqueued_at for j in new])
     for job, selection in zip(new, selections, strict=True):
         job.post(Selected(selection))
     jobs.extend(new)
@@ -380,11 +380,7 @@ def _drive(
             new = refill(sum(not job.over for job in jobs))
             if new:
                 _join(run, jobs, new, observer)
-        if not alive:
-            return
-        if all(job.over for job in jobs):
-            if run.engine.joins_runs:  # one more (cheap) step: the engine's own decoder stores
-                run.step()  # the last rows' KV in its prefill cache (for the next turn) and ends
+        if not alive or all(job.over for job in jobs):
             return
 
 
