@@ -18,7 +18,15 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from logo_engine.base import RowState, SamplingParams
 from logo_engine.errors import GenerationError, LoGoError, NumericalError
 from logo_engine.mixture import ForwardContext, MixturePlan, forward_context
-from logo_engine.prefix_cache import CacheUse, PrefixEntry, concat_kv, prefix_batch, row_kv
+from logo_engine.packing import PackedPass, packs
+from logo_engine.prefix_cache import (
+    CacheUse,
+    PrefixEntry,
+    PrefixHit,
+    concat_kv,
+    prefix_batch,
+    row_kv,
+)
 
 
 class Detokenizer:
@@ -215,28 +223,49 @@ class TransformersDecoder:
     def _prefill(self, group: JoinGroup, params: SamplingParams) -> tuple[_Batch, torch.Tensor]:
         """A batch of ``group``'s rows, their prompts run: the batch and its logits (B, V)."""
         prefill = group.prefill
-        if prefill is not None and prefill.cache.enabled:
+        if prefill is not None and not prefill.cache.enabled:
+            prefill = None
+        hits: list[PrefixHit | None] = [None] * len(group.rows)
+        if prefill is not None:
             hits = [
                 prefill.cache.lookup(space, row, epoch=prefill.epoch)
                 for space, row in zip(prefill.spaces, group.input_ids, strict=True)
             ]
-            built = prefix_batch(
-                group.input_ids,
-                hits,
-                pad_id=self.tokenizer.pad_token_id,
-                config=self.model.config,
-                device=self.device,
+        if len(group.rows) > 1 and packs(self.model):
+            packed = PackedPass(group.input_ids, hits, device=self.device)
+            logits = self.forward(
+                ForwardContext(plan=group.plan, packed=packed),
+                packed.input_ids,
+                packed.mask,
+                packed.positions,
+                None,
+                keep=packed.last,
             )
-            ids, mask, pos, cache = built.input_ids, built.mask, built.positions, built.cache
-            for row, reused in zip(group.rows, built.reused, strict=True):
-                row.cached_tokens = reused
-            spaces: Sequence[Hashable | None] = prefill.spaces
+            mask, cache = packed.padded(self.model.config)
+            pos, reused = packed.last_positions, packed.reused
         else:
-            prefill = None
-            ids, mask = left_pad(self.tokenizer, group.input_ids, self.device)
-            pos = positions(mask)
-            cache = DynamicCache(config=self.model.config)
-            spaces = [None] * len(group.rows)
+            if prefill is not None:
+                built = prefix_batch(
+                    group.input_ids,
+                    hits,
+                    pad_id=self.tokenizer.pad_token_id,
+                    config=self.model.config,
+                    device=self.device,
+                )
+                ids, mask, pos, cache = built.input_ids, built.mask, built.positions, built.cache
+                reused = built.reused
+            else:
+                ids, mask = left_pad(self.tokenizer, group.input_ids, self.device)
+                pos = positions(mask)
+                cache = DynamicCache(config=self.model.config)
+                reused = [0] * len(group.rows)
+            logits = self.forward(ForwardContext(plan=group.plan), ids, mask, pos, cache)
+        if prefill is not None:
+            for row, n in zip(group.rows, reused, strict=True):
+                row.cached_tokens = n
+        spaces: Sequence[Hashable | None] = (
+            prefill.spaces if prefill is not None else [None] * len(group.rows)
+        )
         live = [
             _Live(
                 row=row,
@@ -247,11 +276,9 @@ class TransformersDecoder:
             )
             for row, row_ids, space in zip(group.rows, group.input_ids, spaces, strict=True)
         ]
-        ctx = ForwardContext(plan=group.plan)
-        logits = self.forward(ctx, ids, mask, pos, cache)
         batch = _Batch(
             live=live,
-            ctx=ctx,
+            ctx=ForwardContext(plan=group.plan),
             mask=mask,
             pos=pos,
             cache=cache,
@@ -336,24 +363,31 @@ class TransformersDecoder:
         input_ids: torch.Tensor,
         mask: torch.Tensor,
         pos: torch.Tensor,
-        cache: DynamicCache,
+        cache: DynamicCache | None,
+        *,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One forward with ``ctx`` installed. Returns last-position logits (B, V), float32."""
+        """One forward with ``ctx`` installed. Returns last-position logits (B, V), float32.
+
+        ``keep``: a packed pass (``cache`` None, ``ctx.packed`` set), whose rows end at these
+        positions (B,) of its one sequence.
+        """
+        kwargs = {} if cache is None else {self._cache_kwarg: cache}
         try:
             with torch.inference_mode(), forward_context(ctx):
                 out = self.model(
                     input_ids=input_ids,
                     attention_mask=mask,
                     position_ids=pos,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **{self._cache_kwarg: cache},
+                    use_cache=cache is not None,
+                    logits_to_keep=1 if keep is None else keep,
+                    **kwargs,
                 )
         except LoGoError:
             raise
         except Exception as exc:
             raise GenerationError(f"generation failed inside the model: {exc!r}") from exc
-        logits = out.logits[:, -1, :].float()  # (B, V)
+        logits = (out.logits[:, -1, :] if keep is None else out.logits[0]).float()  # (B, V)
         # amax propagates NaN: one reduction catches NaN, +inf and rows that are all -inf.
         if not bool(torch.isfinite(logits.amax(dim=-1)).all()):
             raise NumericalError(

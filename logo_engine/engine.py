@@ -165,6 +165,7 @@ class LoGoEngine(BaseEngine):
         self._prototypes: dict[ProbeKey, Prototypes] = {}
         self._hooks = HookSet(model)
         self._hooks.attach_layers(self._layers)
+        self._hooks.attach_packing(model)
         # An engine dropped without close() releases its hook claims when collected.
         self._release_hooks = weakref.finalize(self, self._hooks.remove)
         # The caller's routing is kept as given; the default's top_k shrinks to a small library.

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from logo_engine.errors import LoGoError
 from logo_engine.library import AdapterLibrary, ModuleStack
 from logo_engine.types import Selection
 
+if TYPE_CHECKING:
+    from logo_engine.packing import PackedPass
+
 
 @dataclass(frozen=True)
 class ModuleMixture:
@@ -40,11 +43,24 @@ class ModuleMixture:
     a_cat: torch.Tensor  # (k·r, in) shared by all rows, or (B, k·r, in)
     b_cat: torch.Tensor  # (out, k·r) or (B, out, k·r); weights and scaling folded in
 
-    def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """math: out += b_cat @ a_cat @ x.    x (B, T, in), out (B, T, out), in place."""
+    def add_to(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        segments: Sequence[tuple[int, int]] | None = None,
+    ) -> torch.Tensor:
+        """math: out += b_cat @ a_cat @ x.    x (B, T, in), out (B, T, out), in place.
+
+        ``segments``: x is a packed pass (1, N, in) whose row i is tokens ``segments[i]``.
+        """
         if self.a_cat.ndim == 2:
             z = x.reshape(-1, x.shape[-1]) @ self.a_cat.T  # (B·T, k·r)
             out.view(-1, out.shape[-1]).addmm_(z, self.b_cat.T)  # (B·T, out)
+        elif segments is not None:
+            flat_x, flat_out = x[0], out[0]  # (N, in) (N, out)
+            for i, (start, end) in enumerate(segments):
+                z = flat_x[start:end] @ self.a_cat[i].T  # (n, k·r)
+                flat_out[start:end].addmm_(z, self.b_cat[i].T)  # (n, out)
         else:
             z = torch.bmm(x, self.a_cat.transpose(1, 2))  # (B, T, k·r)
             out.baddbmm_(z, self.b_cat.transpose(1, 2))  # (B, T, out)
@@ -182,6 +198,7 @@ class ForwardContext:
     probe_module: str | None = None  # capture this Linear's input, then stop the forward
     probe_layer: nn.Module | None = None  # or capture this decoder block's input (residual)
     captured: torch.Tensor | None = field(default=None, repr=False)
+    packed: PackedPass | None = field(default=None, repr=False)  # rows end to end, see packing
 
 
 _CURRENT: ContextVar[ForwardContext | None] = ContextVar("logo_forward_context", default=None)
@@ -197,6 +214,11 @@ def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
         _CURRENT.reset(token)
 
 
+def current_context() -> ForwardContext | None:
+    """The context of the forward running in this thread/task (None outside LoGo calls)."""
+    return _CURRENT.get()
+
+
 def _linear_hook(name: str) -> Any:
     def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         ctx = _CURRENT.get()
@@ -206,7 +228,9 @@ def _linear_hook(name: str) -> Any:
             ctx.captured = args[0]
             raise ProbeDone
         mix = ctx.plan.modules.get(name) if ctx.plan is not None else None
-        return None if mix is None else mix.add_to(args[0], output)
+        if mix is None:
+            return None
+        return mix.add_to(args[0], output, ctx.packed.bounds if ctx.packed is not None else None)
 
     hook.logo_hook = True  # type: ignore[attr-defined]
     return hook
@@ -264,6 +288,15 @@ class HookSet:
                 f"layer:{i}",
                 lambda m=layer: m.register_forward_pre_hook(_layer_pre_hook, with_kwargs=True),
             )
+
+    def attach_packing(self, model: nn.Module) -> bool:
+        """Switch the model to packed prompt passes where it can take them (see packing)."""
+        from logo_engine import packing  # packing imports this module
+
+        if not packing.can_pack(model):
+            return False
+        self._claim("attention", lambda: packing.switch(model))
+        return True
 
     def _claim(self, key: str, register: Any) -> None:
         if key in self._keys:

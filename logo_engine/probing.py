@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from logo_engine.decoding import cache_kwarg, left_pad, positions
 from logo_engine.errors import GenerationError
 from logo_engine.mixture import ForwardContext, ProbeDone, forward_context
+from logo_engine.packing import PackedPass, packs
 from logo_engine.prefix_cache import (
     PrefixCache,
     PrefixEntry,
@@ -82,24 +83,29 @@ class Prober:
             ctx.probe_layer = self.layers[layer]
         else:
             ctx.probe_module = module
-        if not (use_cache and self.cache.enabled):
-            input_ids, mask = left_pad(self.tokenizer, ids, self.device)
-            captured = self._forward(ctx, module, input_ids, mask, positions(mask), None)
-            return ProbeCapture(captured, mask, [0] * len(ids))
         epoch = self.cache.epoch
-        space = (probe_input, layer, module if probe_input == "module" else "")
-        hits = [self.cache.lookup(space, row, epoch=epoch, limit=len(row)) for row in ids]
         rows: list[torch.Tensor | None] = [None] * len(ids)  # per row: (len(row), in)
         reused = [0] * len(ids)
-        for i, (row, hit) in enumerate(zip(ids, hits, strict=True)):
-            if hit is not None and hit.length == len(row) and hit.entry.captured is not None:
-                rows[i] = hit.entry.captured[: len(row)]  # probed before: nothing to run
-                reused[i] = len(row)
-        todo = [i for i, r in enumerate(rows) if r is None]
-        if todo:
-            ran = self._run(ctx, module, [ids[i] for i in todo], [hits[i] for i in todo], space)
-            for i, (row_captured, n) in zip(todo, ran, strict=True):
-                rows[i], reused[i] = row_captured, n
+        if not (use_cache and self.cache.enabled):
+            if len(ids) == 1 or not packs(self.model):
+                input_ids, mask = left_pad(self.tokenizer, ids, self.device)
+                captured = self._forward(ctx, module, input_ids, mask, positions(mask), None)
+                return ProbeCapture(captured, mask, reused)
+            ran = self._run_packed(ctx, module, ids, [None] * len(ids), None, epoch)
+            rows = [row_captured for row_captured, _ in ran]
+        else:
+            space = (probe_input, layer, module if probe_input == "module" else "")
+            hits = [self.cache.lookup(space, row, epoch=epoch, limit=len(row)) for row in ids]
+            for i, (row, hit) in enumerate(zip(ids, hits, strict=True)):
+                if hit is not None and hit.length == len(row) and hit.entry.captured is not None:
+                    rows[i] = hit.entry.captured[: len(row)]  # probed before: nothing to run
+                    reused[i] = len(row)
+            todo = [i for i, r in enumerate(rows) if r is None]
+            if todo:
+                todo_ids, todo_hits = [ids[i] for i in todo], [hits[i] for i in todo]
+                ran = self._run(ctx, module, todo_ids, todo_hits, space, epoch)
+                for i, (row_captured, n) in zip(todo, ran, strict=True):
+                    rows[i], reused[i] = row_captured, n
         width = max(len(r) for r in ids)
         with torch.inference_mode():
             first = next(r for r in rows if r is not None)
@@ -119,9 +125,11 @@ class Prober:
         ids: Sequence[Sequence[int]],
         hits: Sequence[PrefixHit | None],
         space: Hashable,
+        epoch: int,
     ) -> list[tuple[torch.Tensor, int]]:
         """Probe ``ids`` over their cached prefixes and store them; per row (captured, reused)."""
-        epoch = self.cache.epoch
+        if len(ids) > 1 and packs(self.model):
+            return self._run_packed(ctx, module, ids, hits, space, epoch)
         batch = prefix_batch(
             ids,
             hits,
@@ -138,22 +146,68 @@ class Prober:
             for j, (row, hit) in enumerate(zip(ids, hits, strict=True)):
                 n_new = len(row) - batch.reused[j]
                 full = new[j, new.shape[1] - n_new :]  # (n_new, in)
-                if hit is not None and hit.entry.captured is not None:
-                    full = torch.cat([hit.entry.captured[: hit.length], full])  # (len(row), in)
-                elif len(ids) > 1:
-                    full = full.clone()  # a view would keep the whole batch alive in the cache
+                full = self._full(full, hit, copy=len(ids) > 1)
                 out.append((full, batch.reused[j]))
-                if depth == 0:  # a probe in block 0 has no KV below it: nothing to reuse
-                    continue
-                keys, values = row_kv(batch.cache, batch.mask, j, len(row), depth)
-                entry = PrefixEntry(
-                    tokens=torch.tensor(row, dtype=torch.long),
-                    keys=keys,
-                    values=values,
-                    captured=full,
-                )
-                self.cache.insert(space, entry, epoch=epoch)
+                if depth > 0:  # a probe in block 0 has no KV below it: nothing to reuse
+                    keys, values = row_kv(batch.cache, batch.mask, j, len(row), depth)
+                    self._store(space, row, keys, values, full, epoch)
         return out
+
+    def _run_packed(
+        self,
+        ctx: ForwardContext,
+        module: str,
+        ids: Sequence[Sequence[int]],
+        hits: Sequence[PrefixHit | None],
+        space: Hashable | None,
+        epoch: int,
+    ) -> list[tuple[torch.Tensor, int]]:
+        """:meth:`_run` as one packed pass (see :mod:`logo_engine.packing`): no padding.
+
+        ``space`` None: store nothing (an uncached probe).
+        """
+        packed = ctx.packed = PackedPass(ids, hits, device=self.device)
+        new = self._forward(  # (1, N, in): the probed input at every row's new tokens
+            ctx, module, packed.input_ids, packed.mask, packed.positions, None
+        )
+        out = []
+        with torch.inference_mode():
+            depth = packed.depth
+            for j, (row, hit) in enumerate(zip(ids, hits, strict=True)):
+                start, end = packed.bounds[j]
+                full = self._full(new[0, start:end], hit, copy=True)
+                out.append((full, packed.reused[j]))
+                if depth > 0 and space is not None:
+                    keys, values = packed.row_kv(j, depth)
+                    self._store(space, row, keys, values, full, epoch)
+        return out
+
+    @staticmethod
+    def _full(new: torch.Tensor, hit: PrefixHit | None, *, copy: bool) -> torch.Tensor:
+        """A row's captured inputs (len(row), in): its cached prefix's, then the new ``new``.
+
+        ``copy``: a view would keep the whole batch alive in the cache.
+        """
+        if hit is not None and hit.entry.captured is not None:
+            return torch.cat([hit.entry.captured[: hit.length], new])
+        return new.clone() if copy else new
+
+    def _store(
+        self,
+        space: Hashable,
+        row: Sequence[int],
+        keys: tuple[torch.Tensor, ...],
+        values: tuple[torch.Tensor, ...],
+        captured: torch.Tensor,
+        epoch: int,
+    ) -> None:
+        entry = PrefixEntry(
+            tokens=torch.tensor(row, dtype=torch.long),
+            keys=keys,
+            values=values,
+            captured=captured,
+        )
+        self.cache.insert(space, entry, epoch=epoch)
 
     def _forward(
         self,

@@ -26,8 +26,9 @@ def engine(tokenizer, adapter_dir):
 def batch_sizes(engine):
     engine.clear_prefix_caches()  # a cached probe runs no forward: the counts assume one
     sizes: list[int] = []
+
     handle = engine.model.register_forward_pre_hook(
-        lambda module, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]),
+        lambda module, args, kwargs: sizes.append(tiny.forward_rows(kwargs["input_ids"].shape[0])),
         with_kwargs=True,
     )
     yield sizes

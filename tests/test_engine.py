@@ -308,7 +308,9 @@ def test_usage_and_finish_reason(engine):
 def test_route_batch_is_one_probe_forward(engine):
     rows: list[int] = []
     first = engine.model.model.layers[0]
-    handle = first.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    handle = first.register_forward_hook(
+        lambda mod, args, out: rows.append(tiny.forward_rows(args[0].shape[0]))
+    )
     try:
         sels = engine.route_batch(["hello"] * 5 + ["12 34 +", "abc"])
     finally:

@@ -71,6 +71,14 @@ TASKS = {
 }
 
 
+def forward_rows(batch_dim: int) -> int:
+    """Rows in the model forward running now: a packed prompt pass holds them in one sequence."""
+    from logo_engine.mixture import current_context
+
+    ctx = current_context()
+    return len(ctx.packed) if ctx is not None and ctx.packed is not None else batch_dim
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     corpus = [p for t in TASKS.values() for p in t.prompts(200)] + [
         "system user assistant tool yes no ok hello world the answer is",
