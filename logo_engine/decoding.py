@@ -194,11 +194,13 @@ class TransformersDecoder:
         answered); a stream closed early stores nothing for its rows still running.
 
         With ``joins``, rows may join the running batch (continuous batching): between steps,
-        ``joins()`` returns the groups that arrived; each is prefilled on its own (its first
-        token chosen from its own logits), then its KV cache, mask and mixture are appended to
-        the batch, left-padded to the common length, and it decodes with the others from the
-        next step. Padding is masked out and positions count real tokens only, so a row decodes
-        as it would alone. The loop ends when no row is left and no group is waiting.
+        ``joins()`` returns the groups that arrived. On a model that takes packed passes, the
+        joiners' prompts and the running rows' next tokens run as one packed pass
+        (:meth:`_step_with_joins`), so a join costs no forward of its own; otherwise each group
+        is prefilled on its own (its first token chosen from its own logits) and appended. Either
+        way the batch is left-padded to a common length, padding is masked out and positions
+        count real tokens only, so a row decodes as it would alone. The loop ends when no row is
+        left and no group is waiting.
         """
         batch, logits = self._prefill(group, params)
         while True:
@@ -210,7 +212,11 @@ class TransformersDecoder:
                 self._store(batch, [j for j, e in enumerate(batch.live) if e.row.done])
                 raise
             tokens = self._drop_done(batch, tokens)
-            for joining in joins() if joins is not None else ():
+            groups = joins() if joins is not None else []
+            if groups and batch.live and packs(self.model):
+                batch, logits = self._step_with_joins(batch, tokens, groups, params)
+                continue
+            for joining in groups:
                 batch, tokens = self._join(batch, tokens, joining, params)
             if not batch.live:
                 return
@@ -222,25 +228,10 @@ class TransformersDecoder:
 
     def _prefill(self, group: JoinGroup, params: SamplingParams) -> tuple[_Batch, torch.Tensor]:
         """A batch of ``group``'s rows, their prompts run: the batch and its logits (B, V)."""
-        prefill = group.prefill
-        if prefill is not None and not prefill.cache.enabled:
-            prefill = None
-        hits: list[PrefixHit | None] = [None] * len(group.rows)
-        if prefill is not None:
-            hits = [
-                prefill.cache.lookup(space, row, epoch=prefill.epoch)
-                for space, row in zip(prefill.spaces, group.input_ids, strict=True)
-            ]
+        prefill, hits = self._lookup(group)
         if len(group.rows) > 1 and packs(self.model):
             packed = PackedPass(group.input_ids, hits, device=self.device)
-            logits = self.forward(
-                ForwardContext(plan=group.plan, packed=packed),
-                packed.input_ids,
-                packed.mask,
-                packed.positions,
-                None,
-                keep=packed.last,
-            )
+            logits = self._packed_forward(group.plan, packed)
             mask, cache = packed.padded(self.model.config)
             pos, reused = packed.last_positions, packed.reused
         else:
@@ -260,13 +251,43 @@ class TransformersDecoder:
                 cache = DynamicCache(config=self.model.config)
                 reused = [0] * len(group.rows)
             logits = self.forward(ForwardContext(plan=group.plan), ids, mask, pos, cache)
+        batch = _Batch(
+            live=self._live_rows(group, params, prefill, reused),
+            ctx=ForwardContext(plan=group.plan),
+            mask=mask,
+            pos=pos,
+            cache=cache,
+            generators=make_generators(params, len(group.rows), self.device),
+            prefill=prefill,
+        )
+        return batch, logits
+
+    @staticmethod
+    def _lookup(group: JoinGroup) -> tuple[CacheUse | None, list[PrefixHit | None]]:
+        """The group's prefill cache (None: none, or disabled) and each row's cached prefix."""
+        prefill = group.prefill
+        if prefill is None or not prefill.cache.enabled:
+            return None, [None] * len(group.rows)
+        hits = [
+            prefill.cache.lookup(space, row, epoch=prefill.epoch)
+            for space, row in zip(prefill.spaces, group.input_ids, strict=True)
+        ]
+        return prefill, hits
+
+    def _live_rows(
+        self,
+        group: JoinGroup,
+        params: SamplingParams,
+        prefill: CacheUse | None,
+        reused: Sequence[int],
+    ) -> list[_Live]:
+        """The group's rows as batch entries; ``reused``: prompt tokens each took from cache."""
+        spaces: Sequence[Hashable | None] = [None] * len(group.rows)
         if prefill is not None:
+            spaces = prefill.spaces
             for row, n in zip(group.rows, reused, strict=True):
                 row.cached_tokens = n
-        spaces: Sequence[Hashable | None] = (
-            prefill.spaces if prefill is not None else [None] * len(group.rows)
-        )
-        live = [
+        return [
             _Live(
                 row=row,
                 ids=row_ids,
@@ -276,16 +297,71 @@ class TransformersDecoder:
             )
             for row, row_ids, space in zip(group.rows, group.input_ids, spaces, strict=True)
         ]
-        batch = _Batch(
-            live=live,
-            ctx=ForwardContext(plan=group.plan),
-            mask=mask,
-            pos=pos,
-            cache=cache,
-            generators=make_generators(params, len(live), self.device),
-            prefill=prefill,
+
+    def _packed_forward(self, plan: MixturePlan | None, packed: PackedPass) -> torch.Tensor:
+        """One packed pass (see :mod:`logo_engine.packing`); each row's last logits (B, V)."""
+        ctx = ForwardContext(plan=plan, packed=packed)
+        return self.forward(
+            ctx, packed.input_ids, packed.mask, packed.positions, None, keep=packed.last
         )
-        return batch, logits
+
+    def _step_with_joins(
+        self,
+        batch: _Batch,
+        tokens: torch.Tensor,
+        groups: Sequence[JoinGroup],
+        params: SamplingParams,
+    ) -> tuple[_Batch, torch.Tensor]:
+        """One packed pass for the running rows' next step and the joining groups' prompts.
+
+        Each running row feeds its pending token over its own KV (taken out of the padded
+        batch); each joining row runs its prompt over its cached prefix; the pass returns the
+        next logits of every row, running rows first, and the batch is laid out anew. So a join
+        costs no forward of its own (vLLM's chunked prefill, on packed rows).
+        """
+        ids: list[Sequence[int]] = []
+        hits: list[PrefixHit | None] = []
+        depth = len(batch.cache.layers)
+        for j, (entry, token) in enumerate(zip(batch.live, tokens.tolist(), strict=True)):
+            fed = [*entry.ids, *entry.gen[: entry.fed]]
+            keys, values = row_kv(batch.cache, batch.mask, j, len(fed), depth)
+            past = PrefixEntry(tokens=torch.tensor(fed, dtype=torch.long), keys=keys, values=values)
+            ids.append([*fed, token])
+            hits.append(PrefixHit(past, len(fed)))
+        parts: list[tuple[MixturePlan | None, int]] = [(batch.ctx.plan, len(batch.live))]
+        live = list(batch.live)
+        generators = batch.generators
+        for group in groups:
+            prefill, group_hits = self._lookup(group)
+            if (batch.prefill is None) != (prefill is None):
+                raise LoGoError("rows joining a batch must use the prefill cache as the batch does")
+            start = len(hits)
+            ids.extend(group.input_ids)
+            hits.extend(group_hits)
+            parts.append((group.plan, len(group.rows)))
+            reused = [0 if h is None else h.length for h in hits[start:]]
+            live.extend(self._live_rows(group, params, prefill, reused))
+            if generators is not None:
+                generators = [
+                    *generators,
+                    *(make_generators(params, len(group.rows), self.device) or []),
+                ]
+        plan = MixturePlan.concat(parts)
+        packed = PackedPass(ids, hits, device=self.device)
+        logits = self._packed_forward(plan, packed)
+        for entry in batch.live:
+            entry.fed += 1
+        mask, cache = packed.padded(self.model.config)
+        joined = _Batch(
+            live=live,
+            ctx=ForwardContext(plan=plan),
+            mask=mask,
+            pos=packed.last_positions,
+            cache=cache,
+            generators=generators,
+            prefill=batch.prefill,
+        )
+        return joined, logits
 
     def _accept(self, live: Sequence[_Live], tokens: torch.Tensor) -> None:
         """Give each live row its chosen token: text, end of turn, its own limit."""
