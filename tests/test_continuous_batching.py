@@ -20,6 +20,7 @@ from logo_engine import LoGoEngine, PrefixCacheConfig
 from logo_engine.base import RowState, SamplingParams, _Run
 from logo_engine.errors import LoGoError
 from logo_engine.mixture import MixturePlan
+from logo_engine.packing import packs
 from logo_engine.selection import pinned_selection
 from logo_engine.serving.batcher import Batcher, Delta, Finished, Job, Selected
 from logo_engine.testing import ScriptedEngine
@@ -30,17 +31,28 @@ CACHES = {
     "caches": PrefixCacheConfig(),
     "no-caches": PrefixCacheConfig(probe_bytes=0, prefill_bytes=0),
 }
+# sdpa models join rows in a packed pass with the running rows' step; other attention
+# implementations take no packed passes, and prefill joining rows on their own.
+ENGINES = {
+    "caches": ("caches", "sdpa"),
+    "no-caches": ("no-caches", "sdpa"),
+    "eager-caches": ("caches", "eager"),
+}
 
 
-@pytest.fixture(params=sorted(CACHES))
+@pytest.fixture(params=sorted(ENGINES))
 def engine(request, tokenizer, adapter_dir):
+    caches, attention = ENGINES[request.param]
+    model = tiny.tiny_model()
+    model.set_attn_implementation(attention)
     eng = LoGoEngine(
-        tiny.tiny_model(),
+        model,
         tokenizer,
         adapters=adapter_dir,
         name="tiny-llama",
-        prefix_cache=CACHES[request.param],
+        prefix_cache=CACHES[caches],
     )
+    assert packs(model) == (attention == "sdpa")
     yield eng
     eng.close()
 
