@@ -88,6 +88,22 @@ def assert_kv_equal(
         torch.testing.assert_close(v, layer.values[0], rtol=1e-5, atol=1e-5)
 
 
+def assert_rows_as_alone(
+    engine: LoGoEngine,
+    rows: list[list[int]],
+    row_plans: list[MixturePlan | None],
+    packed: PackedPass,
+    logits: torch.Tensor,
+) -> None:
+    """Each row's logits, and its keys and values in both layouts, are those of the row alone."""
+    mask, cache = packed.padded(engine.model.config)  # the decode loop's left-padded batch
+    for i, (ids, row_plan) in enumerate(zip(rows, row_plans, strict=True)):
+        want_logits, want_cache = solo(engine, ids, row_plan)
+        torch.testing.assert_close(logits[i], want_logits, rtol=1e-5, atol=1e-5)
+        assert_kv_equal(row_kv(cache, mask, i, len(ids), len(cache.layers)), want_cache)
+        assert_kv_equal(packed.row_kv(i, packed.depth), want_cache)
+
+
 def test_the_engine_switches_a_sdpa_model_to_packed_passes(engine):
     assert engine.model.config._attn_implementation == ATTENTION
     assert packs(engine.model)
@@ -98,13 +114,7 @@ def test_a_packed_pass_gives_each_row_its_solo_logits_and_kv(engine):
     plan, row_plans = plans(engine, 4)
     packed, logits = packed_pass(engine, rows, [None] * 4, plan)
     assert packed.input_ids.shape == (1, sum(len(r) for r in rows))  # no padding at all
-    mask, cache = packed.padded(engine.model.config)
-    for i, (ids, row_plan) in enumerate(zip(rows, row_plans, strict=True)):
-        want_logits, want_cache = solo(engine, ids, row_plan)
-        torch.testing.assert_close(logits[i], want_logits, rtol=1e-5, atol=1e-5)
-        # the decode loop's left-padded batch holds the same keys and values as the solo row
-        assert_kv_equal(row_kv(cache, mask, i, len(ids), len(cache.layers)), want_cache)
-        assert_kv_equal(packed.row_kv(i, packed.depth), want_cache)
+    assert_rows_as_alone(engine, rows, row_plans, packed, logits)
     # positions of the rows' last tokens, for the first decoding step
     assert packed.last_positions[:, 0].tolist() == [len(r) - 1 for r in rows]
 
@@ -125,12 +135,7 @@ def test_rows_continue_their_own_cached_prefixes(engine):
     packed, logits = packed_pass(engine, rows, hits, plan)
     assert packed.reused == [len(rows[0]) // 2, 0, 3]
     assert packed.input_ids.shape[1] == sum(len(r) for r in rows) - sum(packed.reused)
-    mask, cache = packed.padded(engine.model.config)
-    for i, (ids, row_plan) in enumerate(zip(rows, row_plans, strict=True)):
-        want_logits, want_cache = solo(engine, ids, row_plan)
-        torch.testing.assert_close(logits[i], want_logits, rtol=1e-5, atol=1e-5)
-        assert_kv_equal(row_kv(cache, mask, i, len(ids), len(cache.layers)), want_cache)
-        assert_kv_equal(packed.row_kv(i, packed.depth), want_cache)
+    assert_rows_as_alone(engine, rows, row_plans, packed, logits)
 
 
 def test_a_prefix_without_the_blocks_a_pass_needs_is_refused(engine):
