@@ -5,7 +5,8 @@ and any later prompt that extends a probed one can reuse them (see
 :mod:`logo_engine.prefix_cache`). A cached probe runs only the new tokens, over the cached KV of
 the blocks below the probe point, and takes the prefix's captured inputs from the cache: the
 captured tensor it returns has the layout of one uncached left-padded pass over the whole
-prompts, so what routing does with it does not change.
+prompts, so what routing does with it does not change. Several rows run as one packed pass (their
+new tokens end to end, no padding; see :mod:`logo_engine.packing`) on models that take them.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Prober:
 
         A row whose every token is cached (a repeat, or the start of a longer cached prompt)
         runs nothing: the probed input at token j depends on tokens 0..j only. The other rows
-        run their new tokens in one batch, and are stored. ``use_cache=False`` neither reads
+        run their new tokens in one pass, and are stored. ``use_cache=False`` neither reads
         nor stores (calibration's many one-off prompts would only evict conversations).
         """
         ctx = ForwardContext()
