@@ -18,7 +18,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from logo_engine.base import RowState, SamplingParams
 from logo_engine.errors import GenerationError, LoGoError, NumericalError
 from logo_engine.mixture import ForwardContext, MixturePlan, forward_context
-from logo_engine.packing import PackedPass, packs
+from logo_engine.packing import PackedPass, packs, packs_rows
 from logo_engine.prefix_cache import (
     CacheUse,
     PrefixEntry,
@@ -229,7 +229,7 @@ class TransformersDecoder:
     def _prefill(self, group: JoinGroup, params: SamplingParams) -> tuple[_Batch, torch.Tensor]:
         """A batch of ``group``'s rows, their prompts run: the batch and its logits (B, V)."""
         prefill, hits = self._lookup(group)
-        if len(group.rows) > 1 and packs(self.model):
+        if packs_rows(self.model, len(group.rows)):
             packed = PackedPass(group.input_ids, hits, device=self.device)
             logits = self._packed_forward(group.plan, packed)
             mask, cache = packed.padded(self.model.config)

@@ -13,10 +13,10 @@ values, and :meth:`PackedPass.padded` lays them out, after each row's cached pre
 left-padded batch the decode loop continues (:meth:`PackedPass.row_kv`: one row, for the prefix
 caches). Decoding steps stay padded batches: one token per row wastes nothing there.
 
-Packing is switched on per model by :func:`attach` (the engine's hooks claim it): the model's
-attention implementation becomes ``logo_sdpa``, which is ``sdpa`` itself outside a packed pass.
-Models on another attention implementation, or with a cache other than plain growing KV (sliding
-windows), keep padded passes.
+Packing is switched on per model by :func:`switch` (the engine's hooks claim it, see
+``HookSet.attach_packing``): the model's attention implementation becomes ``logo_sdpa``, which is
+``sdpa`` itself outside a packed pass. Models on another attention implementation, or with a cache
+other than plain growing KV (sliding windows), keep padded passes.
 """
 
 from __future__ import annotations
@@ -83,6 +83,11 @@ def packs(model: nn.Module) -> bool:
     """Whether ``model`` runs packed passes now (an engine on it switched it)."""
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None) == ATTENTION
+
+
+def packs_rows(model: nn.Module, n_rows: int) -> bool:
+    """Whether a pass over ``n_rows`` rows runs packed (a single row has no padding to save)."""
+    return n_rows > 1 and packs(model)
 
 
 def _attention(

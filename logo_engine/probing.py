@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from logo_engine.decoding import cache_kwarg, left_pad, positions
+from logo_engine.decoding import cache_kwarg
 from logo_engine.errors import GenerationError
 from logo_engine.mixture import ForwardContext, ProbeDone, forward_context
-from logo_engine.packing import PackedPass, packs
+from logo_engine.packing import PackedPass, packs_rows
 from logo_engine.prefix_cache import (
     PrefixCache,
     PrefixEntry,
@@ -87,26 +87,21 @@ class Prober:
         epoch = self.cache.epoch
         rows: list[torch.Tensor | None] = [None] * len(ids)  # per row: (len(row), in)
         reused = [0] * len(ids)
-        if not (use_cache and self.cache.enabled):
-            if len(ids) == 1 or not packs(self.model):
-                input_ids, mask = left_pad(self.tokenizer, ids, self.device)
-                captured = self._forward(ctx, module, input_ids, mask, positions(mask), None)
-                return ProbeCapture(captured, mask, reused)
-            ran = self._run_packed(ctx, module, ids, [None] * len(ids), None, epoch)
-            rows = [row_captured for row_captured, _ in ran]
-        else:
+        space: Hashable | None = None  # None: neither read nor store
+        hits: list[PrefixHit | None] = [None] * len(ids)
+        if use_cache and self.cache.enabled:
             space = (probe_input, layer, module if probe_input == "module" else "")
             hits = [self.cache.lookup(space, row, epoch=epoch, limit=len(row)) for row in ids]
             for i, (row, hit) in enumerate(zip(ids, hits, strict=True)):
                 if hit is not None and hit.length == len(row) and hit.entry.captured is not None:
                     rows[i] = hit.entry.captured[: len(row)]  # probed before: nothing to run
                     reused[i] = len(row)
-            todo = [i for i, r in enumerate(rows) if r is None]
-            if todo:
-                todo_ids, todo_hits = [ids[i] for i in todo], [hits[i] for i in todo]
-                ran = self._run(ctx, module, todo_ids, todo_hits, space, epoch)
-                for i, (row_captured, n) in zip(todo, ran, strict=True):
-                    rows[i], reused[i] = row_captured, n
+        todo = [i for i, r in enumerate(rows) if r is None]
+        if todo:
+            todo_ids, todo_hits = [ids[i] for i in todo], [hits[i] for i in todo]
+            ran = self._run(ctx, module, todo_ids, todo_hits, space, epoch)
+            for i, (row_captured, n) in zip(todo, ran, strict=True):
+                rows[i], reused[i] = row_captured, n
         width = max(len(r) for r in ids)
         with torch.inference_mode():
             first = next(r for r in rows if r is not None)
@@ -125,11 +120,14 @@ class Prober:
         module: str,
         ids: Sequence[Sequence[int]],
         hits: Sequence[PrefixHit | None],
-        space: Hashable,
+        space: Hashable | None,
         epoch: int,
     ) -> list[tuple[torch.Tensor, int]]:
-        """Probe ``ids`` over their cached prefixes and store them; per row (captured, reused)."""
-        if len(ids) > 1 and packs(self.model):
+        """Probe ``ids`` over their cached prefixes and store them; per row (captured, reused).
+
+        ``space`` None: store nothing (an uncached probe).
+        """
+        if packs_rows(self.model, len(ids)):
             return self._run_packed(ctx, module, ids, hits, space, epoch)
         batch = prefix_batch(
             ids,
@@ -149,7 +147,7 @@ class Prober:
                 full = new[j, new.shape[1] - n_new :]  # (n_new, in)
                 full = self._full(full, hit, copy=len(ids) > 1)
                 out.append((full, batch.reused[j]))
-                if depth > 0:  # a probe in block 0 has no KV below it: nothing to reuse
+                if depth > 0 and space is not None:  # block 0: no KV below it to reuse
                     keys, values = row_kv(batch.cache, batch.mask, j, len(row), depth)
                     self._store(space, row, keys, values, full, epoch)
         return out
@@ -163,10 +161,7 @@ class Prober:
         space: Hashable | None,
         epoch: int,
     ) -> list[tuple[torch.Tensor, int]]:
-        """:meth:`_run` as one packed pass (see :mod:`logo_engine.packing`): no padding.
-
-        ``space`` None: store nothing (an uncached probe).
-        """
+        """:meth:`_run` as one packed pass (see :mod:`logo_engine.packing`): no padding."""
         packed = ctx.packed = PackedPass(ids, hits, device=self.device)
         new = self._forward(  # (1, N, in): the probed input at every row's new tokens
             ctx, module, packed.input_ids, packed.mask, packed.positions, None
@@ -178,7 +173,7 @@ class Prober:
                 start, end = packed.bounds[j]
                 full = self._full(new[0, start:end], hit, copy=True)
                 out.append((full, packed.reused[j]))
-                if depth > 0 and space is not None:
+                if depth > 0 and space is not None:  # block 0: no KV below it to reuse
                     keys, values = packed.row_kv(j, depth)
                     self._store(space, row, keys, values, full, epoch)
         return out
