@@ -18,6 +18,12 @@ real requests do.
 
     HF_HUB_OFFLINE=1 python -m benchmarks.serving            # full run (R = 2)
     HF_HUB_OFFLINE=1 python -m benchmarks.serving --quick    # R = 1
+    HF_HUB_OFFLINE=1 python -m benchmarks.serving --workload open --max-tokens 128
+
+Two workloads: ``tasks`` (default), the zoo's task prompts, whose answers are short (about a
+dozen tokens), so each request's two prompt passes (probe, prefill) weigh as much as its
+decoding; ``open``, open questions written by hand that ask for explanations, whose answers run
+to the token limit, so decoding (where batching pays most) dominates.
 
 The last line printed is one JSON object with the figures.
 """
@@ -56,6 +62,53 @@ def prompts(n: int) -> list[list[dict[str, str]]]:
         for i in range(n)
     ]
     return out
+
+
+_OPEN_FORMS = (
+    "Explain {} to a curious beginner, in a few paragraphs.",
+    "Can you walk me through {}? Take your time.",
+    "I never understood {}. What is the idea behind it?",
+    "Write a short blog post about {}.",
+    "What would a teacher say first about {}, and why?",
+    "Give me a friendly, detailed overview of {}.",
+    "My friend asked me about {} and I had no answer. Help me explain it.",
+    "Tell me the story of {} as if I were twelve.",
+)
+_OPEN_TOPICS = (
+    "how a hash map works",
+    "why the sky is blue",
+    "how vaccines train the immune system",
+    "what a database index does",
+    "how compound interest grows savings",
+    "the causes of the French Revolution",
+    "how photosynthesis works",
+    "recursion in programming",
+    "how airplanes stay in the air",
+    "what inflation is",
+    "how the internet routes a message",
+    "why we have seasons",
+    "how a compiler turns code into a program",
+    "what black holes are",
+    "how bread rises",
+    "the water cycle",
+    "how a bicycle keeps its balance",
+    "what machine learning is",
+    "how muscles grow after exercise",
+    "why the Roman Empire fell",
+)
+
+
+def open_prompts(n: int) -> list[list[dict[str, str]]]:
+    """``n`` distinct open questions (hand-written forms x topics) whose answers run long."""
+    pairs = [(form, topic) for form in _OPEN_FORMS for topic in _OPEN_TOPICS]
+    if n > len(pairs):
+        raise SystemExit(f"the open workload has {len(pairs)} prompts, {n} were asked for")
+    step = len(_OPEN_TOPICS) + 1  # walk forms and topics together, so neighbours differ in both
+    picked = [pairs[(i * step) % len(pairs)] for i in range(n)]
+    return [[{"role": "user", "content": form.format(topic)}] for form, topic in picked]
+
+
+WORKLOADS = {"tasks": prompts, "open": open_prompts}
 
 
 def free_port() -> int:
@@ -131,6 +184,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument(
+        "--workload", choices=sorted(WORKLOADS), default="tasks", help="see the module docstring"
+    )
+    parser.add_argument(
+        "--levels",
+        type=int,
+        nargs="+",
+        default=list(LEVELS),
+        help="concurrent clients to measure (default 1 4 8 16)",
+    )
     parser.add_argument("--requests-per-client", type=int, default=None)
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     parser.add_argument(
@@ -147,21 +210,26 @@ def main() -> None:
     n_overhead = 6 if args.quick else 12
     max_tokens = args.max_tokens
     fresh = iter(range(10**9))  # the next prompt index nobody has seen
-    pool = prompts(4 + n_overhead + sum(LEVELS) * per_client)
+    levels_asked = args.levels
+    if not levels_asked or min(levels_asked) < 1:
+        parser.error("--levels takes client counts >= 1")
+    pool = WORKLOADS[args.workload](4 + n_overhead + sum(levels_asked) * per_client)
 
     engine = LoGoEngine.from_pretrained(dtype=getattr(torch, args.dtype))
     expected: dict[int, str] = {}
+    completion_tokens: dict[int, int] = {}
 
     def local(i: int) -> float:
         start = time.perf_counter()
         out = engine.generate(pool[i], max_new_tokens=max_tokens)
         elapsed = time.perf_counter() - start
         expected.setdefault(i, out.text)
+        completion_tokens.setdefault(i, out.usage.completion_tokens)
         return elapsed
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server(port, max(LEVELS), args.batch_wait_ms, args.continuous, args.dtype)
+    server = start_server(port, max(levels_asked), args.batch_wait_ms, args.continuous, args.dtype)
     client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=3600)
     served = client.models.list().data[0].id
     mismatches: list[int] = []
@@ -188,7 +256,7 @@ def main() -> None:
         overhead = statistics.median(ratios) - 1
 
         levels = []
-        for clients in LEVELS:
+        for clients in levels_asked:
             n = clients * per_client
             ids = [next(fresh) for _ in range(n)]
             start = time.perf_counter()
@@ -208,6 +276,7 @@ def main() -> None:
                     "requests": n,
                     "one_by_one_rps": base_rps,
                     "one_by_one_p50_s": statistics.median(base_latencies),
+                    "mean_completion_tokens": statistics.mean(completion_tokens[i] for i in ids),
                     "throughput_rps": n / wall,
                     "speedup_vs_one_by_one": (n / wall) / base_rps,
                     "p50_s": statistics.median(latencies),
@@ -221,8 +290,10 @@ def main() -> None:
         server.wait(30)
 
     print(
-        f"\nmax_tokens={max_tokens}, greedy, {engine.model_name} + {len(engine.adapter_names)} "
-        f"adapters, torch threads {torch.get_num_threads()}, "
+        f"\nworkload {args.workload}, max_tokens={max_tokens} (mean answer "
+        f"{statistics.mean(completion_tokens.values()):.1f} tokens), greedy, "
+        f"{engine.model_name} + {len(engine.adapter_names)} adapters, "
+        f"torch threads {torch.get_num_threads()}, "
         f"{'continuous' if args.continuous else 'static'} batching, {args.dtype}"
     )
     print(f"server overhead at 1 client (median of paired ratios - 1): {overhead * 100:+.1f}%")
@@ -241,7 +312,9 @@ def main() -> None:
     summary: dict[str, Any] = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "model": engine.model_name,
+        "workload": args.workload,
         "max_tokens": max_tokens,
+        "mean_completion_tokens": statistics.mean(completion_tokens.values()),
         "continuous_batching": args.continuous,
         "dtype": args.dtype,
         "overhead_1_client": overhead,
