@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from logo_engine.base import RowState, SamplingParams
 from logo_engine.errors import GenerationError, LoGoError, NumericalError
@@ -222,6 +223,8 @@ class TransformersDecoder:
                 return
             batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.live), 1)], dim=1)
             batch.pos = batch.pos[:, -1:] + 1  # (B, 1)
+            left = max(e.limit - len(e.gen) for e in batch.live)  # steps the batch may still run
+            make_room(batch.cache, min(left + 1, ROOM))
             logits = self.forward(batch.ctx, tokens[:, None], batch.mask, batch.pos, batch.cache)
             for live in batch.live:
                 live.fed += 1
@@ -471,6 +474,93 @@ class TransformersDecoder:
                 "or the adapter mixture); nothing was generated from them"
             )
         return logits
+
+
+ROOM = 256  # most free positions a decoding batch's KV keeps ahead (it regrows by this when full)
+
+
+class RoomyLayer(DynamicLayer):
+    """A growing cache block that appends into spare room instead of concatenating.
+
+    transformers' ``DynamicLayer`` concatenates each step's keys and values to the whole cache,
+    so every decoding step copies all of it (at 8 rows and 180 positions, about 66 MB per step on
+    the 135M model). Here ``keys`` and ``values`` are views of buffers with ``room`` free
+    positions after them, and a step writes only its own positions. Anything that sets ``keys``
+    to another tensor (``crop``, transformers' own code, a batch rebuilt by the engine) is
+    noticed by the next :meth:`update`, which then copies into new buffers.
+    """
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+        self._k: torch.Tensor | None = None  # (B, H, capacity, d)
+        self._v: torch.Tensor | None = None
+
+    @classmethod
+    def from_layer(cls, layer: DynamicLayer, room: int) -> RoomyLayer:
+        """``layer``'s keys and values, moved into a buffer with room at the next update."""
+        roomy = cls(room)
+        if layer.is_initialized and layer.keys is not None and layer.values is not None:
+            roomy.lazy_initialization(layer.keys, layer.values)
+            roomy.keys, roomy.values = layer.keys, layer.values
+        return roomy
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        old_k, old_v = self.keys, self.values
+        start = old_k.shape[-2] if old_k is not None and old_k.ndim == 4 else 0
+        end = start + key_states.shape[-2]
+        k, v = self._k, self._v
+        if k is None or v is None or not self._holds(k, key_states.shape[:2], end):
+            b, h, _, d = key_states.shape
+            k = key_states.new_empty(b, h, end + self.room, d)  # (B, H, capacity, d)
+            v = value_states.new_empty(b, h, end + self.room, value_states.shape[-1])
+            if start and old_k is not None and old_v is not None:
+                k[:, :, :start] = old_k
+                v[:, :, :start] = old_v
+            self._k, self._v = k, v
+        k[:, :, start:end] = key_states
+        v[:, :, start:end] = value_states
+        self.keys, self.values = k[:, :, :end], v[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows ``indices``, and their room."""
+        k, v, keys = self._k, self._v, self.keys
+        if k is None or v is None or keys is None or not self._holds(k, keys.shape[:2], 0):
+            super().batch_select_indices(indices)
+            return
+        end = keys.shape[-2]
+        self._k, self._v = k[indices], v[indices]
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+
+    def _holds(self, buffer: torch.Tensor, rows_heads: torch.Size, end: int) -> bool:
+        """``keys`` starts ``buffer``, which has their rows and heads and room up to ``end``."""
+        keys = self.keys
+        return (
+            keys is not None
+            and keys.ndim == 4
+            and keys.data_ptr() == buffer.data_ptr()
+            and keys.stride() == buffer.stride()
+            and keys.shape[:2] == rows_heads == buffer.shape[:2]
+            and end <= buffer.shape[2]
+        )
+
+
+def make_room(cache: DynamicCache, room: int) -> None:
+    """Make ``cache``'s plain growing blocks :class:`RoomyLayer` with ``room`` free positions.
+
+    Blocks already roomy keep theirs (they regrow by ``room`` when full); other layer types
+    (sliding windows, quantized caches) are left as they are.
+    """
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer:
+            cache.layers[i] = RoomyLayer.from_layer(layer, room)
+        elif isinstance(layer, RoomyLayer):
+            layer.room = max(layer.room, room)
 
 
 def remember(

@@ -312,8 +312,9 @@ def row_kv(
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """Row ``row``'s first ``length`` real positions of blocks 0..depth-1, without padding.
 
-    A single unpadded row is returned as views (nothing is copied); other rows are copied, so an
-    entry never keeps a whole batch's tensors alive.
+    A single unpadded row is returned as views (nothing is copied) unless its tensors are views
+    into a larger buffer (:class:`~logo_engine.decoding.RoomyLayer`); other rows are copied, so
+    an entry never keeps a whole batch's tensors, or their spare room, alive.
     """
     where = mask[row].nonzero().squeeze(1)[:length]  # (length,) positions of real tokens
     whole = mask.shape[0] == 1 and length == mask.shape[1]
@@ -321,7 +322,7 @@ def row_kv(
     for layer in cache.layers[:depth]:
         layer_keys, layer_values = _growing_kv(layer)  # (B, H, S, d)
         k, v = layer_keys[row], layer_values[row]  # (H, S, d)
-        if whole:
+        if whole and k.is_contiguous() and v.is_contiguous():  # not a view into spare room
             keys.append(k)
             values.append(v)
         else:
