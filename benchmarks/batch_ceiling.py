@@ -8,9 +8,13 @@ answers that differ from their one-by-one answers (0 in float32; in bfloat16 the
 shapes round differently, so a greedy answer may flip).
 
     HF_HUB_OFFLINE=1 python -m benchmarks.batch_ceiling [--rows 8] [--repeats 3] [--max-tokens 32]
-        [--dtype bfloat16]
+        [--dtype bfloat16] [--workload open]
 
-Prints one line per repeat and a JSON summary (ratios within each repeat).
+Prints one line per repeat and a JSON summary (ratios within each repeat). Each repeat also
+splits the engine's time into probe passes, prompt passes and decoding steps, and gives the
+bound of perfect continuous batching: the batch's probe and prompt passes, then every row's
+decoding steps run in full batches of ``--rows`` (at the median cost of the batch's full
+steps). No scheduler does better on the workload; its ratio to one by one is ``bound``.
 """
 
 from __future__ import annotations
@@ -21,12 +25,50 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 
-from benchmarks.serving import prompts
-from logo_engine import LoGoEngine
+from benchmarks.serving import WORKLOADS
+from logo_engine import LoGoEngine, decoding, probing
 from logo_engine.cli import DTYPES
+
+
+@contextmanager
+def phases() -> Iterator[list[tuple[str, int, float]]]:
+    """Record (phase, rows, seconds) of every probe pass, prompt pass and decoding step."""
+    log: list[tuple[str, int, float]] = []
+    capture, forward = probing.Prober.capture, decoding.TransformersDecoder.forward
+
+    def timed_capture(self: Any, ids: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        out = capture(self, ids, **kwargs)
+        log.append(("probe", len(ids), time.perf_counter() - start))
+        return out
+
+    def timed_forward(self: Any, ctx: Any, input_ids: torch.Tensor, *a: Any, **k: Any) -> Any:
+        start = time.perf_counter()
+        out = forward(self, ctx, input_ids, *a, **k)
+        kind = "step" if input_ids.shape[1] == 1 else "prompt"
+        log.append((kind, len(out), time.perf_counter() - start))
+        return out
+
+    probing.Prober.capture = timed_capture  # type: ignore[method-assign]
+    decoding.TransformersDecoder.forward = timed_forward  # type: ignore[method-assign]
+    try:
+        yield log
+    finally:
+        probing.Prober.capture = capture  # type: ignore[method-assign]
+        decoding.TransformersDecoder.forward = forward  # type: ignore[method-assign]
+
+
+def split(log: list[tuple[str, int, float]]) -> dict[str, float]:
+    """Seconds per phase, and the number of decoding steps."""
+    out = {kind: sum(t for k, _, t in log if k == kind) for kind in ("probe", "prompt", "step")}
+    out["steps"] = sum(1 for k, _, _ in log if k == "step")
+    return out
 
 
 def main() -> None:
@@ -35,39 +77,54 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="tasks")
     args = parser.parse_args()
     engine = LoGoEngine.from_pretrained(dtype=getattr(torch, args.dtype))
-    pool = prompts(args.rows)
+    pool = WORKLOADS[args.workload](args.rows)
     engine.generate(pool[0], max_new_tokens=2)  # warm-up
-    ratios, tokens, differ = [], [], 0
+    ratios, bounds, tokens, differ = [], [], [], 0
     for repeat in range(args.repeats):
         start = time.perf_counter()
         solo = []
-        for prompt in pool:
-            engine.clear_prefix_caches()
-            solo.append(engine.generate(prompt, max_new_tokens=args.max_tokens))
+        with phases() as solo_log:
+            for prompt in pool:
+                engine.clear_prefix_caches()
+                solo.append(engine.generate(prompt, max_new_tokens=args.max_tokens))
         one_by_one = time.perf_counter() - start
         engine.clear_prefix_caches()
         start = time.perf_counter()
-        batch = engine.generate_batch(pool, max_new_tokens=args.max_tokens)
+        with phases() as batch_log:
+            batch = engine.generate_batch(pool, max_new_tokens=args.max_tokens)
         batched = time.perf_counter() - start
         differ = sum(b.text != o.text for b, o in zip(batch, solo, strict=True))
         ratios.append(one_by_one / batched)
         tokens = [g.usage.completion_tokens for g in solo]
+        a, b = split(solo_log), split(batch_log)
+        full = [t for kind, rows, t in batch_log if kind == "step" and rows == args.rows]
+        full_step = statistics.median(full) if full else float("nan")
+        bound = b["probe"] + b["prompt"] + a["steps"] / args.rows * full_step
+        bounds.append(one_by_one / bound)
         print(
             f"repeat {repeat + 1}: {args.rows} one by one {one_by_one:.2f} s, one batch "
-            f"{batched:.2f} s, gain {ratios[-1]:.2f}x, {differ} batched answers differ"
+            f"{batched:.2f} s, gain {ratios[-1]:.2f}x, {differ} batched answers differ\n"
+            f"  one by one: probe {a['probe']:.2f} s, prompt {a['prompt']:.2f} s, "
+            f"{a['steps']:.0f} steps {a['step']:.2f} s\n"
+            f"  one batch:  probe {b['probe']:.2f} s, prompt {b['prompt']:.2f} s, "
+            f"{b['steps']:.0f} steps {b['step']:.2f} s (full step {full_step * 1000:.0f} ms)\n"
+            f"  perfect continuous batching: {bound:.2f} s, bound {bounds[-1]:.2f}x"
         )
     summary = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads",
         "model": engine.model_name,
         "dtype": args.dtype,
+        "workload": args.workload,
         "rows": args.rows,
         "max_tokens": args.max_tokens,
         "answer_tokens": tokens,
         "gain_per_repeat": [round(r, 3) for r in ratios],
         "gain_median": round(statistics.median(ratios), 3),
+        "bound_per_repeat": [round(r, 3) for r in bounds],
         "batched_answers_differing_last_repeat": differ,
     }
     print(json.dumps(summary))
