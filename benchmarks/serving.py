@@ -19,13 +19,15 @@ real requests do.
     HF_HUB_OFFLINE=1 python -m benchmarks.serving            # full run (R = 2)
     HF_HUB_OFFLINE=1 python -m benchmarks.serving --quick    # R = 1
     HF_HUB_OFFLINE=1 python -m benchmarks.serving --workload open --max-tokens 128
+    python -m benchmarks.serving --plot docs/serving_runs/*.json --out docs/figures/serving.png
 
 Two workloads: ``tasks`` (default), the zoo's task prompts, whose answers are short (about a
 dozen tokens), so each request's two prompt passes (probe, prefill) weigh as much as its
 decoding; ``open``, open questions written by hand that ask for explanations, whose answers run
 to the token limit, so decoding (where batching pays most) dominates.
 
-The last line printed is one JSON object with the figures.
+The last line printed is one JSON object with the figures (``--json PATH`` also writes it to a
+file); ``--plot`` draws the speedup per client count of such files, one line per run.
 """
 
 from __future__ import annotations
@@ -180,6 +182,41 @@ def batch_stats(url: str) -> tuple[float, float, float]:
     return rows, batches, joined
 
 
+def plot(paths: list[str], out: str) -> None:
+    """Server / one-by-one throughput against concurrent clients, one line per run file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"open": "tab:blue", "tasks": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    labelled = set()
+    for path in paths:
+        with open(path) as f:
+            run = json.load(f)
+        workload = run.get("workload", "tasks")
+        clients = [level["clients"] for level in run["levels"]]
+        speedup = [level["speedup_vs_one_by_one"] for level in run["levels"]]
+        label = None
+        if workload not in labelled:
+            labelled.add(workload)
+            label = f"{workload}: answers of ~{run['mean_completion_tokens']:.0f} tokens"
+        ax.plot(clients, speedup, marker="o", color=colors.get(workload), alpha=0.8, label=label)
+    ax.axhline(3.0, color="grey", linestyle="--", linewidth=1, label="goal at 8 clients: 3x")
+    ax.axhline(1.0, color="black", linewidth=0.5)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([1, 4, 8, 16], labels=["1", "4", "8", "16"])
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("server / one-by-one throughput")
+    ax.set_title("logo serve, SmolLM2-135M + 11 adapters, float32, 2-core CPU")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -205,7 +242,13 @@ def main() -> None:
     parser.add_argument(
         "--dtype", choices=DTYPES, default="float32", help="model dtype, both sides (default fp32)"
     )
+    parser.add_argument("--json", help="also write the summary to this file")
+    parser.add_argument("--plot", nargs="+", metavar="JSON", help="plot these runs, then exit")
+    parser.add_argument("--out", default="serving.png", help="the figure --plot writes")
     args = parser.parse_args()
+    if args.plot:
+        plot(args.plot, args.out)
+        return
     per_client = args.requests_per_client or (1 if args.quick else 2)
     n_overhead = 6 if args.quick else 12
     max_tokens = args.max_tokens
@@ -322,6 +365,9 @@ def main() -> None:
         "answers_equal": not mismatches,
     }
     print(json.dumps(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
 
 
 if __name__ == "__main__":
