@@ -113,7 +113,10 @@ def _generate(engine: LoGoEngine) -> list[tuple[str, str, dict[str, int]]]:
     out = []
     for batch in (
         engine.generate_batch(PROMPTS, max_new_tokens=20, adapters=mixtures),
-        [engine.generate(p, max_new_tokens=20, stop=s) for p, s in zip(PROMPTS, stops)],
+        [
+            engine.generate(p, max_new_tokens=20, stop=s)
+            for p, s in zip(PROMPTS, stops, strict=True)
+        ],
         engine.generate_batch(PROMPTS, max_new_tokens=20, adapters=mixtures),  # prefix hits
     ):
         out += [(g.text, g.finish_reason, g.usage.model_dump()) for g in batch]
