@@ -25,50 +25,18 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import torch
 
+from benchmarks.batcher import Phase, engine_phases, phase_seconds
 from benchmarks.serving import WORKLOADS
-from logo_engine import LoGoEngine, decoding, probing
+from logo_engine import LoGoEngine
 from logo_engine.cli import DTYPES
 
 
-@contextmanager
-def phases() -> Iterator[list[tuple[str, int, float]]]:
-    """Record (phase, rows, seconds) of every probe pass, prompt pass and decoding step."""
-    log: list[tuple[str, int, float]] = []
-    capture, forward = probing.Prober.capture, decoding.TransformersDecoder.forward
-
-    def timed_capture(self: Any, ids: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        out = capture(self, ids, **kwargs)
-        log.append(("probe", len(ids), time.perf_counter() - start))
-        return out
-
-    def timed_forward(self: Any, ctx: Any, input_ids: torch.Tensor, *a: Any, **k: Any) -> Any:
-        start = time.perf_counter()
-        out = forward(self, ctx, input_ids, *a, **k)
-        kind = "step" if input_ids.shape[1] == 1 else "prompt"
-        log.append((kind, len(out), time.perf_counter() - start))
-        return out
-
-    probing.Prober.capture = timed_capture  # type: ignore[method-assign]
-    decoding.TransformersDecoder.forward = timed_forward  # type: ignore[method-assign]
-    try:
-        yield log
-    finally:
-        probing.Prober.capture = capture  # type: ignore[method-assign]
-        decoding.TransformersDecoder.forward = forward  # type: ignore[method-assign]
-
-
-def split(log: list[tuple[str, int, float]]) -> dict[str, float]:
-    """Seconds per phase, and the number of decoding steps."""
-    out = {kind: sum(t for k, _, t in log if k == kind) for kind in ("probe", "prompt", "step")}
-    out["steps"] = sum(1 for k, _, _ in log if k == "step")
-    return out
+def split(log: list[Phase]) -> dict[str, float]:
+    """Seconds per phase (probe_s, prompt_passes_s, decode_steps_s), and the decoding steps."""
+    return {**phase_seconds(log), "steps": sum(1 for kind, _, _ in log if kind == "step")}
 
 
 def main() -> None:
@@ -86,14 +54,14 @@ def main() -> None:
     for repeat in range(args.repeats):
         start = time.perf_counter()
         solo = []
-        with phases() as solo_log:
+        with engine_phases() as solo_log:
             for prompt in pool:
                 engine.clear_prefix_caches()
                 solo.append(engine.generate(prompt, max_new_tokens=args.max_tokens))
         one_by_one = time.perf_counter() - start
         engine.clear_prefix_caches()
         start = time.perf_counter()
-        with phases() as batch_log:
+        with engine_phases() as batch_log:
             batch = engine.generate_batch(pool, max_new_tokens=args.max_tokens)
         batched = time.perf_counter() - start
         differ = sum(b.text != o.text for b, o in zip(batch, solo, strict=True))
@@ -102,15 +70,16 @@ def main() -> None:
         a, b = split(solo_log), split(batch_log)
         full = [t for kind, rows, t in batch_log if kind == "step" and rows == args.rows]
         full_step = statistics.median(full) if full else float("nan")
-        bound = b["probe"] + b["prompt"] + a["steps"] / args.rows * full_step
+        bound = b["probe_s"] + b["prompt_passes_s"] + a["steps"] / args.rows * full_step
         bounds.append(one_by_one / bound)
         print(
             f"repeat {repeat + 1}: {args.rows} one by one {one_by_one:.2f} s, one batch "
             f"{batched:.2f} s, gain {ratios[-1]:.2f}x, {differ} batched answers differ\n"
-            f"  one by one: probe {a['probe']:.2f} s, prompt {a['prompt']:.2f} s, "
-            f"{a['steps']:.0f} steps {a['step']:.2f} s\n"
-            f"  one batch:  probe {b['probe']:.2f} s, prompt {b['prompt']:.2f} s, "
-            f"{b['steps']:.0f} steps {b['step']:.2f} s (full step {full_step * 1000:.0f} ms)\n"
+            f"  one by one: probe {a['probe_s']:.2f} s, prompt {a['prompt_passes_s']:.2f} s, "
+            f"{a['steps']:.0f} steps {a['decode_steps_s']:.2f} s\n"
+            f"  one batch:  probe {b['probe_s']:.2f} s, prompt {b['prompt_passes_s']:.2f} s, "
+            f"{b['steps']:.0f} steps {b['decode_steps_s']:.2f} s "
+            f"(full step {full_step * 1000:.0f} ms)\n"
             f"  perfect continuous batching: {bound:.2f} s, bound {bounds[-1]:.2f}x"
         )
     summary = {

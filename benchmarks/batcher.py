@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -42,18 +41,21 @@ from logo_engine.serving.batcher import Batcher, Failed, Finished, Job
 MAX_TOKENS = 32
 
 
+Phase = tuple[str, int, float]  # ("probe" | "prompt" | "step", rows, seconds)
+
+
 @contextmanager
-def engine_timers() -> Iterator[dict[str, float]]:
-    """Seconds spent in probe passes, prompt passes and decoding steps while the block runs."""
-    spent: dict[str, float] = defaultdict(float)
+def engine_phases() -> Iterator[list[Phase]]:
+    """Every probe pass, prompt pass (packed or not) and decoding step while the block runs."""
+    log: list[Phase] = []
     capture, forward = Prober.capture, TransformersDecoder.forward
 
-    def timed_capture(self: Prober, *args: Any, **kwargs: Any) -> Any:
+    def timed_capture(self: Prober, ids: Any, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
-            return capture(self, *args, **kwargs)
+            return capture(self, ids, *args, **kwargs)
         finally:
-            spent["probe_s"] += time.perf_counter() - start
+            log.append(("probe", len(ids), time.perf_counter() - start))
 
     def timed_forward(
         self: TransformersDecoder, ctx: Any, ids: torch.Tensor, *a: Any, **k: Any
@@ -62,16 +64,24 @@ def engine_timers() -> Iterator[dict[str, float]]:
         try:
             return forward(self, ctx, ids, *a, **k)
         finally:
-            step = ids.shape[1] == 1 and ctx.packed is None
-            spent["decode_steps_s" if step else "prompt_passes_s"] += time.perf_counter() - start
+            packed = ctx.packed
+            rows = len(packed.bounds) if packed is not None else ids.shape[0]
+            step = ids.shape[1] == 1 and packed is None
+            log.append(("step" if step else "prompt", rows, time.perf_counter() - start))
 
     Prober.capture = timed_capture  # type: ignore[method-assign]
     TransformersDecoder.forward = timed_forward  # type: ignore[method-assign]
     try:
-        yield spent
+        yield log
     finally:
         Prober.capture = capture  # type: ignore[method-assign]
         TransformersDecoder.forward = forward  # type: ignore[method-assign]
+
+
+def phase_seconds(log: list[Phase]) -> dict[str, float]:
+    """Seconds spent in probe passes, prompt passes and decoding steps."""
+    names = {"probe": "probe_s", "prompt": "prompt_passes_s", "step": "decode_steps_s"}
+    return {name: sum(t for kind, _, t in log if kind == phase) for phase, name in names.items()}
 
 
 def one_by_one(engine: LoGoEngine, pool: list[Any]) -> tuple[float, list[str]]:
@@ -133,10 +143,11 @@ def main() -> None:
         row: dict[str, Any] = {"round": round_ + 1, "one_by_one_s": round(base_s, 3)}
         for continuous in (True, False):
             chunk = pool[(k := next(fresh)) : k + n]
-            with engine_timers() as spent:
+            with engine_phases() as log:
                 wall, got = asyncio.run(
                     batched(engine, chunk, args.clients, continuous, args.join_ratio)
                 )
+            spent = phase_seconds(log)
             name = "continuous" if continuous else "static"
             row[name] = {
                 "wall_s": round(wall, 3),
