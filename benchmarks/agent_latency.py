@@ -9,11 +9,12 @@ measures, in one run, variants interleaved, medians over repeats, ratios within 
    call through ``LoGoEngine``: the base model with and without its prefix cache; LoGo routed
    (the engine's default routing: zoo calibration, k = 3) without caches, with the caches, with
    the caches and sticky routing, with the caches and ``probe_scope="last_user_turn"`` (with and
-   without sticky), and routed k = 1 with the caches. Each variant with caches has its own
+   without sticky), routed k = 1 with the caches, and the default and the agent configuration
+   with a bfloat16 probe (``probe_dtype``). Each variant with caches has its own
    engine. Cache sizes are recorded after every call (the memory bound).
 2. ``outputs``: 32 greedy tokens per call, cached against uncached; a sticky call against the
    uncached engine pinned to the sticky selection (the cache is exact; stickiness changes the
-   mixture, not the arithmetic).
+   mixture, not the arithmetic), as is a bfloat16-probe call (its probe may choose otherwise).
 3. ``budget``: the sticky variant again with 64 MiB per cache (entries evicted).
 4. ``single``: single-shot TTFT and decode tokens/s of a first-seen prompt (caches cleared before
    every call): routed with and without caches, against the base model through the same loop.
@@ -72,6 +73,7 @@ MiB = 2**20
 STICKY_MARGIN = 1.0
 MARGIN_UNIT = {"prototype": 0.1}  # any other signal: z-score units (the zoo is calibrated)
 FIGURE = "agent_ttft_per_turn.png"
+BF16 = torch.bfloat16  # the probe_dtype of the "bf16 probe" variants (float32 generation)
 
 SYSTEM = (
     "You are Atlas, the travel and productivity assistant of a small travel agency. You help "
@@ -222,9 +224,13 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def load_engine(cache: PrefixCacheConfig | None = None) -> LoGoEngine:
+def load_engine(
+    cache: PrefixCacheConfig | None = None, probe_dtype: torch.dtype | None = None
+) -> LoGoEngine:
     """The embedded default model with the shipped zoo (and its calibration)."""
-    return LoGoEngine.from_pretrained(prefix_cache=cache or PrefixCacheConfig())
+    return LoGoEngine.from_pretrained(
+        prefix_cache=cache or PrefixCacheConfig(), probe_dtype=probe_dtype
+    )
 
 
 @dataclass(frozen=True)
@@ -249,7 +255,7 @@ def cache_bytes(engine: LoGoEngine) -> dict[str, int]:
 
 def make_variants(budget: PrefixCacheConfig | None = None) -> list[Variant]:
     """Each variant with caches gets its own engine: their caches must not see each other."""
-    log("loading seven engines (one model copy each)")
+    log("loading nine engines (one model copy each)")
     off = load_engine(PrefixCacheConfig.off())
     default = off.routing
     return [
@@ -268,6 +274,12 @@ def make_variants(budget: PrefixCacheConfig | None = None) -> list[Variant]:
         ),
         Variant(
             "LoGo k=1 + caches", load_engine(budget), routing=dataclasses.replace(default, top_k=1)
+        ),
+        Variant("LoGo + caches, bf16 probe", load_engine(budget, BF16), routing=default),
+        Variant(
+            "LoGo + caches, last-user-turn probe + sticky, bf16 probe",
+            load_engine(budget, BF16),
+            routing=sticky(scoped(default)),
         ),
     ]
 
@@ -288,6 +300,8 @@ ROUTED_CACHED = (
     "LoGo + caches, last-user-turn probe",
     "LoGo + caches, last-user-turn probe + sticky",
     "LoGo k=1 + caches",
+    "LoGo + caches, bf16 probe",
+    "LoGo + caches, last-user-turn probe + sticky, bf16 probe",
 )
 
 
@@ -369,6 +383,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         "LoGo + caches, last-user-turn probe": ("tab:purple", "P", "-"),
         "LoGo + caches, last-user-turn probe + sticky": ("tab:cyan", "X", "-"),
         "LoGo k=1 + caches": ("tab:olive", "v", "--"),
+        "LoGo + caches, bf16 probe": ("tab:brown", "s", ":"),
+        "LoGo + caches, last-user-turn probe + sticky, bf16 probe": ("tab:pink", "X", ":"),
         "base, uncached": ("tab:gray", "o", ":"),
         "base + prefix cache": ("tab:blue", "D", "--"),
     }
@@ -414,7 +430,9 @@ def outputs(variants: Sequence[Variant], n: int) -> dict[str, Any]:
             if v.engine is uncached:
                 continue
             mine = got[v.label]
-            if v.routing is not None and v.routing.sticky_margin is not None:
+            sticks = v.routing is not None and v.routing.sticky_margin is not None
+            if sticks or v.engine.probe_dtype != uncached.probe_dtype:
+                # the mixture depends on the conversation, or on the probe's dtype: pinned
                 adapters, routing = mine.selection.mixture, None
             else:
                 adapters, routing = v.adapters, v.routing

@@ -45,9 +45,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--probe-dtype", choices=DTYPES, help="default: --dtype")
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="tasks")
     args = parser.parse_args()
-    engine = LoGoEngine.from_pretrained(dtype=getattr(torch, args.dtype))
+    engine = LoGoEngine.from_pretrained(
+        dtype=getattr(torch, args.dtype), probe_dtype=args.probe_dtype
+    )
     pool = WORKLOADS[args.workload](args.rows)
     engine.generate(pool[0], max_new_tokens=2)  # warm-up
     ratios, bounds, tokens, differ = [], [], [], 0

@@ -125,6 +125,7 @@ def start_server(
     batch_wait_ms: float,
     continuous: bool = True,
     dtype: str = "float32",
+    probe_dtype: str | None = None,
 ) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable,
@@ -142,6 +143,7 @@ def start_server(
         *([] if continuous else ["--no-continuous-batching"]),
         "--dtype",
         dtype,
+        *([] if probe_dtype is None else ["--probe-dtype", probe_dtype]),
     ]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 600
@@ -242,6 +244,9 @@ def main() -> None:
     parser.add_argument(
         "--dtype", choices=DTYPES, default="float32", help="model dtype, both sides (default fp32)"
     )
+    parser.add_argument(
+        "--probe-dtype", choices=DTYPES, help="the probe's dtype, both sides (default: --dtype)"
+    )
     parser.add_argument("--json", help="also write the summary to this file")
     parser.add_argument("--plot", nargs="+", metavar="JSON", help="plot these runs, then exit")
     parser.add_argument("--out", default="serving.png", help="the figure --plot writes")
@@ -258,7 +263,9 @@ def main() -> None:
         parser.error("--levels takes client counts >= 1")
     pool = WORKLOADS[args.workload](4 + n_overhead + sum(levels_asked) * per_client)
 
-    engine = LoGoEngine.from_pretrained(dtype=getattr(torch, args.dtype))
+    engine = LoGoEngine.from_pretrained(
+        dtype=getattr(torch, args.dtype), probe_dtype=args.probe_dtype
+    )
     expected: dict[int, str] = {}
     completion_tokens: dict[int, int] = {}
 
@@ -272,7 +279,9 @@ def main() -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server(port, max(levels_asked), args.batch_wait_ms, args.continuous, args.dtype)
+    server = start_server(
+        port, max(levels_asked), args.batch_wait_ms, args.continuous, args.dtype, args.probe_dtype
+    )
     client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=3600)
     served = client.models.list().data[0].id
     mismatches: list[int] = []
@@ -338,6 +347,7 @@ def main() -> None:
         f"{engine.model_name} + {len(engine.adapter_names)} adapters, "
         f"torch threads {torch.get_num_threads()}, "
         f"{'continuous' if args.continuous else 'static'} batching, {args.dtype}"
+        + (f", {args.probe_dtype} probe" if args.probe_dtype else "")
     )
     print(f"server overhead at 1 client (median of paired ratios - 1): {overhead * 100:+.1f}%")
     print(
@@ -360,6 +370,7 @@ def main() -> None:
         "mean_completion_tokens": statistics.mean(completion_tokens.values()),
         "continuous_batching": args.continuous,
         "dtype": args.dtype,
+        "probe_dtype": args.probe_dtype or args.dtype,
         "overhead_1_client": overhead,
         "levels": levels,
         "answers_equal": not mismatches,

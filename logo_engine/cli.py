@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
         help="parameter dtype (default float32; bfloat16 halves memory and is faster on GPUs "
         "and AMX CPUs, with answers that may differ from float32)",
     )
+    model.add_argument(
+        "--probe-dtype",
+        choices=DTYPES,
+        help="dtype of the routing probe only (default: --dtype); bfloat16 under a float32 model "
+        "probes about twice as fast on AMX CPUs and GPUs, with float32 answers",
+    )
     # Generation backends (engine.py's backend= and backend_options=); the probe stays here.
     backend = argparse.ArgumentParser(add_help=False)
     backend.add_argument(
@@ -210,6 +216,7 @@ def _engine(args: argparse.Namespace) -> Any:
         gguf_file=args.gguf_file,
         device=device,
         dtype=getattr(torch, args.dtype),
+        probe_dtype=args.probe_dtype,
         backend=None if name == "transformers" else name,
         backend_options=options or None,
     )

@@ -320,10 +320,27 @@ class HookSet:
             self._keys.clear()
 
 
+def _is_logo_hook(hook: Any) -> bool:
+    return bool(getattr(hook, "logo_hook", False))
+
+
+def strip_hooks(model: nn.Module) -> None:
+    """Remove every LoGo hook from ``model`` (a copy of a hooked model carries its hooks)."""
+    for module in model.modules():
+        for hooks, flags in (
+            (module._forward_hooks, (module._forward_hooks_with_kwargs,)),
+            (module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
+        ):
+            for key in [k for k, h in hooks.items() if _is_logo_hook(h)]:
+                del hooks[key]
+                for flag in (*flags, module._forward_hooks_always_called):
+                    flag.pop(key, None)
+
+
 def _refuse_stale_hooks(model: nn.Module) -> None:
     for name, module in model.named_modules():
         hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-        if any(getattr(h, "logo_hook", False) for h in hooks):
+        if any(_is_logo_hook(h) for h in hooks):
             raise LoGoError(
                 f"module {name or type(model).__name__!r} of this model already carries a LoGo "
                 "hook that no engine owns (is it a copy of a model a LoGoEngine ran on?); build "

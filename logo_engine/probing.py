@@ -7,10 +7,16 @@ the blocks below the probe point, and takes the prefix's captured inputs from th
 captured tensor it returns has the layout of one uncached left-padded pass over the whole
 prompts, so what routing does with it does not change. Several rows run as one packed pass (their
 new tokens end to end, no padding; see :mod:`logo_engine.packing`) on models that take them.
+
+The probe may run in a lower precision than generation (``LoGoEngine(probe_dtype=...)``): the
+prober then holds its own copy of the model in that dtype (:func:`cast_copy`), with its own
+hooks, and only the probed states come back in the model's dtype for scoring. On AMX CPUs and
+GPUs a bfloat16 probe takes about half the time of a float32 one (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from logo_engine.decoding import cache_kwarg
 from logo_engine.errors import GenerationError
-from logo_engine.mixture import ForwardContext, ProbeDone, forward_context
+from logo_engine.mixture import ForwardContext, HookSet, ProbeDone, forward_context, strip_hooks
 from logo_engine.packing import PackedPass, packs_rows
 from logo_engine.prefix_cache import (
     PrefixCache,
@@ -46,8 +52,31 @@ class ProbeCapture:
     reused: list[int]
 
 
+def cast_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """A copy of ``model`` whose floating-point parameters are in ``dtype``, without LoGo hooks.
+
+    Only the cast parameters are allocated (the original is never copied at its own precision);
+    tied parameters stay tied, and buffers (rotary frequencies) keep their dtype, as transformers
+    computes them in float32 anyway.
+    """
+    memo: dict[int, Any] = {}
+    for param in model.parameters():  # a tied parameter is listed once: it stays shared
+        if param.is_floating_point():
+            memo[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+    with torch.no_grad():
+        clone = copy.deepcopy(model, memo)
+    strip_hooks(clone)  # the original's hooks belong to engines on the original
+    clone.config.dtype = dtype
+    return clone.eval()
+
+
 class Prober:
-    """Runs probe passes on one model, through a probe prefix cache."""
+    """Runs probe passes on one model, through a probe prefix cache.
+
+    ``model`` may be the generating model itself or a copy of it in another dtype
+    (:func:`cast_copy`). The prober claims the hooks its passes need on it (block inputs, the
+    probed Linears, packed attention); :meth:`close` releases them.
+    """
 
     def __init__(
         self,
@@ -61,7 +90,16 @@ class Prober:
         self.layers = layers
         self.cache = cache
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         self._cache_kwarg = cache_kwarg(model)
+        self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self.hooks = HookSet(model)
+        self.hooks.attach_layers(layers)
+        self.hooks.attach_packing(model)
+
+    def attach(self, modules: Sequence[str]) -> None:
+        """Hook the Linears ``modules`` (full names) so that a probe can stop at any of them."""
+        self.hooks.attach_linears(self._linears, modules)
 
     def capture(
         self,

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import tiny
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 
 from logo_engine import LoGoEngine, RoutingConfig
 from logo_engine.mixture import ForwardContext, MixturePlan, forward_context
@@ -71,28 +68,6 @@ def test_no_context_is_the_base_model(engine):
         torch.testing.assert_close(engine.model(input_ids=ids).logits, base(input_ids=ids).logits)
 
 
-def _hand_scores(adapter_dir, names, h, module, signal):
-    """s · B A h from the files, for every adapter; 0 where the adapter skips the module."""
-    out = {}
-    for name in names:
-        config = json.loads((adapter_dir / name / "adapter_config.json").read_text())
-        state = load_file(adapter_dir / name / "adapter_model.safetensors")
-        key = f"base_model.model.{module}"
-        if f"{key}.lora_A.weight" not in state:
-            out[name] = 0.0
-            continue
-        a, b = state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"]
-        r = a.shape[0]
-        s = config["lora_alpha"] / (r**0.5 if config.get("use_rslora") else r)
-        o = s * (b @ (a @ h))
-        if signal == "norm":
-            out[name] = float(o.norm())
-        else:
-            p = torch.softmax(o, -1)
-            out[name] = float(1 / (-(p * torch.log(p)).sum() + 1e-6))
-    return out
-
-
 @pytest.mark.parametrize("signal", ["norm", "entropy"])
 @pytest.mark.parametrize("probe_input", ["module", "residual"])
 @pytest.mark.parametrize("layer", [-1, 0])
@@ -113,7 +88,7 @@ def test_probe_scores_match_hooks(engine, adapter_dir, signal, probe_input, laye
         base(input_ids=torch.tensor([ids]))
     h = captured["h"][0, -1]
     n_layer = layer % 2
-    expected = _hand_scores(
+    expected = tiny.hand_scores(
         adapter_dir, ["a", "b", "c"], h, f"model.layers.{n_layer}.self_attn.q_proj", signal
     )
     assert selection.probe_module == f"model.layers.{n_layer}.self_attn.q_proj"
@@ -136,7 +111,7 @@ def test_probe_mean_tokens_is_mean_of_outputs(engine, adapter_dir):
     with torch.inference_mode():
         base(input_ids=torch.tensor([ids]))
     h = captured["h"][0].mean(0)
-    expected = _hand_scores(
+    expected = tiny.hand_scores(
         adapter_dir, ["a", "b", "c"], h, "model.layers.1.self_attn.q_proj", "norm"
     )
     for name in expected:

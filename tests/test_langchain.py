@@ -661,6 +661,10 @@ def test_construction_loads_nothing(monkeypatch):
     assert len(loads) == 1
     llm.invoke("hello", model="other/model")  # a per-call base model: its own shared engine
     assert loads[-1][0] == ("other/model",)
+    import torch
+
+    ChatLoGo(model="some/model", probe_dtype="bfloat16").invoke("hi")
+    assert loads[-1][1]["probe_dtype"] is torch.bfloat16
 
 
 def test_model_override_needs_a_loadable_model(llm):
@@ -680,6 +684,7 @@ def test_model_override_needs_a_loadable_model(llm):
         {"routing": {"k": 2}},
         {"routing": {"top_k": 0}},
         {"dtype": "float8"},
+        {"probe_dtype": "int8"},
         {"max_tokens": 1, "max_new_tokens": 2},
         {"model": "a", "base_model": "b"},
         {"signal": "cosine"},

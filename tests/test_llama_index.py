@@ -232,6 +232,8 @@ def test_engine_is_loaded_lazily_through_shared_without_routing_in_the_key(monke
         {"adapters": {"sql": "x/sql"}, "device": "cpu", "dtype": torch.bfloat16, "gguf_file": None},
     )
     assert loader.calls == [expected, expected]  # LoGoEngine.shared caches by these alone
+    LoGoLLM(model="some/dir", probe_dtype="bfloat16").complete("x")
+    assert loader.calls[-1][1]["probe_dtype"] is torch.bfloat16
 
 
 def test_metadata_and_payload_never_load_the_model(monkeypatch, tmp_path):
@@ -287,6 +289,7 @@ def test_bad_arguments():
         {"model": "a", "base_model": "b"},
         {"max_tokens": 1, "max_new_tokens": 2},
         {"dtype": "int3"},
+        {"probe_dtype": "int3"},
         {"context_window": 0},
         {"signal": "cosine"},
     ):

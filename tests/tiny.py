@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -271,3 +273,27 @@ def tiny_engine(folder: Path, **kwargs):
         if not (folder / task / "adapter_config.json").exists():
             shutil.copytree(trained / task, folder / task)
     return LoGoEngine(tiny_model(), tiny_tokenizer(), adapters=folder, name="tiny-llama", **kwargs)
+
+
+def hand_scores(
+    adapter_dir: Path, names: Sequence[str], h: torch.Tensor, module: str, signal: str
+) -> dict[str, float]:
+    """s · B A h from the files, for every adapter; 0 where the adapter skips the module."""
+    out = {}
+    for name in names:
+        config = json.loads((adapter_dir / name / "adapter_config.json").read_text())
+        state = load_file(adapter_dir / name / "adapter_model.safetensors")
+        key = f"base_model.model.{module}"
+        if f"{key}.lora_A.weight" not in state:
+            out[name] = 0.0
+            continue
+        a, b = state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"]
+        r = a.shape[0]
+        s = config["lora_alpha"] / (r**0.5 if config.get("use_rslora") else r)
+        o = s * (b @ (a @ h))
+        if signal == "norm":
+            out[name] = float(o.norm())
+        else:
+            p = torch.softmax(o, -1)
+            out[name] = float(1 / (-(p * torch.log(p)).sum() + 1e-6))
+    return out

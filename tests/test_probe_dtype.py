@@ -1,0 +1,195 @@
+"""``probe_dtype``: the probe runs in a cast copy of the model, generation in the model itself."""
+
+from __future__ import annotations
+
+import pytest
+import tiny
+import torch
+from transformers import AutoModelForCausalLM
+
+from logo_engine import InvalidRequestError, LoGoEngine, RoutingConfig
+from logo_engine.mixture import HookSet
+from logo_engine.probing import cast_copy
+
+BF16 = torch.bfloat16
+TURNS = ["hi there 1", "what is 2 + 3", "and 40 + 2?", "reverse abc please"]
+
+
+def conversation(n: int) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": "you are terse, digits 0 1 2 3"}]
+    for i, text in enumerate(TURNS[:n]):
+        messages.append({"role": "user", "content": text})
+        if i < n - 1:
+            messages.append({"role": "assistant", "content": f"ok {i}"})
+    return messages
+
+
+@pytest.fixture()
+def bf16_engine(tokenizer, adapter_dir):
+    eng = LoGoEngine(
+        tiny.tiny_model(), tokenizer, adapters=adapter_dir, name="tiny-llama", probe_dtype=BF16
+    )
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def bf16_oracle(tmp_path_factory):
+    """The tiny model as ``from_pretrained(dtype=torch.bfloat16)`` loads it."""
+    folder = tmp_path_factory.mktemp("base")
+    tiny.tiny_model().save_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=BF16).eval()
+
+
+def _logo_hooks(model: torch.nn.Module) -> int:
+    return sum(
+        getattr(h, "logo_hook", False)
+        for m in model.modules()
+        for h in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+    )
+
+
+def _oracle_input(model, ids, layer: int, probe_input: str) -> torch.Tensor:
+    """The probed input of ``model`` (transformers' own forward, a plain hook) at every token."""
+    block = model.model.layers[layer]
+    captured = {}
+    if probe_input == "module":
+        block.self_attn.q_proj.register_forward_hook(lambda m, a, o: captured.setdefault("h", a[0]))
+    else:
+        block.register_forward_pre_hook(lambda m, a: captured.setdefault("h", a[0]))
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([ids]))
+    return captured["h"][0]  # (T, in)
+
+
+@pytest.mark.parametrize("signal", ["norm", "entropy"])
+@pytest.mark.parametrize("probe_input", ["module", "residual"])
+@pytest.mark.parametrize("probe_tokens", ["last", "mean"])
+def test_scores_are_those_of_the_model_loaded_in_bfloat16(
+    bf16_engine, engine, adapter_dir, bf16_oracle, signal, probe_input, probe_tokens
+):
+    """Oracle: transformers' bfloat16 load of the model, its own forward, s · B A h by hand."""
+    prompt = "abc de 123 + hello world"
+    routing = RoutingConfig(
+        top_k=2, signal=signal, probe_input=probe_input, probe_tokens=probe_tokens
+    )
+    got = bf16_engine.route(prompt, routing=routing)
+    ids = bf16_engine._prepare(prompt, None, None).input_ids
+    h = _oracle_input(bf16_oracle, ids, -1, probe_input).float()
+    h = h[-1] if probe_tokens == "last" else h.mean(0)
+    module = "model.layers.1.self_attn.q_proj"
+    expected = tiny.hand_scores(adapter_dir, ["a", "b", "c"], h, module, signal)
+    assert got.scores == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    if signal == "norm":  # entropy is flat on random adapters: too close to tell apart
+        # ... and not those of the float32 probe: the test tells the two dtypes apart
+        fp32 = engine.route(prompt, routing=routing).scores
+        assert fp32 != pytest.approx(expected, rel=1e-4, abs=1e-6)
+        assert fp32 == pytest.approx(expected, rel=0.05)  # close, as bfloat16 is
+
+
+def test_generation_stays_in_the_model_dtype(bf16_engine, engine):
+    assert bf16_engine.probe_dtype == BF16 and engine.probe_dtype == torch.float32
+    assert {p.dtype for p in bf16_engine.model.parameters()} == {torch.float32}
+    assert {
+        b.dtype
+        for b in bf16_engine.library.stacks["model.layers.1.self_attn.q_proj"]
+        .buckets[0]
+        .__dict__.values()
+        if isinstance(b, torch.Tensor) and b.is_floating_point()
+    } == {torch.float32}
+    pinned = {"a": 0.6, "b": 0.4}  # no probe: the two engines must agree bit for bit
+    for prompt in ["abc de", conversation(2)]:
+        want = engine.generate(prompt, max_new_tokens=16, adapters=pinned)
+        got = bf16_engine.generate(prompt, max_new_tokens=16, adapters=pinned)
+        assert (got.text, got.usage, got.finish_reason) == (
+            want.text,
+            want.usage,
+            want.finish_reason,
+        )
+    # routed: where both probes pick the same mixture, the answers are the same
+    prompt = "reverse abc please"
+    a, b = engine.route(prompt), bf16_engine.route(prompt)
+    assert a.adapters == b.adapters
+    want = engine.generate(prompt, max_new_tokens=8, adapters=b.mixture)
+    assert bf16_engine.generate(prompt, max_new_tokens=8).text == want.text
+
+
+def test_probe_cache_holds_the_cast_probe(bf16_engine, tokenizer, adapter_dir):
+    uncached = LoGoEngine(
+        tiny.tiny_model(),
+        tokenizer,
+        adapters=adapter_dir,
+        probe_dtype="bfloat16",
+        prefix_cache=__import__("logo_engine").PrefixCacheConfig.off(),
+    )
+    fp32 = LoGoEngine(tiny.tiny_model(), tokenizer, adapters=adapter_dir)
+    try:
+        routing = RoutingConfig(top_k=2)
+        for n in range(1, len(TURNS) + 1):
+            got = bf16_engine.route(conversation(n), routing=routing)
+            want = uncached.route(conversation(n), routing=routing)
+            fp32.route(conversation(n), routing=routing)
+            assert got.adapters == want.adapters
+            assert got.scores == pytest.approx(want.scores, rel=2e-2, abs=1e-4)
+            assert (got.probe_cached_tokens > 0) == (n > 1)
+        # bfloat16 keys, values and captured inputs: about half the float32 probe's bytes
+        half = bf16_engine.prefix_cache_stats()["probe"].bytes
+        full = fp32.prefix_cache_stats()["probe"].bytes
+        assert 0.4 * full < half < 0.6 * full
+    finally:
+        uncached.close()
+        fp32.close()
+
+
+def test_the_copy_is_cast_tied_and_unhooked(tokenizer, adapter_dir):
+    model = tiny.tiny_model()
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in SmolLM2
+    first = LoGoEngine(model, tokenizer, adapters=adapter_dir)  # hooks on the original
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    clone = cast_copy(model, BF16)
+    assert {p.dtype for p in clone.parameters()} == {BF16}
+    assert clone.lm_head.weight is clone.model.embed_tokens.weight
+    assert clone.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert _logo_hooks(model) > 0 and _logo_hooks(clone) == 0
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == before
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    HookSet(clone).remove()  # a clean copy is accepted as a fresh model
+    second = LoGoEngine(model, tokenizer, adapters=adapter_dir, probe_dtype=BF16)
+    probe_model = second._prober.model
+    assert probe_model is not model and _logo_hooks(probe_model) > 0
+    assert second.route("abc").adapters
+    second.close()
+    assert _logo_hooks(probe_model) == 0
+    first.close()
+    assert _logo_hooks(model) == 0
+
+
+def test_same_dtype_makes_no_copy(engine, tokenizer, adapter_dir):
+    assert engine._prober.model is engine.model
+    same = LoGoEngine(tiny.tiny_model(), tokenizer, adapters=adapter_dir, probe_dtype="float32")
+    assert same._prober.model is same.model
+    same.close()
+
+
+@pytest.mark.parametrize("bad", ["int8", "nonsense", torch.int64, 16])
+def test_bad_probe_dtype_is_refused(tokenizer, bad):
+    with pytest.raises(InvalidRequestError, match="probe_dtype"):
+        LoGoEngine(tiny.tiny_model(), tokenizer, probe_dtype=bad)
+
+
+def test_cli_probe_dtype(adapter_dir, tmp_path, tokenizer):
+    from logo_engine.cli import _engine, _parser
+
+    base = tmp_path / "base"
+    tiny.tiny_model().save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    common = ["--base-model", str(base), "--adapters", str(adapter_dir)]
+    engine = _engine(_parser().parse_args(["route", "hi", *common, "--probe-dtype", "bfloat16"]))
+    try:
+        assert engine.probe_dtype == BF16
+        assert {p.dtype for p in engine.model.parameters()} == {torch.float32}
+    finally:
+        engine.close()
+    engine = _engine(_parser().parse_args(["route", "hi", *common]))
+    assert engine.probe_dtype == torch.float32
+    engine.close()
