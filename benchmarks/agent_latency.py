@@ -375,7 +375,7 @@ def ratios(result: dict[str, Any], routed: str) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 6.2))
     styles = {
         "LoGo, uncached": ("tab:red", "o", "-"),
         "LoGo + caches": ("tab:orange", "s", "-"),
@@ -402,10 +402,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     tokens = [r["prompt_tokens"] for r in result["rows"]["LoGo, uncached"]]
     ax.set_xticks(range(1, len(tokens) + 1), [f"{i}\n{n} tok" for i, n in enumerate(tokens, 1)])
     ax.set_xlabel("model call of the agent transcript (prompt length)")
-    ax.set_ylabel("time to first token (ms)")
+    ax.set_ylabel("time to first token (ms, log scale)")
+    ax.set_yscale("log")
     ax.set_title("Agent transcript: TTFT per call (SmolLM2-135M + zoo, CPU)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7.5, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

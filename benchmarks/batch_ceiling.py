@@ -8,7 +8,7 @@ answers that differ from their one-by-one answers (0 in float32; in bfloat16 the
 shapes round differently, so a greedy answer may flip).
 
     HF_HUB_OFFLINE=1 python -m benchmarks.batch_ceiling [--rows 8] [--repeats 3] [--max-tokens 32]
-        [--dtype bfloat16] [--workload open]
+        [--dtype bfloat16] [--probe-dtype bfloat16] [--workload open]
 
 Prints one line per repeat and a JSON summary (ratios within each repeat). Each repeat also
 splits the engine's time into probe passes, prompt passes and decoding steps, and gives the
@@ -90,6 +90,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads",
         "model": engine.model_name,
         "dtype": args.dtype,
+        "probe_dtype": args.probe_dtype or args.dtype,
         "workload": args.workload,
         "rows": args.rows,
         "max_tokens": args.max_tokens,

@@ -7,7 +7,8 @@ natural_prompts*.json`` (task prompts and prompts no adapter covers), caches cle
 the prompts whose top adapter (largest weight) and whose selected set agree, how often each
 engine puts the prompt's own task adapter on top, the largest difference of a selected
 adapter's weight, and the median ``route`` time of each (the two engines alternate, prompt by
-prompt).
+prompt). Then each engine routes the same prompts in batches of 8: how far does a row's routing
+depend on its batch? (Not at all in float32, up to rounding.)
 
     HF_HUB_OFFLINE=1 python -m benchmarks.probe_dtype
 """
@@ -26,6 +27,7 @@ from logo_engine import LoGoEngine
 from logo_engine.types import Selection
 
 DATA = Path(__file__).parent / "data"
+BATCH = 8
 
 
 def hand_written() -> list[tuple[str | None, str]]:
@@ -46,40 +48,55 @@ def top(selection: Selection) -> str | None:
     return max(zip(selection.weights, selection.adapters, strict=True))[1]
 
 
+def weight_gap(a: Selection, b: Selection) -> float | None:
+    """Largest difference of an adapter's weight; None when the selected sets differ."""
+    if sorted(a.adapters) != sorted(b.adapters):
+        return None
+    wa, wb = a.mixture, b.mixture
+    return max((abs(wa[k] - wb[k]) for k in wa), default=0.0)
+
+
 def main() -> None:
     prompts = hand_written()
+    messages = [[{"role": "user", "content": prompt}] for _, prompt in prompts]
     engines = {
         "float32": LoGoEngine.from_pretrained(),
         "bfloat16 probe": LoGoEngine.from_pretrained(probe_dtype=torch.bfloat16),
     }
     times: dict[str, list[float]] = {name: [] for name in engines}
-    same_top = same_set = 0
-    weight_gap = 0.0
-    on_top = dict.fromkeys(engines, 0)
-    for task, prompt in prompts:
-        chosen = {}
+    alone: dict[str, list[Selection]] = {name: [] for name in engines}
+    for i, message in enumerate(messages):
         order = list(engines.items())
-        for name, engine in order if len(times["float32"]) % 2 else order[::-1]:
+        for name, engine in order if i % 2 else order[::-1]:
             engine.clear_prefix_caches()
             start = time.perf_counter()
-            chosen[name] = engine.route([{"role": "user", "content": prompt}])
+            alone[name].append(engine.route(message))
             times[name].append(time.perf_counter() - start)
-            on_top[name] += task is not None and top(chosen[name]) == task
-        a, b = chosen["float32"], chosen["bfloat16 probe"]
-        same_top += top(a) == top(b)
-        same_set += sorted(a.adapters) == sorted(b.adapters)
-        if sorted(a.adapters) == sorted(b.adapters):
-            wa, wb = a.mixture, b.mixture
-            weight_gap = max([weight_gap, *(abs(wa[k] - wb[k]) for k in wa)])
     n, n_tasks = len(prompts), sum(task is not None for task, _ in prompts)
+    pairs = list(zip(alone["float32"], alone["bfloat16 probe"], strict=True))
+    gaps = [g for g in (weight_gap(a, b) for a, b in pairs) if g is not None]
     print(f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{n} hand-written prompts ({n_tasks} with a task adapter)")
-    print(f"same top adapter: {same_top}/{n}; same selected set: {same_set}/{n}")
-    print(f"largest weight difference where the set is the same: {weight_gap:.4f}")
-    for name in engines:
+    print(
+        f"same top adapter: {sum(top(a) == top(b) for a, b in pairs)}/{n}; "
+        f"same selected set: {len(gaps)}/{n}"
+    )
+    print(f"largest weight difference where the set is the same: {max(gaps):.4f}")
+    for name, engine in engines.items():
+        chosen = zip(prompts, alone[name], strict=True)
+        hits = sum(task is not None and top(s) == task for (task, _), s in chosen)
+        # the same prompts in batches of 8 against alone: does a row's routing depend on its batch?
+        batched: list[Selection] = []
+        for start in range(0, n, BATCH):
+            engine.clear_prefix_caches()
+            batched += engine.route_batch(messages[start : start + BATCH])
+        batch_gaps = [weight_gap(a, b) for a, b in zip(alone[name], batched, strict=True)]
+        same = [g for g in batch_gaps if g is not None]
         print(
-            f"{name:>14}: task adapter on top {on_top[name]}/{n_tasks}, "
-            f"route median {statistics.median(times[name]) * 1000:.0f} ms"
+            f"{name:>14}: task adapter on top {hits}/{n_tasks}, "
+            f"route median {statistics.median(times[name]) * 1000:.0f} ms; in batches of "
+            f"{BATCH}: same set as alone {len(same)}/{n}, largest weight difference "
+            f"{max(same):.2g}"
         )
 
 

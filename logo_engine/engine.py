@@ -106,7 +106,10 @@ class LoGoEngine(BaseEngine):
             under a float32 model probes about twice as fast on AMX CPUs and GPUs and routes
             alike (same top adapter on 234 of 234 hand-written prompts, see docs/benchmarks.md),
             at the cost of a bfloat16 copy of the model (half a float32 model's memory);
-            generation stays in the model's dtype.
+            generation stays in the model's dtype. A bfloat16 probe rounds differently in
+            batches of other shapes: a batched request's weights may differ from its solo ones
+            (by up to 0.06 on the zoo, and near a tie the selected set), where a float32 probe
+            gives the same weights.
 
     Several engines may share one model object (their hooks are shared, see
     :class:`~logo_engine.mixture.HookSet`); :meth:`close` an engine that is no longer needed.

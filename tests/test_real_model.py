@@ -69,6 +69,35 @@ def test_default_routing_weights_the_task_adapter_first(zoo_engine):
     assert sum(v >= 0.5 for v in per_task.values()) >= len(per_task) - 1, per_task
 
 
+# Written by hand for this test: (prompt, the zoo task that covers it).
+BF16_PROMPTS = [
+    ("how far is 26 miles in km?", "unit_conversion"),
+    ("could you flip the order of the words in 'red green blue'", "reverse_words"),
+    ("SELECT the names of customers who spent more than 100, as SQL please", "sql"),
+    ("is this review happy or sad: the food was cold and the waiter rude", "sentiment"),
+    ("which city is the seat of government of Kenya", "capital"),
+    ("put 9, 2, 7 and 4 in ascending order", "sort_numbers"),
+]
+
+
+def test_bfloat16_probe_routes_as_the_float32_probe(zoo_engine):
+    """``probe_dtype=bfloat16`` under the float32 model: same top adapter, weights within 0.1."""
+    import torch
+
+    from logo_engine import LoGoEngine
+
+    fast = LoGoEngine.from_pretrained(progress=False, probe_dtype=torch.bfloat16)
+    try:
+        for prompt, _ in BF16_PROMPTS:
+            want, got = zoo_engine.route(prompt), fast.route(prompt)
+            assert got.adapters[0] == want.adapters[0], (prompt, want.mixture, got.mixture)
+            if got.adapters == want.adapters:
+                assert got.weights == pytest.approx(want.weights, abs=0.1)
+        assert sum(fast.route(p).adapters[0] == t for p, t in BF16_PROMPTS) >= 4
+    finally:
+        fast.close()
+
+
 # Written by hand for this test (not in the benchmark's set): no zoo adapter covers them. An
 # answer is right when it holds one of the keywords (the benchmark's out-of-library rule).
 OUT_OF_LIBRARY = {
