@@ -122,3 +122,26 @@ def test_the_documented_config_file_is_valid():
         build_app({"num_replica": 2})
     strings = build_app({"num_replicas": "2", "max_batch_size": "4", "base_model": "/m"})
     assert strings is not None  # serve run passes key=value arguments as strings
+    assert build_app({"dtype": "bfloat16", "probe_dtype": "bfloat16"}) is not None
+    with pytest.raises(ValueError, match="probe_dtype must be one of"):
+        build_app({"probe_dtype": "int8"})
+
+
+def test_a_replica_takes_dtype_and_probe_dtype(model_dir, adapter_dir):
+    """The deployment's own class, in this process (no Ray): the engine it builds."""
+    import torch
+
+    from logo_engine.serving.ray import LoGoDeployment
+
+    # Ray Serve's ingress wraps the class (its __init__ then needs a replica); the MRO holds ours.
+    ours = LoGoDeployment.func_or_class.__mro__[1]
+    assert ours.__module__ == "logo_engine.serving.ray"
+    replica = ours.__new__(ours)
+    ours.__init__(
+        replica, base_model=str(model_dir), adapters=str(adapter_dir), probe_dtype="bfloat16"
+    )
+    try:
+        assert replica.engine.probe_dtype == torch.bfloat16
+        assert next(replica.engine.model.parameters()).dtype == torch.float32
+    finally:
+        replica.engine.close()

@@ -19,7 +19,8 @@ or from Python::
     serve.run(build_app({"num_replicas": 2}), route_prefix="/")
 
 :func:`build_app` arguments (``serve run`` passes them as strings): ``base_model``,
-``adapters``, ``gguf_file``, ``device``, ``routing`` (RoutingConfig fields), ``api_key``,
+``adapters``, ``gguf_file``, ``device``, ``dtype`` and ``probe_dtype`` (``logo serve``'s
+``--dtype`` and ``--probe-dtype``), ``routing`` (RoutingConfig fields), ``api_key``,
 ``served_model_name``, ``max_batch_size``, ``batch_wait_ms``, and the deployment's
 ``num_replicas``, ``autoscaling_config``, ``ray_actor_options``, ``max_ongoing_requests``, passed
 through to Ray Serve unchanged.
@@ -38,6 +39,7 @@ from ray import serve
 from ray.serve import Application
 
 from logo_engine.base import BaseEngine
+from logo_engine.cli import DTYPES
 from logo_engine.serving.app import ServeConfig, ServerState, create_app
 from logo_engine.serving.batcher import BatchObserver, Job, run_batch
 from logo_engine.types import RoutingConfig
@@ -77,6 +79,8 @@ class LoGoDeployment:
         adapters: str | None = None,
         gguf_file: str | None = None,
         device: str = "cpu",
+        dtype: str = "float32",
+        probe_dtype: str | None = None,
         routing: Mapping[str, Any] | None = None,
         api_key: str | None = None,
         served_model_name: str | None = None,
@@ -85,6 +89,8 @@ class LoGoDeployment:
         backend: str | None = None,
         backend_options: Mapping[str, Any] | None = None,
     ) -> None:
+        import torch
+
         from logo_engine.engine import LoGoEngine
 
         self.engine: BaseEngine = LoGoEngine.from_pretrained(
@@ -92,6 +98,8 @@ class LoGoDeployment:
             adapters=adapters,
             gguf_file=gguf_file,
             device=device,
+            dtype=getattr(torch, _check_dtype("dtype", dtype)),
+            probe_dtype=probe_dtype and _check_dtype("probe_dtype", probe_dtype),
             routing=RoutingConfig(**routing) if routing else None,
             backend=backend,
             backend_options=backend_options,
@@ -170,6 +178,8 @@ _INIT_ARGS = (
     "adapters",
     "gguf_file",
     "device",
+    "dtype",
+    "probe_dtype",
     "routing",
     "api_key",
     "served_model_name",
@@ -194,8 +204,16 @@ _JSON_ARGS = frozenset(
 )
 
 
+def _check_dtype(key: str, value: Any) -> str:
+    if value not in DTYPES:
+        raise ValueError(f"{key} must be one of {list(DTYPES)}, got {value!r}")
+    return str(value)
+
+
 def _parse(key: str, value: Any) -> Any:
     """``serve run`` passes key=value arguments as strings: numbers and objects are JSON."""
+    if key in ("dtype", "probe_dtype") and value is not None:
+        return _check_dtype(key, value)  # refused when the app is built, not in each replica
     if key in _JSON_ARGS and isinstance(value, str):
         try:
             return json.loads(value)
