@@ -76,17 +76,8 @@ def test_probe_scores_match_hooks(engine, adapter_dir, signal, probe_input, laye
     routing = RoutingConfig(top_k=2, signal=signal, probe_input=probe_input, probe_layer=layer)
     selection = engine.route(prompt, routing=routing)
     # oracle: forward hooks on a plain copy of the base model
-    base = tiny.tiny_model()
-    block = base.model.layers[layer]
-    captured = {}
-    if probe_input == "module":
-        block.self_attn.q_proj.register_forward_hook(lambda m, a, o: captured.setdefault("h", a[0]))
-    else:
-        block.register_forward_pre_hook(lambda m, a: captured.setdefault("h", a[0]))
     ids = engine._prepare(prompt, None, None).input_ids
-    with torch.inference_mode():
-        base(input_ids=torch.tensor([ids]))
-    h = captured["h"][0, -1]
+    h = tiny.probed_input(tiny.tiny_model(), ids, layer, probe_input)[-1]
     n_layer = layer % 2
     expected = tiny.hand_scores(
         adapter_dir, ["a", "b", "c"], h, f"model.layers.{n_layer}.self_attn.q_proj", signal
@@ -102,15 +93,8 @@ def test_probe_scores_match_hooks(engine, adapter_dir, signal, probe_input, laye
 def test_probe_mean_tokens_is_mean_of_outputs(engine, adapter_dir):
     prompt = "abc de 123"
     sel = engine.route(prompt, routing=RoutingConfig(top_k=1, probe_tokens="mean"))
-    base = tiny.tiny_model()
-    captured = {}
-    base.model.layers[-1].self_attn.q_proj.register_forward_hook(
-        lambda m, a, o: captured.setdefault("h", a[0])
-    )
     ids = engine._prepare(prompt, None, None).input_ids
-    with torch.inference_mode():
-        base(input_ids=torch.tensor([ids]))
-    h = captured["h"][0].mean(0)
+    h = tiny.probed_input(tiny.tiny_model(), ids, -1, "module").mean(0)
     expected = tiny.hand_scores(
         adapter_dir, ["a", "b", "c"], h, "model.layers.1.self_attn.q_proj", "norm"
     )

@@ -49,19 +49,6 @@ def _logo_hooks(model: torch.nn.Module) -> int:
     )
 
 
-def _oracle_input(model, ids, layer: int, probe_input: str) -> torch.Tensor:
-    """The probed input of ``model`` (transformers' own forward, a plain hook) at every token."""
-    block = model.model.layers[layer]
-    captured = {}
-    if probe_input == "module":
-        block.self_attn.q_proj.register_forward_hook(lambda m, a, o: captured.setdefault("h", a[0]))
-    else:
-        block.register_forward_pre_hook(lambda m, a: captured.setdefault("h", a[0]))
-    with torch.inference_mode():
-        model(input_ids=torch.tensor([ids]))
-    return captured["h"][0]  # (T, in)
-
-
 @pytest.mark.parametrize("signal", ["norm", "entropy"])
 @pytest.mark.parametrize("probe_input", ["module", "residual"])
 @pytest.mark.parametrize("probe_tokens", ["last", "mean"])
@@ -75,7 +62,7 @@ def test_scores_are_those_of_the_model_loaded_in_bfloat16(
     )
     got = bf16_engine.route(prompt, routing=routing)
     ids = bf16_engine._prepare(prompt, None, None).input_ids
-    h = _oracle_input(bf16_oracle, ids, -1, probe_input).float()
+    h = tiny.probed_input(bf16_oracle, ids, -1, probe_input).float()
     h = h[-1] if probe_tokens == "last" else h.mean(0)
     module = "model.layers.1.self_attn.q_proj"
     expected = tiny.hand_scores(adapter_dir, ["a", "b", "c"], h, module, signal)

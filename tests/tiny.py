@@ -297,3 +297,26 @@ def hand_scores(
             p = torch.softmax(o, -1)
             out[name] = float(1 / (-(p * torch.log(p)).sum() + 1e-6))
     return out
+
+
+def probed_input(
+    model: PreTrainedModel, ids: Sequence[int], layer: int, probe_input: str
+) -> torch.Tensor:
+    """The oracle of a probe: ``model``'s own forward, a plain hook; the input at every token.
+
+    ``probe_input`` "module": the input of block ``layer``'s ``q_proj``; "residual": the block's.
+    """
+    block = model.model.layers[layer]
+    captured: dict[str, torch.Tensor] = {}
+    if probe_input == "module":
+        handle = block.self_attn.q_proj.register_forward_hook(
+            lambda m, a, o: captured.setdefault("h", a[0])
+        )
+    else:
+        handle = block.register_forward_pre_hook(lambda m, a: captured.setdefault("h", a[0]))
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([list(ids)]))
+    finally:
+        handle.remove()
+    return captured["h"][0]  # (T, in)
