@@ -75,7 +75,7 @@ class Prober:
 
     ``model`` may be the generating model itself or a copy of it in another dtype
     (:func:`cast_copy`). The prober claims the hooks its passes need on it (block inputs, the
-    probed Linears, packed attention); :meth:`close` releases them.
+    probed Linears, packed attention) in ``hooks``, which its engine removes when it closes.
     """
 
     def __init__(
@@ -90,7 +90,6 @@ class Prober:
         self.layers = layers
         self.cache = cache
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
         self._cache_kwarg = cache_kwarg(model)
         self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         self.hooks = HookSet(model)

@@ -99,7 +99,7 @@ class LoGoDeployment:
             gguf_file=gguf_file,
             device=device,
             dtype=getattr(torch, _check_dtype("dtype", dtype)),
-            probe_dtype=probe_dtype and _check_dtype("probe_dtype", probe_dtype),
+            probe_dtype=None if probe_dtype is None else _check_dtype("probe_dtype", probe_dtype),
             routing=RoutingConfig(**routing) if routing else None,
             backend=backend,
             backend_options=backend_options,
