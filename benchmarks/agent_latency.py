@@ -31,11 +31,14 @@ measures, in one run, variants interleaved, medians over repeats, ratios within 
    top adapter is the turn-2 task's adapter, routed afresh, sticky (margins in ranking-score
    units: z-scores, or tenths of a prototype similarity), with the last-user-turn probe, and
    with both.
+7. ``split``: where the first call with a new user message (call 4) spends its TTFT: probe pass,
+   prompt pass and the rest, for the base model with its prefix cache and the agent
+   configuration with a float32 and a bfloat16 probe (at least 6 repeats).
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python -m benchmarks.agent_latency --quick --repeats 3
         # the measured run: 33 min on 2 shared cores
     HF_HUB_OFFLINE=1 python -m benchmarks.agent_latency           # full run
-    options: --repeats N, --threads N, --only replay outputs budget single langchain sticky,
+    options: --repeats N, --threads N, --only replay outputs budget single langchain sticky split,
     --json FILE, --figures DIR, --doc docs/benchmarks.md (write the tables there),
     --replot FILE (redraw the figure and, with --doc, the tables from a --json file)
 
@@ -747,6 +750,53 @@ def sticky_quality(engine: LoGoEngine, per_task: int, margins: Sequence[float]) 
     }
 
 
+# ---------------------------------------------------------------------------- 7. split
+SPLIT_CALL = 4  # the first call with a new user message
+
+
+def call_split(repeats: int, call: int = SPLIT_CALL) -> dict[str, Any]:
+    """Where one call's TTFT goes: probe pass, prompt pass and the rest (routing, plans, Python).
+
+    The base model with its prefix cache against the agent configuration with a float32 and a
+    bfloat16 probe, each engine replaying the calls before ``call`` first (caches cleared per
+    repeat), the three timed in turn, rotating.
+    """
+    from benchmarks.batcher import engine_phases, phase_seconds
+
+    prompts = turn_prompts()
+    routing = sticky(scoped(load_engine(PrefixCacheConfig.off()).routing))
+    variants = [
+        Variant("base + prefix cache", load_engine(), adapters={}),
+        Variant("agent configuration", load_engine(), routing=routing),
+        Variant("agent configuration, bf16 probe", load_engine(probe_dtype=BF16), routing=routing),
+    ]
+    for v in variants:
+        v.generate("Hello!", 1)
+    times: dict[str, list[tuple[float, float, float]]] = {v.label: [] for v in variants}
+    for rep in range(repeats):
+        for v in variants:
+            v.engine.clear_prefix_caches()
+            for prompt in prompts[: call - 1]:
+                v.generate(prompt, 1)
+        for v in [*variants[rep % 3 :], *variants[: rep % 3]]:
+            with engine_phases() as phases:
+                start = time.perf_counter()
+                v.generate(prompts[call - 1], 1)
+                total = time.perf_counter() - start
+            split = phase_seconds(phases)
+            times[v.label].append((total, split["probe_s"], split["prompt_passes_s"]))
+    rows = {}
+    for label, xs in times.items():
+        total, probe, prompt = (med([x[i] for x in xs]) for i in range(3))
+        rows[label] = {"ttft_s": total, "probe_s": probe, "prefill_s": prompt}
+        rows[label]["other_s"] = total - probe - prompt
+        log(
+            f"  split call {call} {label:32s} TTFT {total * 1e3:5.0f} ms: probe {probe * 1e3:4.0f}"
+            f", prefill {prompt * 1e3:4.0f}, other {(total - probe - prompt) * 1e3:3.0f}"
+        )
+    return {"call": call, "repeats": repeats, "rows": rows}
+
+
 # ---------------------------------------------------------------------------- report
 def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -835,7 +885,8 @@ def markdown(result: dict[str, Any]) -> str:
         out += [
             "",
             f"**Outputs** ({o['n_tokens']} greedy tokens per call, against the uncached engine; "
-            "the sticky variant against the uncached engine pinned to its mixture): "
+            "the sticky and bfloat16-probe variants against the uncached engine pinned to their "
+            "mixtures): "
             + "; ".join(f"{k}: {sum(v)}/{len(v)} identical" for k, v in o["identical"].items()),
         ]
     if "single" in result:
@@ -920,6 +971,28 @@ def markdown(result: dict[str, Any]) -> str:
                 ],
             ),
         ]
+    if "split" in result:
+        sp = result["split"]
+        out += [
+            "",
+            f"**Where call {sp['call']}'s time goes** (the first call with a new user message; "
+            f"median of {sp['repeats']} repeats, engines in turn; ms)",
+            "",
+            md_table(
+                ["variant", "TTFT", "probe pass", "prompt pass", "other", "TTFT / base"],
+                [
+                    [
+                        label,
+                        f"{r['ttft_s'] * 1e3:.0f}",
+                        f"{r['probe_s'] * 1e3:.0f}",
+                        f"{r['prefill_s'] * 1e3:.0f}",
+                        f"{r['other_s'] * 1e3:.0f}",
+                        f"{r['ttft_s'] / sp['rows']['base + prefix cache']['ttft_s']:.2f}",
+                    ]
+                    for label, r in sp["rows"].items()
+                ],
+            ),
+        ]
     return "\n".join(out)
 
 
@@ -948,7 +1021,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         nargs="*",
         default=None,
-        choices=["replay", "outputs", "budget", "single", "langchain", "sticky"],
+        choices=["replay", "outputs", "budget", "single", "langchain", "sticky", "split"],
     )
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
     parser.add_argument("--figures", type=Path, default=Path("docs/figures"))
@@ -978,7 +1051,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return data
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 5)
-    only = set(args.only or ["replay", "outputs", "budget", "single", "langchain", "sticky"])
+    stages = ["replay", "outputs", "budget", "single", "langchain", "sticky", "split"]
+    only = set(args.only or stages)
     result: dict[str, Any] = {
         "date": dt.datetime.now().isoformat(timespec="minutes"),
         "machine": machine(),
@@ -1025,6 +1099,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "sticky" in only:
         log("sticky quality")
         result["sticky"] = sticky_quality(load_engine(), 2 if args.quick else 4, [0.5, 1.0, 2.0])
+        save()
+    if "split" in only:
+        log(f"split of call {SPLIT_CALL}")
+        result["split"] = call_split(max(repeats, 6))
         save()
     if args.doc:
         update_doc(args.doc, markdown(result))
