@@ -173,6 +173,11 @@ class LoGoEngine(BaseEngine):
                 raise InvalidRequestError(
                     "probe_dtype needs a model on one device, not one dispatched by device_map"
                 )
+            if not all(p.is_floating_point() for p in model.parameters()):
+                raise InvalidRequestError(
+                    "probe_dtype needs a model with floating-point weights; this one has "
+                    "quantized ones (probe in the model's own dtype instead)"
+                )
             probe_model = cast_copy(model, self.probe_dtype)
         probe_layers, _ = _decoder_layers(probe_model)
         self._prober = Prober(probe_model, tokenizer, probe_layers, self._probe_cache)

@@ -158,6 +158,16 @@ def test_same_dtype_makes_no_copy(engine, tokenizer, adapter_dir):
     same.close()
 
 
+def test_a_quantized_model_is_refused(tokenizer):
+    model = tiny.tiny_model()
+    weight = model.model.layers[0].mlp.down_proj.weight
+    model.model.layers[0].mlp.down_proj.weight = torch.nn.Parameter(
+        weight.detach().to(torch.int8), requires_grad=False
+    )  # stands in for a quantized layer
+    with pytest.raises(InvalidRequestError, match="quantized"):
+        LoGoEngine(model, tokenizer, probe_dtype=BF16)
+
+
 @pytest.mark.parametrize("bad", ["int8", "nonsense", torch.int64, 16])
 def test_bad_probe_dtype_is_refused(tokenizer, bad):
     with pytest.raises(InvalidRequestError, match="probe_dtype"):
