@@ -166,7 +166,7 @@ class LoGoEngine(BaseEngine):
             logger.info("prefix caches are off: this model's KV cache is not a plain one")
         self._probe_cache = PrefixCache(self.prefix_cache_config.probe_bytes if caches else 0)
         self._prefill_cache = PrefixCache(self.prefix_cache_config.prefill_bytes if caches else 0)
-        self.probe_dtype = _probe_dtype(probe_dtype, self._dtype)
+        self.probe_dtype = _probe_dtype(probe_dtype) or self._dtype
         probe_model = model
         if self.probe_dtype != self._dtype:
             if len(set(getattr(model, "hf_device_map", {}).values())) > 1:
@@ -293,7 +293,7 @@ class LoGoEngine(BaseEngine):
             dtype,
             gguf_file,
             prefix_cache,
-            getattr(torch, probe_dtype, None) if isinstance(probe_dtype, str) else probe_dtype,
+            _probe_dtype(probe_dtype),  # a name and its dtype are one key (checked before a load)
         )
         with cls._shared_lock:
             engine = cls._shared.get(key)
@@ -966,10 +966,10 @@ def _release_freed_memory() -> None:
             pass
 
 
-def _probe_dtype(given: torch.dtype | str | None, model_dtype: torch.dtype) -> torch.dtype:
-    """``probe_dtype=``: a floating torch dtype, or its name ("bfloat16"); None: the model's."""
+def _probe_dtype(given: torch.dtype | str | None) -> torch.dtype | None:
+    """``probe_dtype=``: a floating torch dtype, or its name ("bfloat16"); None stays None."""
     if given is None:
-        return model_dtype
+        return None
     dtype = getattr(torch, given, None) if isinstance(given, str) else given
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InvalidRequestError(
