@@ -764,11 +764,12 @@ def call_split(repeats: int, call: int = SPLIT_CALL) -> dict[str, Any]:
     from benchmarks.batcher import engine_phases, phase_seconds
 
     prompts = turn_prompts()
-    routing = sticky(scoped(load_engine(PrefixCacheConfig.off()).routing))
+    base, agent, agent_bf16 = load_engine(), load_engine(), load_engine(probe_dtype=BF16)
+    routing = sticky(scoped(agent.routing))
     variants = [
-        Variant("base + prefix cache", load_engine(), adapters={}),
-        Variant("agent configuration", load_engine(), routing=routing),
-        Variant("agent configuration, bf16 probe", load_engine(probe_dtype=BF16), routing=routing),
+        Variant("base + prefix cache", base, adapters={}),
+        Variant("agent configuration", agent, routing=routing),
+        Variant("agent configuration, bf16 probe", agent_bf16, routing=routing),
     ]
     for v in variants:
         v.generate("Hello!", 1)
