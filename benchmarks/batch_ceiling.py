@@ -31,7 +31,7 @@ import torch
 from benchmarks.batcher import Phase, engine_phases, phase_seconds
 from benchmarks.serving import WORKLOADS
 from logo_engine import LoGoEngine
-from logo_engine.cli import DTYPES
+from logo_engine.types import DTYPES
 
 
 def split(log: list[Phase]) -> dict[str, float]:

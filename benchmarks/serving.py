@@ -50,7 +50,7 @@ from openai import OpenAI
 
 from benchmarks.zoo.tasks import LIBRARY_TASKS, TASKS
 from logo_engine import LoGoEngine
-from logo_engine.cli import DTYPES
+from logo_engine.types import DTYPES
 
 LEVELS = (1, 4, 8, 16)
 

@@ -23,9 +23,7 @@ from typing import Any
 
 from logo_engine.backends import BACKENDS
 from logo_engine.errors import LoGoError
-from logo_engine.types import SIGNALS, WEIGHTINGS, RoutingConfig, Selection
-
-DTYPES = ("float32", "bfloat16", "float16")  # --dtype: names of torch dtypes
+from logo_engine.types import DTYPES, SIGNALS, WEIGHTINGS, RoutingConfig, Selection, parse_dtype
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -215,7 +213,7 @@ def _engine(args: argparse.Namespace) -> Any:
         adapters=args.adapters,
         gguf_file=args.gguf_file,
         device=device,
-        dtype=getattr(torch, args.dtype),
+        dtype=parse_dtype(args.dtype),
         probe_dtype=args.probe_dtype,
         backend=None if name == "transformers" else name,
         backend_options=options or None,

@@ -70,7 +70,14 @@ from logo_engine.prefix_cache import CacheUse, PrefixCache, PrefixCacheStats, ca
 from logo_engine.probing import Prober, cast_copy
 from logo_engine.routing import check_top_k, score, select
 from logo_engine.sticky import STICKY_SHARE, mixture_key, sticky_selection
-from logo_engine.types import Calibration, PrefixCacheConfig, Prototypes, RoutingConfig, Selection
+from logo_engine.types import (
+    Calibration,
+    PrefixCacheConfig,
+    Prototypes,
+    RoutingConfig,
+    Selection,
+    parse_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +173,7 @@ class LoGoEngine(BaseEngine):
             logger.info("prefix caches are off: this model's KV cache is not a plain one")
         self._probe_cache = PrefixCache(self.prefix_cache_config.probe_bytes if caches else 0)
         self._prefill_cache = PrefixCache(self.prefix_cache_config.prefill_bytes if caches else 0)
-        self.probe_dtype = _probe_dtype(probe_dtype) or self._dtype
+        self.probe_dtype = parse_dtype(probe_dtype, what="probe_dtype") or self._dtype
         probe_model = model
         if self.probe_dtype != self._dtype:
             if len(set(getattr(model, "hf_device_map", {}).values())) > 1:
@@ -293,7 +300,8 @@ class LoGoEngine(BaseEngine):
             dtype,
             gguf_file,
             prefix_cache,
-            _probe_dtype(probe_dtype),  # a name and its dtype are one key (checked before a load)
+            # a name and its dtype are one key; a bad name is refused before the model loads
+            parse_dtype(probe_dtype, what="probe_dtype"),
         )
         with cls._shared_lock:
             engine = cls._shared.get(key)
@@ -964,19 +972,6 @@ def _release_freed_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass
-
-
-def _probe_dtype(given: torch.dtype | str | None) -> torch.dtype | None:
-    """``probe_dtype=``: a floating torch dtype, or its name ("bfloat16"); None stays None."""
-    if given is None:
-        return None
-    dtype = getattr(torch, given, None) if isinstance(given, str) else given
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise InvalidRequestError(
-            f"probe_dtype must be a floating torch dtype or its name (e.g. torch.bfloat16 or "
-            f"'bfloat16'), got {given!r}"
-        )
-    return dtype
 
 
 def _remove_hooks(hook_sets: tuple[HookSet, ...]) -> None:

@@ -27,6 +27,8 @@ Scorer = Callable[["torch.Tensor"], "torch.Tensor"]
 Weighting = Literal["auto", "proportional", "softmax", "uniform"]
 WEIGHTINGS: tuple[str, ...] = ("auto", "proportional", "softmax", "uniform")
 FinishReason = Literal["stop", "length"]
+# The dtype names accepted wherever a dtype is named (engine, CLI, integrations, Ray Serve).
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,30 @@ class RoutingConfig:
                 f"{source}: unknown routing fields {unknown}; known: {sorted(known)}"
             )
         return cls(**data)
+
+
+def check_dtype_name(name: Any, *, what: str = "dtype") -> str:
+    """``name`` if it is one of :data:`DTYPES`; :class:`InvalidRequestError` otherwise.
+
+    Torch-free (remote clients check their settings with it).
+    """
+    if not isinstance(name, str) or name not in DTYPES:
+        raise InvalidRequestError(f"{what} must be one of {list(DTYPES)}, got {name!r}")
+    return name
+
+
+def parse_dtype(given: torch.dtype | str | None, *, what: str = "dtype") -> torch.dtype | None:
+    """A floating torch dtype, given as itself or by a name in :data:`DTYPES`; None stays None."""
+    if given is None:
+        return None
+    import torch
+
+    if isinstance(given, torch.dtype):
+        if not given.is_floating_point:
+            raise InvalidRequestError(f"{what} must be a floating torch dtype, got {given!r}")
+        return given
+    dtype: torch.dtype = getattr(torch, check_dtype_name(given, what=what))
+    return dtype
 
 
 def _finite(value: Any) -> bool:

@@ -29,13 +29,20 @@ from logo_engine.base import BaseEngine, Mixture
 from logo_engine.chat import Prompt, has_chat_template
 from logo_engine.errors import InvalidRequestError
 from logo_engine.selection import pinned_selection
-from logo_engine.types import Generation, RoutingConfig, Selection, ToolCall
+from logo_engine.types import (
+    DTYPES,
+    Generation,
+    RoutingConfig,
+    Selection,
+    ToolCall,
+    check_dtype_name,
+    parse_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
 SELECTION_KEY = "logo_selection"  # where both integrations put a call's Selection (as JSON)
 DEFAULT_MAX_TOKENS = 256  # new tokens per call when max_tokens is None (cut to the context window)
-DTYPES = ("float32", "float16", "bfloat16", "float64")
 # Other names accepted for a setting (constructor or per call) -> the canonical name.
 ALIASES = {"model_name": "model", "base_model": "model", "max_new_tokens": "max_tokens"}
 # Per-call keyword arguments both integrations understand (LangChain adds `model`).
@@ -99,7 +106,7 @@ def build_engine(spec: EngineSpec) -> BaseEngine:
         budget = spec.prefix_cache_bytes
         extra["prefix_cache"] = PrefixCacheConfig(probe_bytes=budget, prefill_bytes=budget)
     if spec.probe_dtype is not None:
-        extra["probe_dtype"] = parse_dtype(spec.probe_dtype)
+        extra["probe_dtype"] = spec.probe_dtype  # a name: the engine parses it
     return LoGoEngine.shared(
         spec.model,
         adapters=spec.adapters,
@@ -108,17 +115,6 @@ def build_engine(spec: EngineSpec) -> BaseEngine:
         gguf_file=spec.gguf_file,
         **extra,
     )
-
-
-def parse_dtype(name: str | None) -> Any:
-    """A dtype name ('bfloat16') as a torch dtype; None stays None (the engine's default)."""
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)} or None, got {name!r}")
-    import torch
-
-    return getattr(torch, name)
 
 
 class EngineSlot:
@@ -334,9 +330,8 @@ class LoGoSettings(BaseModel):
     @field_validator("dtype", "probe_dtype")
     @classmethod
     def _check_dtype(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and value not in DTYPES:
-            name = info.field_name
-            raise ValueError(f"{name} must be one of {list(DTYPES)} or None, got {value!r}")
+        if value is not None:
+            check_dtype_name(value, what=str(info.field_name))
         return value
 
     @property

@@ -169,6 +169,37 @@ def test_bad_probe_dtype_is_refused(tokenizer, bad):
         LoGoEngine(tiny.tiny_model(), tokenizer, probe_dtype=bad)
 
 
+def test_dtype_names_parse_to_their_torch_dtypes_everywhere():
+    """One list of names for the engine, the CLI and the integrations (Ray: tests/test_ray.py)."""
+    from logo_engine.cli import _parser
+    from logo_engine.types import DTYPES, parse_dtype
+    from logo_integrations.langchain import ChatLoGo
+
+    expected = {  # hand-written: the names users type and what torch calls them
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        "float64": torch.float64,
+    }
+    assert set(DTYPES) == set(expected)
+    for name, dtype in expected.items():
+        assert parse_dtype(name) is dtype
+        assert parse_dtype(dtype) is dtype
+        args = _parser().parse_args(["route", "x", "--dtype", name, "--probe-dtype", name])
+        assert (args.dtype, args.probe_dtype) == (name, name)
+        assert ChatLoGo(dtype=name, probe_dtype=name).dtype == name
+    assert parse_dtype(None) is None
+    for bad in ("half", "float", "int8", "Float32"):  # torch aliases are not names we take
+        with pytest.raises(InvalidRequestError, match=r"probe_dtype must be one of \['float32'"):
+            parse_dtype(bad, what="probe_dtype")
+        with pytest.raises(ValueError, match=r"dtype must be one of \['float32'"):
+            ChatLoGo(dtype=bad)
+        with pytest.raises(SystemExit):
+            _parser().parse_args(["route", "x", "--dtype", bad])
+    with pytest.raises(InvalidRequestError, match="floating"):
+        parse_dtype(torch.int8)
+
+
 def test_cli_probe_dtype(adapter_dir, tmp_path, tokenizer):
     from logo_engine.cli import _engine, _parser
 

@@ -39,10 +39,9 @@ from ray import serve
 from ray.serve import Application
 
 from logo_engine.base import BaseEngine
-from logo_engine.cli import DTYPES
 from logo_engine.serving.app import ServeConfig, ServerState, create_app
 from logo_engine.serving.batcher import BatchObserver, Job, run_batch
-from logo_engine.types import RoutingConfig
+from logo_engine.types import RoutingConfig, check_dtype_name, parse_dtype
 
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_BATCH_WAIT_MS = 10.0
@@ -89,8 +88,6 @@ class LoGoDeployment:
         backend: str | None = None,
         backend_options: Mapping[str, Any] | None = None,
     ) -> None:
-        import torch
-
         from logo_engine.engine import LoGoEngine
 
         self.engine: BaseEngine = LoGoEngine.from_pretrained(
@@ -98,8 +95,8 @@ class LoGoDeployment:
             adapters=adapters,
             gguf_file=gguf_file,
             device=device,
-            dtype=getattr(torch, _check_dtype("dtype", dtype)),
-            probe_dtype=None if probe_dtype is None else _check_dtype("probe_dtype", probe_dtype),
+            dtype=parse_dtype(dtype),
+            probe_dtype=parse_dtype(probe_dtype, what="probe_dtype"),
             routing=RoutingConfig(**routing) if routing else None,
             backend=backend,
             backend_options=backend_options,
@@ -204,16 +201,11 @@ _JSON_ARGS = frozenset(
 )
 
 
-def _check_dtype(key: str, value: Any) -> str:
-    if value not in DTYPES:
-        raise ValueError(f"{key} must be one of {list(DTYPES)}, got {value!r}")
-    return str(value)
-
-
 def _parse(key: str, value: Any) -> Any:
     """``serve run`` passes key=value arguments as strings: numbers and objects are JSON."""
     if key in ("dtype", "probe_dtype") and value is not None:
-        return _check_dtype(key, value)  # refused when the app is built, not in each replica
+        # refused when the app is built, not in each replica
+        return check_dtype_name(value, what=key)
     if key in _JSON_ARGS and isinstance(value, str):
         try:
             return json.loads(value)
