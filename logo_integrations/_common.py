@@ -106,7 +106,7 @@ def build_engine(spec: EngineSpec) -> BaseEngine:
         budget = spec.prefix_cache_bytes
         extra["prefix_cache"] = PrefixCacheConfig(probe_bytes=budget, prefill_bytes=budget)
     if spec.probe_dtype is not None:
-        extra["probe_dtype"] = spec.probe_dtype  # a name: the engine parses it
+        extra["probe_dtype"] = parse_dtype(spec.probe_dtype, what="probe_dtype")
     return LoGoEngine.shared(
         spec.model,
         adapters=spec.adapters,
