@@ -76,6 +76,7 @@ MiB = 2**20
 STICKY_MARGIN = 1.0
 MARGIN_UNIT = {"prototype": 0.1}  # any other signal: z-score units (the zoo is calibrated)
 FIGURE = "agent_ttft_per_turn.png"
+STAGES = ("replay", "outputs", "budget", "single", "langchain", "sticky", "split")  # --only
 BF16 = torch.bfloat16  # the probe_dtype of the "bf16 probe" variants (float32 generation)
 
 SYSTEM = (
@@ -1022,7 +1023,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         nargs="*",
         default=None,
-        choices=["replay", "outputs", "budget", "single", "langchain", "sticky", "split"],
+        choices=STAGES,
     )
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
     parser.add_argument("--figures", type=Path, default=Path("docs/figures"))
@@ -1052,8 +1053,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return data
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 5)
-    stages = ["replay", "outputs", "budget", "single", "langchain", "sticky", "split"]
-    only = set(args.only or stages)
+    only = set(args.only or STAGES)
     result: dict[str, Any] = {
         "date": dt.datetime.now().isoformat(timespec="minutes"),
         "machine": machine(),
