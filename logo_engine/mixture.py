@@ -165,12 +165,12 @@ class MixturePlan:
 class _PlanCache:
     """Recently built shared plans, per library, bounded by bytes (LRU); thread-safe.
 
-    Building a plan costs a few torch ops per adapted module (11 ms for the zoo's 60 modules on
-    a 2-core CPU, about 3% of an agent step's time to first token); an agent's steps and the
-    turns of a conversation with a sticky selection reuse one mixture call after call. Plans are
-    never modified once built, so one may serve several calls at once. A library is immutable
-    (the engine swaps in a new one when adapters change), so its plans stay valid while it
-    lives, and go with it.
+    Building a plan costs a few torch ops per adapted module (11 to 16 ms for the zoo's 60
+    modules at 1 thread, about 3% of an agent step's time to first token; docs/benchmarks.md);
+    an agent's steps and the turns of a conversation with a sticky selection reuse one mixture
+    call after call. Plans are never modified once built, so one may serve several calls at
+    once. A library is immutable (the engine swaps in a new one when adapters change), so its
+    plans stay valid while it lives, and go with it.
     """
 
     def __init__(self, budget_bytes: int) -> None:
