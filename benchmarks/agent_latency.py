@@ -38,8 +38,9 @@ measures, in one run, variants interleaved, medians over repeats, ratios within 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python -m benchmarks.agent_latency --quick --repeats 3
         # the measured run: 33 min on 2 shared cores
     HF_HUB_OFFLINE=1 python -m benchmarks.agent_latency           # full run
-    options: --repeats N, --threads N, --only replay outputs budget single langchain sticky split,
-    --json FILE, --figures DIR, --doc docs/benchmarks.md (write the tables there),
+    options: --repeats N, --threads N, --device cuda, --only replay outputs budget single
+    langchain sticky split, --json FILE, --figures DIR, --doc docs/benchmarks.md (write the
+    tables there),
     --replot FILE (redraw the figure and, with --doc, the tables from a --json file)
 
 The last line printed is one JSON object with the headline figures.
@@ -228,12 +229,15 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+DEVICE = "cpu"  # the model's torch device; --device sets it for the whole run
+
+
 def load_engine(
     cache: PrefixCacheConfig | None = None, probe_dtype: torch.dtype | None = None
 ) -> LoGoEngine:
-    """The embedded default model with the shipped zoo (and its calibration)."""
+    """The embedded default model with the shipped zoo (and its calibration), on ``DEVICE``."""
     return LoGoEngine.from_pretrained(
-        prefix_cache=cache or PrefixCacheConfig(), probe_dtype=probe_dtype
+        prefix_cache=cache or PrefixCacheConfig(), probe_dtype=probe_dtype, device=DEVICE
     )
 
 
@@ -1011,7 +1015,10 @@ def update_doc(path: Path, body: str) -> None:
 # ---------------------------------------------------------------------------- main
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+    where = f"{cpu}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+    if torch.device(DEVICE).type == "cuda":
+        where = f"{torch.cuda.get_device_name(torch.device(DEVICE))}; host {where}"
+    return where
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1019,6 +1026,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and prompts")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="the model's torch device (cuda, ...)")
     parser.add_argument(
         "--only",
         nargs="*",
@@ -1051,6 +1059,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.doc:
             update_doc(args.doc, markdown(data))
         return data
+    global DEVICE
+    DEVICE = args.device
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 5)
     only = set(args.only or STAGES)

@@ -44,6 +44,13 @@ MAX_TOKENS = 32
 Phase = tuple[str, int, float]  # ("probe" | "prompt" | "step", rows, seconds)
 
 
+def _done() -> float:
+    """The clock once the accelerator's queued work is done (kernels run asynchronously)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 @contextmanager
 def engine_phases() -> Iterator[list[Phase]]:
     """Every probe pass, prompt pass (packed or not) and decoding step while the block runs."""
@@ -51,23 +58,23 @@ def engine_phases() -> Iterator[list[Phase]]:
     capture, forward = Prober.capture, TransformersDecoder.forward
 
     def timed_capture(self: Prober, ids: Any, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        start = _done()
         try:
             return capture(self, ids, *args, **kwargs)
         finally:
-            log.append(("probe", len(ids), time.perf_counter() - start))
+            log.append(("probe", len(ids), _done() - start))
 
     def timed_forward(
         self: TransformersDecoder, ctx: Any, ids: torch.Tensor, *a: Any, **k: Any
     ) -> Any:
-        start = time.perf_counter()
+        start = _done()
         try:
             return forward(self, ctx, ids, *a, **k)
         finally:
             packed = ctx.packed
             rows = len(packed.bounds) if packed is not None else ids.shape[0]
             step = ids.shape[1] == 1 and packed is None
-            log.append(("step" if step else "prompt", rows, time.perf_counter() - start))
+            log.append(("step" if step else "prompt", rows, _done() - start))
 
     Prober.capture = timed_capture  # type: ignore[method-assign]
     TransformersDecoder.forward = timed_forward  # type: ignore[method-assign]

@@ -19,6 +19,7 @@ real requests do.
     HF_HUB_OFFLINE=1 python -m benchmarks.serving            # full run (R = 2)
     HF_HUB_OFFLINE=1 python -m benchmarks.serving --quick    # R = 1
     HF_HUB_OFFLINE=1 python -m benchmarks.serving --workload open --max-tokens 128
+    HF_HUB_OFFLINE=1 python -m benchmarks.serving --device cuda --dtype bfloat16   # on a GPU
     python -m benchmarks.serving --plot docs/serving_runs/*.json --out docs/figures/serving.png
 
 Two workloads: ``tasks`` (default), the zoo's task prompts, whose answers are short (about a
@@ -126,6 +127,7 @@ def start_server(
     continuous: bool = True,
     dtype: str = "float32",
     probe_dtype: str | None = None,
+    device: str = "cpu",
 ) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable,
@@ -143,6 +145,8 @@ def start_server(
         *([] if continuous else ["--no-continuous-batching"]),
         "--dtype",
         dtype,
+        "--device",
+        device,
         *([] if probe_dtype is None else ["--probe-dtype", probe_dtype]),
     ]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -247,6 +251,9 @@ def main() -> None:
     parser.add_argument(
         "--probe-dtype", choices=DTYPES, help="the probe's dtype, both sides (default: --dtype)"
     )
+    parser.add_argument(
+        "--device", default="cpu", help="the model's torch device, both sides (cuda, ...)"
+    )
     parser.add_argument("--json", help="also write the summary to this file")
     parser.add_argument("--plot", nargs="+", metavar="JSON", help="plot these runs, then exit")
     parser.add_argument("--out", default="serving.png", help="the figure --plot writes")
@@ -264,7 +271,7 @@ def main() -> None:
     pool = WORKLOADS[args.workload](4 + n_overhead + sum(levels_asked) * per_client)
 
     engine = LoGoEngine.from_pretrained(
-        dtype=getattr(torch, args.dtype), probe_dtype=args.probe_dtype
+        dtype=getattr(torch, args.dtype), probe_dtype=args.probe_dtype, device=args.device
     )
     expected: dict[int, str] = {}
     completion_tokens: dict[int, int] = {}
@@ -280,7 +287,13 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(
-        port, max(levels_asked), args.batch_wait_ms, args.continuous, args.dtype, args.probe_dtype
+        port,
+        max(levels_asked),
+        args.batch_wait_ms,
+        args.continuous,
+        args.dtype,
+        args.probe_dtype,
+        args.device,
     )
     client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=3600)
     served = client.models.list().data[0].id
@@ -364,6 +377,7 @@ def main() -> None:
     print(f"answers equal to in-process greedy: {not mismatches} ({len(mismatches)} differ)")
     summary: dict[str, Any] = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+        "device": args.device,
         "model": engine.model_name,
         "workload": args.workload,
         "max_tokens": max_tokens,
