@@ -10,7 +10,8 @@ Every prompt is one neither path has seen (no prefix-cache hits beyond the chat 
 system prompt); greedy.
 
     HF_HUB_OFFLINE=1 python -m benchmarks.served_phases [--clients 8] [--requests-per-client 4]
-        [--workload tasks|open] [--max-tokens 32] [--probe-dtype bfloat16] [--json out.json]
+        [--workload tasks|open] [--max-tokens 32] [--dtype bfloat16] [--probe-dtype bfloat16]
+        [--json out.json]
 
 This tells why a workload gains what it gains from batching: decoding steps batch well (a step
 of 8 rows costs about twice a step of one on 2 cores), while probe and prompt passes are
@@ -66,11 +67,14 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="tasks")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--probe-dtype", choices=DTYPES, help="default: the model's float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the model's dtype")
+    parser.add_argument("--probe-dtype", choices=DTYPES, help="default: --dtype")
     parser.add_argument("--json", help="also write the summary to this file")
     args = parser.parse_args()
     n = args.clients * args.requests_per_client
-    engine = LoGoEngine.from_pretrained(probe_dtype=args.probe_dtype)
+    engine = LoGoEngine.from_pretrained(
+        dtype=getattr(torch, args.dtype), probe_dtype=args.probe_dtype
+    )
     pool = WORKLOADS[args.workload](2 * n + 2)
     alone, served, warm = pool[:n], pool[n : 2 * n], pool[2 * n :]
     engine.generate(warm[0], max_new_tokens=2)
@@ -117,7 +121,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "workload": args.workload,
         "max_tokens": args.max_tokens,
-        "probe_dtype": args.probe_dtype or "float32",
+        "dtype": args.dtype,
+        "probe_dtype": args.probe_dtype or args.dtype,
         "clients": args.clients,
         "requests": n,
         "one_by_one": one_by_one,
