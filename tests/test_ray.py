@@ -113,7 +113,7 @@ def test_the_documented_config_file_is_valid():
     from ray.serve.schema import ServeDeploySchema
 
     config = yaml.safe_load((Path(__file__).parent.parent / "examples/ray_serve.yaml").read_text())
-    ServeDeploySchema.parse_obj(config)
+    ServeDeploySchema.model_validate(config)
     (application,) = config["applications"]
     assert application["import_path"] == "logo_engine.serving.ray:build_app"
     app = build_app(application["args"])  # builds the deployment graph, starts nothing
