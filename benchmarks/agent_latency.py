@@ -38,9 +38,9 @@ measures, in one run, variants interleaved, medians over repeats, ratios within 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python -m benchmarks.agent_latency --quick --repeats 3
         # the measured run: 33 min on 2 shared cores
     HF_HUB_OFFLINE=1 python -m benchmarks.agent_latency           # full run
-    options: --repeats N, --threads N, --device cuda, --only replay outputs budget single
-    langchain sticky split, --json FILE, --figures DIR, --doc docs/benchmarks.md (write the
-    tables there),
+    options: --repeats N, --threads N, --device cuda,
+    --only replay outputs budget single langchain sticky split,
+    --json FILE, --figures DIR, --doc docs/benchmarks.md (write the tables there),
     --replot FILE (redraw the figure and, with --doc, the tables from a --json file)
 
 The last line printed is one JSON object with the headline figures.
