@@ -31,7 +31,7 @@ import torch
 from benchmarks.batcher import Phase, engine_phases, phase_seconds
 from benchmarks.serving import WORKLOADS
 from logo_engine import LoGoEngine
-from logo_engine.types import DTYPES
+from logo_engine.types import DTYPES, parse_dtype
 
 
 def split(log: list[Phase]) -> dict[str, float]:
@@ -48,9 +48,7 @@ def main() -> None:
     parser.add_argument("--probe-dtype", choices=DTYPES, help="default: --dtype")
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="tasks")
     args = parser.parse_args()
-    engine = LoGoEngine.from_pretrained(
-        dtype=getattr(torch, args.dtype), probe_dtype=args.probe_dtype
-    )
+    engine = LoGoEngine.from_pretrained(dtype=parse_dtype(args.dtype), probe_dtype=args.probe_dtype)
     pool = WORKLOADS[args.workload](args.rows)
     engine.generate(pool[0], max_new_tokens=2)  # warm-up
     ratios, bounds, tokens, differ = [], [], [], 0

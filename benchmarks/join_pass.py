@@ -36,7 +36,7 @@ from benchmarks.batcher import engine_phases
 from benchmarks.serving import WORKLOADS
 from logo_engine import LoGoEngine
 from logo_engine.base import RowState, SamplingParams, _Run
-from logo_engine.types import DTYPES
+from logo_engine.types import DTYPES, parse_dtype
 
 MAX_TOKENS = 32
 
@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.running < 1 or args.joining < 1 or args.repeats < 1:
         parser.error("--running, --joining and --repeats take numbers >= 1")
-    engine = LoGoEngine.from_pretrained(dtype=getattr(torch, args.dtype))
+    engine = LoGoEngine.from_pretrained(dtype=parse_dtype(args.dtype))
     per_repeat = args.running + args.joining
     pool = WORKLOADS["tasks"](per_repeat * (args.repeats + 1))
     params = SamplingParams(max_new_tokens=MAX_TOKENS)

@@ -37,7 +37,7 @@ from benchmarks.serving import WORKLOADS
 from logo_engine import LoGoEngine
 from logo_engine.serving.app import ServeConfig
 from logo_engine.serving.server import BackgroundServer
-from logo_engine.types import DTYPES
+from logo_engine.types import DTYPES, parse_dtype
 
 
 def summary(log: list[Phase], wall: float, requests: int) -> dict[str, Any]:
@@ -72,9 +72,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the summary to this file")
     args = parser.parse_args()
     n = args.clients * args.requests_per_client
-    engine = LoGoEngine.from_pretrained(
-        dtype=getattr(torch, args.dtype), probe_dtype=args.probe_dtype
-    )
+    engine = LoGoEngine.from_pretrained(dtype=parse_dtype(args.dtype), probe_dtype=args.probe_dtype)
     pool = WORKLOADS[args.workload](2 * n + 2)
     alone, served, warm = pool[:n], pool[n : 2 * n], pool[2 * n :]
     engine.generate(warm[0], max_new_tokens=2)

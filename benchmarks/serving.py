@@ -51,7 +51,7 @@ from openai import OpenAI
 
 from benchmarks.zoo.tasks import LIBRARY_TASKS, TASKS
 from logo_engine import LoGoEngine
-from logo_engine.types import DTYPES
+from logo_engine.types import DTYPES, parse_dtype
 
 LEVELS = (1, 4, 8, 16)
 
@@ -271,7 +271,7 @@ def main() -> None:
     pool = WORKLOADS[args.workload](4 + n_overhead + sum(levels_asked) * per_client)
 
     engine = LoGoEngine.from_pretrained(
-        dtype=getattr(torch, args.dtype), probe_dtype=args.probe_dtype, device=args.device
+        dtype=parse_dtype(args.dtype), probe_dtype=args.probe_dtype, device=args.device
     )
     expected: dict[int, str] = {}
     completion_tokens: dict[int, int] = {}
