@@ -33,7 +33,8 @@ measures, in one run, variants interleaved, medians over repeats, ratios within 
    with both.
 7. ``split``: where the first call with a new user message (call 4) spends its TTFT: probe pass,
    prompt pass and the rest, for the base model with its prefix cache and the agent
-   configuration with a float32 and a bfloat16 probe (at least 6 repeats).
+   configuration with a float32 and a bfloat16 probe (at least 6 repeats); with
+   ``--compile-probe`` also with a compiled bfloat16 probe (``probe_compile=True``).
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python -m benchmarks.agent_latency --quick --repeats 3
         # the measured run: 33 min on 2 shared cores
@@ -233,11 +234,16 @@ DEVICE = "cpu"  # the model's torch device; --device sets it for the whole run
 
 
 def load_engine(
-    cache: PrefixCacheConfig | None = None, probe_dtype: torch.dtype | None = None
+    cache: PrefixCacheConfig | None = None,
+    probe_dtype: torch.dtype | None = None,
+    probe_compile: bool = False,
 ) -> LoGoEngine:
     """The embedded default model with the shipped zoo (and its calibration), on ``DEVICE``."""
     return LoGoEngine.from_pretrained(
-        prefix_cache=cache or PrefixCacheConfig(), probe_dtype=probe_dtype, device=DEVICE
+        prefix_cache=cache or PrefixCacheConfig(),
+        probe_dtype=probe_dtype,
+        probe_compile=probe_compile,
+        device=DEVICE,
     )
 
 
@@ -757,14 +763,17 @@ def sticky_quality(engine: LoGoEngine, per_task: int, margins: Sequence[float]) 
 
 # ---------------------------------------------------------------------------- 7. split
 SPLIT_CALL = 4  # the first call with a new user message
+COMPILED = "agent configuration, compiled bf16 probe"  # --compile-probe
 
 
-def call_split(repeats: int, call: int = SPLIT_CALL) -> dict[str, Any]:
+def call_split(repeats: int, call: int = SPLIT_CALL, compiled: bool = False) -> dict[str, Any]:
     """Where one call's TTFT goes: probe pass, prompt pass and the rest (routing, plans, Python).
 
     The base model with its prefix cache against the agent configuration with a float32 and a
-    bfloat16 probe, each engine replaying the calls before ``call`` first (caches cleared per
-    repeat), the three timed in turn, rotating.
+    bfloat16 probe (and with ``compiled`` a compiled bfloat16 one, ``probe_compile=True``), each
+    engine replaying the calls before ``call`` first (caches cleared per repeat), timed in turn,
+    rotating. Every engine first answers the calls up to ``call`` once, untimed: for the
+    compiled probe, that is its compilation (its time is recorded as ``warm_up_s``).
     """
     from benchmarks.batcher import engine_phases, phase_seconds
 
@@ -776,29 +785,44 @@ def call_split(repeats: int, call: int = SPLIT_CALL) -> dict[str, Any]:
         Variant("agent configuration", agent, routing=routing),
         Variant("agent configuration, bf16 probe", agent_bf16, routing=routing),
     ]
+    if compiled:
+        engine = load_engine(probe_dtype=BF16, probe_compile=True)
+        variants.append(Variant(COMPILED, engine, routing=routing))
+    warm_up = {}
     for v in variants:
-        v.generate("Hello!", 1)
+        start = time.perf_counter()
+        for prompt in ["Hello!", *prompts[:call]]:
+            v.generate(prompt, 1)
+        v.engine.clear_prefix_caches()
+        v.generate("Hello!", 1)  # a first call over an empty cache after a clear, too
+        warm_up[v.label] = time.perf_counter() - start
     times: dict[str, list[tuple[float, float, float]]] = {v.label: [] for v in variants}
+    mixtures: dict[str, set[tuple[str, ...]]] = {v.label: set() for v in variants}
     for rep in range(repeats):
         for v in variants:
             v.engine.clear_prefix_caches()
             for prompt in prompts[: call - 1]:
                 v.generate(prompt, 1)
-        for v in [*variants[rep % 3 :], *variants[: rep % 3]]:
+        turn = rep % len(variants)
+        for v in [*variants[turn:], *variants[:turn]]:
             with engine_phases() as phases:
                 start = time.perf_counter()
-                v.generate(prompts[call - 1], 1)
+                out = v.generate(prompts[call - 1], 1)
                 total = time.perf_counter() - start
             split = phase_seconds(phases)
             times[v.label].append((total, split["probe_s"], split["prompt_passes_s"]))
+            mixtures[v.label].add(tuple(out.selection.adapters) if out.selection else ())
     rows = {}
     for label, xs in times.items():
         total, probe, prompt = (med([x[i] for x in xs]) for i in range(3))
         rows[label] = {"ttft_s": total, "probe_s": probe, "prefill_s": prompt}
         rows[label]["other_s"] = total - probe - prompt
+        rows[label]["warm_up_s"] = warm_up[label]
+        rows[label]["adapters"] = sorted(mixtures[label])
         log(
             f"  split call {call} {label:32s} TTFT {total * 1e3:5.0f} ms: probe {probe * 1e3:4.0f}"
             f", prefill {prompt * 1e3:4.0f}, other {(total - probe - prompt) * 1e3:3.0f}"
+            f"; warm-up {warm_up[label]:.0f} s; adapters {sorted(mixtures[label])}"
         )
     return {"call": call, "repeats": repeats, "rows": rows}
 
@@ -1033,6 +1057,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         choices=STAGES,
     )
+    parser.add_argument(
+        "--compile-probe",
+        action="store_true",
+        help="split: add the agent configuration with a compiled bfloat16 probe (minutes of "
+        "compilation first)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
     parser.add_argument("--figures", type=Path, default=Path("docs/figures"))
     parser.add_argument(
@@ -1113,7 +1143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         save()
     if "split" in only:
         log(f"split of call {SPLIT_CALL}")
-        result["split"] = call_split(max(repeats, 6))
+        result["split"] = call_split(max(repeats, 6), compiled=args.compile_probe)
         save()
     if args.doc:
         update_doc(args.doc, markdown(result))

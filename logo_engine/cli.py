@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
         help="dtype of the routing probe only (default: --dtype); bfloat16 under a float32 model "
         "probes about twice as fast on AMX CPUs and GPUs, with float32 answers",
     )
+    model.add_argument(
+        "--probe-compile",
+        action="store_true",
+        help="torch.compile the routing probe (Llama-style models): faster probes after minutes "
+        "of compilation at the first requests; for long-running servers",
+    )
     # Generation backends (engine.py's backend= and backend_options=); the probe stays here.
     backend = argparse.ArgumentParser(add_help=False)
     backend.add_argument(
@@ -215,6 +221,7 @@ def _engine(args: argparse.Namespace) -> Any:
         device=device,
         dtype=parse_dtype(args.dtype),
         probe_dtype=args.probe_dtype,
+        probe_compile=args.probe_compile,
         backend=None if name == "transformers" else name,
         backend_options=options or None,
     )

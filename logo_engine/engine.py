@@ -117,6 +117,13 @@ class LoGoEngine(BaseEngine):
             batches of other shapes: a batched request's weights may differ from its solo ones
             (by up to 0.06 on the zoo, and near a tie the selected set), where a float32 probe
             gives the same weights.
+        probe_compile: run the probe as a ``torch.compile``d loop over the decoder's blocks
+            (Llama-style decoders; probe targets q_proj, k_proj, v_proj or the residual stream).
+            On this project's 2-core CPU it took 0.6-0.75x the eager probe's time, after minutes
+            of compilation at the first calls of each shape (empty cache, cached prefix, batch
+            sizes): worth it in a long-lived server or agent, not in a script
+            (docs/benchmarks.md). The prober then runs on a hook-free copy of the model that
+            shares its weights (or the ``probe_dtype`` copy), with rows padded, not packed.
 
     Several engines may share one model object (their hooks are shared, see
     :class:`~logo_engine.mixture.HookSet`); :meth:`close` an engine that is no longer needed.
@@ -141,6 +148,7 @@ class LoGoEngine(BaseEngine):
         backend_options: Mapping[str, Any] | None = None,
         prefix_cache: PrefixCacheConfig | None = None,
         probe_dtype: torch.dtype | str | None = None,
+        probe_compile: bool = False,
     ) -> None:
         self._backend = make_backend(backend, backend_options)
         if adapter_memory_budget is not None and (
@@ -175,19 +183,23 @@ class LoGoEngine(BaseEngine):
         self._prefill_cache = PrefixCache(self.prefix_cache_config.prefill_bytes if caches else 0)
         self.probe_dtype = parse_dtype(probe_dtype, what="probe_dtype") or self._dtype
         probe_model = model
-        if self.probe_dtype != self._dtype:
+        if self.probe_dtype != self._dtype or probe_compile:  # the prober's own, hook-free copy
+            what = "probe_dtype" if self.probe_dtype != self._dtype else "probe_compile"
             if len(set(getattr(model, "hf_device_map", {}).values())) > 1:
                 raise InvalidRequestError(
-                    "probe_dtype needs a model on one device, not one dispatched by device_map"
+                    f"{what} needs a model on one device, not one dispatched by device_map"
                 )
             if not all(p.is_floating_point() for p in model.parameters()):
                 raise InvalidRequestError(
-                    "probe_dtype needs a model with floating-point weights; this one has "
-                    "quantized ones (probe in the model's own dtype instead)"
+                    f"{what} needs a model with floating-point weights; this one has "
+                    "quantized ones (probe in the model's own dtype, uncompiled, instead)"
                 )
-            probe_model = cast_copy(model, self.probe_dtype)
+            probe_model = cast_copy(model, self.probe_dtype)  # same dtype: shares the weights
         probe_layers, _ = _decoder_layers(probe_model)
-        self._prober = Prober(probe_model, tokenizer, probe_layers, self._probe_cache)
+        self.probe_compile = bool(probe_compile)
+        self._prober = Prober(
+            probe_model, tokenizer, probe_layers, self._probe_cache, compiled=self.probe_compile
+        )
         self._library = AdapterLibrary([], dtype=self._dtype, device=self._device)
         self._load_lock = threading.Lock()
         self._weight_norms: dict[str, float] = {}  # ||W||_F per Linear, for check_fits
@@ -230,6 +242,7 @@ class LoGoEngine(BaseEngine):
         backend_options: Mapping[str, Any] | None = None,
         prefix_cache: PrefixCacheConfig | None = None,
         probe_dtype: torch.dtype | str | None = None,
+        probe_compile: bool = False,
     ) -> LoGoEngine:
         """Load a base model and an adapter library.
 
@@ -270,6 +283,7 @@ class LoGoEngine(BaseEngine):
             backend_options=backend_options,
             prefix_cache=prefix_cache,
             probe_dtype=probe_dtype,
+            probe_compile=probe_compile,
         )
         if library_dir is not None:
             engine.load_calibrations(library_dir / CALIBRATION_NAME, missing_ok=True)
@@ -287,6 +301,7 @@ class LoGoEngine(BaseEngine):
         gguf_file: str | None = None,
         prefix_cache: PrefixCacheConfig | None = None,
         probe_dtype: torch.dtype | str | None = None,
+        probe_compile: bool = False,
     ) -> LoGoEngine:
         """A process-wide engine for these arguments, loaded on first use and reused after.
 
@@ -302,6 +317,7 @@ class LoGoEngine(BaseEngine):
             prefix_cache,
             # a name and its dtype are one key; a bad name is refused before the model loads
             parse_dtype(probe_dtype, what="probe_dtype"),
+            bool(probe_compile),
         )
         with cls._shared_lock:
             engine = cls._shared.get(key)
@@ -315,6 +331,7 @@ class LoGoEngine(BaseEngine):
                     gguf_file=gguf_file,
                     prefix_cache=prefix_cache,
                     probe_dtype=probe_dtype,
+                    probe_compile=probe_compile,
                 )
                 cls._shared[key] = engine
             return engine
@@ -909,6 +926,7 @@ class LoGoEngine(BaseEngine):
                 f"{suffix!r}, which reads width {width}; probe a module that reads the residual "
                 "stream (q_proj, k_proj, v_proj, gate_proj, up_proj) or use probe_input='module'"
             )
+        self._prober.check_target(layer, module, routing.probe_input)
         return layer, module
 
 

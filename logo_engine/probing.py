@@ -12,12 +12,23 @@ The probe may run in a lower precision than generation (``LoGoEngine(probe_dtype
 prober then holds its own copy of the model in that dtype (:func:`cast_copy`), with its own
 hooks, and only the probed states come back in the model's dtype for scoring. On AMX CPUs and
 GPUs a bfloat16 probe takes about half the time of a float32 one (docs/benchmarks.md).
+
+The probe may also be compiled (``LoGoEngine(probe_compile=True)``). The hooked pass cannot be:
+it stops the model's forward with an exception raised in a hook, and its hooks read the call's
+context from a ``ContextVar``, and ``torch.compile`` breaks its graph at both, in every block.
+A compiled prober runs :class:`BlockLoop` instead: the same modules (embedding, rotary
+embedding, causal mask, the blocks below the probed one, then the probed block's input norm)
+called by a loop of its own on a hook-free copy of the model, which compiles to one graph. It
+applies to Llama-style decoders (checked against transformers' own hidden states when built)
+and to the probe targets that read a block's input: ``q_proj``, ``k_proj``, ``v_proj`` or the
+residual stream.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Hashable, Sequence
+import logging
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +37,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from logo_engine.decoding import cache_kwarg
-from logo_engine.errors import GenerationError
+from logo_engine.errors import GenerationError, InvalidRequestError, RoutingConfigError
 from logo_engine.mixture import ForwardContext, HookSet, ProbeDone, forward_context, strip_hooks
 from logo_engine.packing import PackedPass, packs_rows
 from logo_engine.prefix_cache import (
@@ -37,6 +48,8 @@ from logo_engine.prefix_cache import (
     prefix_batch,
     row_kv,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,12 +83,159 @@ def cast_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
     return clone.eval()
 
 
+def compile_probe(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """How ``probe_compile=True`` compiles :class:`BlockLoop`'s pass (tests swap in ``fn``)."""
+    return torch.compile(fn, dynamic=True)
+
+
+class BlockLoop:
+    """A hook-free probe pass over a Llama-style decoder's blocks, compiled (see the module).
+
+    ``model`` must carry no LoGo hook (a :func:`cast_copy`). Built only if the model is one this
+    loop reproduces: a decoder (``get_decoder()``) with ``embed_tokens``, ``rotary_emb`` and
+    blocks that take the block input through ``input_layernorm`` into ``self_attn``, with full
+    causal attention in every block; the loop's block inputs are then checked against the ones
+    transformers returns (``output_hidden_states``) on a few tokens. Otherwise
+    :class:`InvalidRequestError` says what is missing.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        layers: nn.ModuleList,
+        compiler: Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]],
+    ) -> None:
+        get_decoder = getattr(model, "get_decoder", None)
+        decoder = get_decoder() if callable(get_decoder) else None
+        missing = [
+            what
+            for what, ok in (
+                ("get_decoder()", decoder is not None),
+                ("embed_tokens", hasattr(decoder, "embed_tokens")),
+                ("rotary_emb", hasattr(decoder, "rotary_emb")),
+                ("blocks under decoder.layers", getattr(decoder, "layers", None) is layers),
+                (
+                    "input_layernorm and self_attn in every block",
+                    all(hasattr(b, "input_layernorm") and hasattr(b, "self_attn") for b in layers),
+                ),
+            )
+            if not ok
+        ]
+        kinds = set(getattr(model.config, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            missing.append(f"full attention in every block (this model has {sorted(kinds)})")
+        if missing:
+            raise InvalidRequestError(
+                f"probe_compile=True runs the probe as a loop over a Llama-style decoder's "
+                f"blocks; {type(model).__name__} lacks: {', '.join(missing)}"
+            )
+        if getattr(model.config, "_attn_implementation", None) not in ("sdpa", "eager"):
+            model.set_attn_implementation("sdpa")  # packed attention reads the call's context
+        self.model = model
+        self.layers = layers
+        self._decoder: Any = decoder
+        self._check()
+        self._pass = compiler(self._blocks)
+
+    def supports(self, layer: int, module: nn.Module | None) -> bool:
+        """Whether the loop reads ``module``'s input in block ``layer`` (None: block input)."""
+        if module is None:
+            return True
+        attention = self.layers[layer].self_attn
+        return any(getattr(attention, n, None) is module for n in ("q_proj", "k_proj", "v_proj"))
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any,
+        *,
+        layer: int,
+        norm: bool,
+    ) -> torch.Tensor:
+        """Block ``layer``'s input (normed by its ``input_layernorm`` if ``norm``) at every token.
+
+        ``cache`` (a ``DynamicCache``) holds the prefix's keys and values and takes the new ones
+        of blocks 0..layer-1, as the hooked pass leaves it.
+        """
+        try:
+            with torch.inference_mode():
+                return self._pass(input_ids, mask, positions, cache, layer, norm)
+        except Exception as exc:
+            raise GenerationError(f"the compiled probe failed: {exc!r}") from exc
+
+    def _blocks(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any,
+        layer: int,
+        norm: bool,
+    ) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        decoder = self._decoder
+        h = decoder.embed_tokens(input_ids)
+        causal = create_causal_mask(
+            config=self.model.config,
+            inputs_embeds=h,
+            attention_mask=mask,
+            cache=cache,
+            position_ids=positions,
+        )
+        rotary = decoder.rotary_emb(h, position_ids=positions)
+        for block in self.layers[:layer]:
+            h = block(
+                h,
+                attention_mask=causal,
+                position_ids=positions,
+                cache=cache,
+                use_cache=cache is not None,
+                position_embeddings=rotary,
+            )
+        norm_in: Any = self.layers[layer].input_layernorm
+        return norm_in(h) if norm else h
+
+    def _check(self) -> None:
+        """Refuse a model whose block inputs this loop does not reproduce (8 tokens, eagerly).
+
+        The reference is the model's own forward, read by a plain hook on its last block
+        (not ``output_hidden_states``: that installs hooks of transformers' own which read a
+        ``ContextVar`` at every block, and so break the compiled graph).
+        """
+        n = len(self.layers)
+        device = next(self.model.parameters()).device
+        ids = torch.arange(1, 9, device=device).unsqueeze(0) % self.model.config.vocab_size
+        mask, positions = torch.ones_like(ids), torch.arange(8, device=device).unsqueeze(0)
+        seen: list[torch.Tensor] = []
+        handle = self.layers[n - 1].register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True,
+        )
+        try:
+            with torch.inference_mode():
+                ours = self._blocks(ids, mask, positions, None, n - 1, False)
+                self.model(input_ids=ids, attention_mask=mask)
+        finally:
+            handle.remove()
+        if not seen or not torch.allclose(ours.float(), seen[0].float(), rtol=1e-3, atol=1e-3):
+            raise InvalidRequestError(
+                f"probe_compile=True runs the probe as a loop over the decoder's blocks, and on "
+                f"{type(self.model).__name__} that loop does not reproduce the model's own block "
+                "inputs; probe without probe_compile"
+            )
+
+
 class Prober:
     """Runs probe passes on one model, through a probe prefix cache.
 
     ``model`` may be the generating model itself or a copy of it in another dtype
     (:func:`cast_copy`). The prober claims the hooks its passes need on it (block inputs, the
     probed Linears, packed attention) in ``hooks``, which its engine removes when it closes.
+    ``compiled``: ``model`` is a hook-free copy and every pass runs a compiled
+    :class:`BlockLoop` (no hook is claimed; rows are padded, not packed).
     """
 
     def __init__(
@@ -84,6 +244,8 @@ class Prober:
         tokenizer: PreTrainedTokenizerBase,
         layers: nn.ModuleList,
         cache: PrefixCache,
+        *,
+        compiled: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -93,12 +255,25 @@ class Prober:
         self._cache_kwarg = cache_kwarg(model)
         self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         self.hooks = HookSet(model)
-        self.hooks.attach_layers(layers)
-        self.hooks.attach_packing(model)
+        self.loop = BlockLoop(model, layers, compile_probe) if compiled else None
+        if self.loop is None:
+            self.hooks.attach_layers(layers)
+            self.hooks.attach_packing(model)
 
     def attach(self, modules: Sequence[str]) -> None:
         """Hook the Linears ``modules`` (full names) so that a probe can stop at any of them."""
-        self.hooks.attach_linears(self._linears, modules)
+        if self.loop is None:
+            self.hooks.attach_linears(self._linears, modules)
+
+    def check_target(self, layer: int, module: str, probe_input: str) -> None:
+        """Refuse a probe target a compiled prober cannot read (see :class:`BlockLoop`)."""
+        target = None if probe_input == "residual" else self._linears[module]
+        if self.loop is not None and not self.loop.supports(layer, target):
+            raise RoutingConfigError(
+                f"probe_compile=True probes the input of a block: probe_module 'q_proj', "
+                f"'k_proj' or 'v_proj', or probe_input='residual'; {module!r} reads another "
+                "tensor (route with one of those, or use an engine without probe_compile)"
+            )
 
     def capture(
         self,
@@ -136,7 +311,9 @@ class Prober:
         todo = [i for i, r in enumerate(rows) if r is None]
         if todo:
             todo_ids, todo_hits = [ids[i] for i in todo], [hits[i] for i in todo]
-            ran = self._run(ctx, module, todo_ids, todo_hits, space, epoch)
+            if self.loop is not None:
+                self.check_target(layer, module, probe_input)
+            ran = self._run(ctx, module, todo_ids, todo_hits, space, epoch, layer=layer)
             for i, (row_captured, n) in zip(todo, ran, strict=True):
                 rows[i], reused[i] = row_captured, n
         width = max(len(r) for r in ids)
@@ -159,12 +336,14 @@ class Prober:
         hits: Sequence[PrefixHit | None],
         space: Hashable | None,
         epoch: int,
+        *,
+        layer: int,
     ) -> list[tuple[torch.Tensor, int]]:
         """Probe ``ids`` over their cached prefixes and store them; per row (captured, reused).
 
         ``space`` None: store nothing (an uncached probe).
         """
-        if packs_rows(self.model, len(ids)):
+        if self.loop is None and packs_rows(self.model, len(ids)):
             return self._run_packed(ctx, module, ids, hits, space, epoch)
         batch = prefix_batch(
             ids,
@@ -173,9 +352,15 @@ class Prober:
             config=self.model.config,
             device=self.device,
         )
-        new = self._forward(  # (b, N, in): the probed input at the new tokens only
-            ctx, module, batch.input_ids, batch.mask, batch.positions, batch.cache
-        )
+        if self.loop is not None:  # (b, N, in): the probed input at the new tokens only
+            norm = ctx.probe_layer is None  # a Linear reads the block's normed input
+            new = self.loop(
+                batch.input_ids, batch.mask, batch.positions, batch.cache, layer=layer, norm=norm
+            )
+        else:
+            new = self._forward(
+                ctx, module, batch.input_ids, batch.mask, batch.positions, batch.cache
+            )
         out = []
         with torch.inference_mode():
             depth = filled_depth(batch.cache, batch.mask.shape[1])  # blocks the pass ran

@@ -665,6 +665,9 @@ def test_construction_loads_nothing(monkeypatch):
 
     ChatLoGo(model="some/model", probe_dtype="bfloat16").invoke("hi")
     assert loads[-1][1]["probe_dtype"] is torch.bfloat16
+    assert "probe_compile" not in loads[-1][1]
+    ChatLoGo(model="some/model", probe_compile=True).invoke("hi")
+    assert loads[-1][1]["probe_compile"] is True
 
 
 def test_model_override_needs_a_loadable_model(llm):

@@ -234,6 +234,8 @@ def test_engine_is_loaded_lazily_through_shared_without_routing_in_the_key(monke
     assert loader.calls == [expected, expected]  # LoGoEngine.shared caches by these alone
     LoGoLLM(model="some/dir", probe_dtype="bfloat16").complete("x")
     assert loader.calls[-1][1]["probe_dtype"] is torch.bfloat16
+    LoGoLLM(model="some/dir", probe_compile=True).complete("x")
+    assert loader.calls[-1][1]["probe_compile"] is True
 
 
 def test_metadata_and_payload_never_load_the_model(monkeypatch, tmp_path):

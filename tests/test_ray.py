@@ -125,6 +125,9 @@ def test_the_documented_config_file_is_valid():
     assert build_app({"dtype": "bfloat16", "probe_dtype": "bfloat16"}) is not None
     with pytest.raises(ValueError, match="probe_dtype must be one of"):
         build_app({"probe_dtype": "int8"})
+    assert build_app({"probe_compile": "true"}) is not None  # serve run passes strings
+    with pytest.raises(ValueError, match="probe_compile must be true or false"):
+        build_app({"probe_compile": "yes"})
 
 
 def test_a_replica_takes_dtype_and_probe_dtype(model_dir, adapter_dir):
@@ -143,5 +146,11 @@ def test_a_replica_takes_dtype_and_probe_dtype(model_dir, adapter_dir):
     try:
         assert replica.engine.probe_dtype == torch.bfloat16
         assert next(replica.engine.model.parameters()).dtype == torch.float32
+        assert replica.engine.probe_compile is False
+    finally:
+        replica.engine.close()
+    ours.__init__(replica, base_model=str(model_dir), adapters=str(adapter_dir), probe_compile=True)
+    try:
+        assert replica.engine.probe_compile is True
     finally:
         replica.engine.close()

@@ -19,11 +19,11 @@ or from Python::
     serve.run(build_app({"num_replicas": 2}), route_prefix="/")
 
 :func:`build_app` arguments (``serve run`` passes them as strings): ``base_model``,
-``adapters``, ``gguf_file``, ``device``, ``dtype`` and ``probe_dtype`` (``logo serve``'s
-``--dtype`` and ``--probe-dtype``), ``routing`` (RoutingConfig fields), ``api_key``,
-``served_model_name``, ``max_batch_size``, ``batch_wait_ms``, and the deployment's
-``num_replicas``, ``autoscaling_config``, ``ray_actor_options``, ``max_ongoing_requests``, passed
-through to Ray Serve unchanged.
+``adapters``, ``gguf_file``, ``device``, ``dtype``, ``probe_dtype`` and ``probe_compile``
+(``logo serve``'s ``--dtype``, ``--probe-dtype`` and ``--probe-compile``), ``routing``
+(RoutingConfig fields), ``api_key``, ``served_model_name``, ``max_batch_size``,
+``batch_wait_ms``, and the deployment's ``num_replicas``, ``autoscaling_config``,
+``ray_actor_options``, ``max_ongoing_requests``, passed through to Ray Serve unchanged.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class LoGoDeployment:
         device: str = "cpu",
         dtype: str = "float32",
         probe_dtype: str | None = None,
+        probe_compile: bool = False,
         routing: Mapping[str, Any] | None = None,
         api_key: str | None = None,
         served_model_name: str | None = None,
@@ -97,6 +98,7 @@ class LoGoDeployment:
             device=device,
             dtype=parse_dtype(dtype),
             probe_dtype=parse_dtype(probe_dtype, what="probe_dtype"),
+            probe_compile=probe_compile,
             routing=RoutingConfig(**routing) if routing else None,
             backend=backend,
             backend_options=backend_options,
@@ -177,6 +179,7 @@ _INIT_ARGS = (
     "device",
     "dtype",
     "probe_dtype",
+    "probe_compile",
     "routing",
     "api_key",
     "served_model_name",
@@ -206,6 +209,12 @@ def _parse(key: str, value: Any) -> Any:
     if key in ("dtype", "probe_dtype") and value is not None:
         # refused when the app is built, not in each replica
         return check_dtype_name(value, what=key)
+    if key == "probe_compile":
+        if isinstance(value, str):
+            value = {"true": True, "false": False}.get(value.strip().lower(), value)
+        if not isinstance(value, bool):
+            raise ValueError(f"probe_compile must be true or false, got {value!r}")
+        return value
     if key in _JSON_ARGS and isinstance(value, str):
         try:
             return json.loads(value)
