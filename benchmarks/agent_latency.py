@@ -10,8 +10,10 @@ measures, in one run, variants interleaved, medians over repeats, ratios within 
    (the engine's default routing: zoo calibration, k = 3) without caches, with the caches, with
    the caches and sticky routing, with the caches and ``probe_scope="last_user_turn"`` (with and
    without sticky), routed k = 1 with the caches, and the default and the agent configuration
-   with a bfloat16 probe (``probe_dtype``). Each variant with caches has its own
-   engine. Cache sizes are recorded after every call (the memory bound).
+   with a bfloat16 probe (``probe_dtype``); with ``--compile-probe`` also the agent
+   configuration with a compiled bfloat16 probe (``probe_compile=True``, compiled first by
+   ``engine.warm_up()``). Each variant with caches has its own engine. Cache sizes are recorded
+   after every call (the memory bound).
 2. ``outputs``: 32 greedy tokens per call, cached against uncached; a sticky call against the
    uncached engine pinned to the sticky selection (the cache is exact; stickiness changes the
    mixture, not the arithmetic), as is a bfloat16-probe call (its probe may choose otherwise).
@@ -39,7 +41,7 @@ measures, in one run, variants interleaved, medians over repeats, ratios within 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python -m benchmarks.agent_latency --quick --repeats 3
         # the measured run: 33 min on 2 shared cores
     HF_HUB_OFFLINE=1 python -m benchmarks.agent_latency           # full run
-    options: --repeats N, --threads N, --device cuda,
+    options: --repeats N, --threads N, --device cuda, --compile-probe,
     --only replay outputs budget single langchain sticky split,
     --json FILE, --figures DIR, --doc docs/benchmarks.md (write the tables there),
     --replot FILE (redraw the figure and, with --doc, the tables from a --json file)
@@ -267,11 +269,22 @@ def cache_bytes(engine: LoGoEngine) -> dict[str, int]:
     return {name: s.bytes for name, s in stats.items()}
 
 
-def make_variants(budget: PrefixCacheConfig | None = None) -> list[Variant]:
-    """Each variant with caches gets its own engine: their caches must not see each other."""
+def make_variants(budget: PrefixCacheConfig | None = None, compiled: bool = False) -> list[Variant]:
+    """Each variant with caches gets its own engine: their caches must not see each other.
+
+    ``compiled``: also the agent configuration with a compiled bfloat16 probe, compiled here
+    (``engine.warm_up()``, minutes).
+    """
     log("loading nine engines (one model copy each)")
     off = load_engine(PrefixCacheConfig.off())
     default = off.routing
+    extra = []
+    if compiled:
+        engine = load_engine(budget, BF16, probe_compile=True)
+        start = time.perf_counter()
+        engine.warm_up(sticky(scoped(default)))
+        log(f"compiled the probe in {time.perf_counter() - start:.0f} s")
+        extra.append(Variant(COMPILED_REPLAY, engine, routing=sticky(scoped(default))))
     return [
         Variant("base, uncached", off, adapters={}),
         Variant("base + prefix cache", load_engine(budget), adapters={}),
@@ -295,6 +308,7 @@ def make_variants(budget: PrefixCacheConfig | None = None) -> list[Variant]:
             load_engine(budget, BF16),
             routing=sticky(scoped(default)),
         ),
+        *extra,
     ]
 
 
@@ -317,6 +331,7 @@ ROUTED_CACHED = (
     "LoGo + caches, bf16 probe",
     "LoGo + caches, last-user-turn probe + sticky, bf16 probe",
 )
+COMPILED_REPLAY = "LoGo + caches, last-user-turn probe + sticky, compiled bf16 probe"
 
 
 # ---------------------------------------------------------------------------- 1. replay
@@ -399,6 +414,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         "LoGo k=1 + caches": ("tab:olive", "v", "--"),
         "LoGo + caches, bf16 probe": ("tab:brown", "s", ":"),
         "LoGo + caches, last-user-turn probe + sticky, bf16 probe": ("tab:pink", "X", ":"),
+        COMPILED_REPLAY: ("black", "*", "-."),
         "base, uncached": ("tab:gray", "o", ":"),
         "base + prefix cache": ("tab:blue", "D", "--"),
     }
@@ -1060,8 +1076,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile-probe",
         action="store_true",
-        help="split: add the agent configuration with a compiled bfloat16 probe (minutes of "
-        "compilation first)",
+        help="add the agent configuration with a compiled bfloat16 probe to the replay, outputs, "
+        "single, langchain and split stages (minutes of compilation first)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
     parser.add_argument("--figures", type=Path, default=Path("docs/figures"))
@@ -1105,7 +1121,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.json:
             args.json.write_text(json.dumps(result, indent=1, default=str))
 
-    variants = make_variants() if only & {"replay", "outputs", "single", "langchain"} else []
+    stages = {"replay", "outputs", "single", "langchain"}
+    variants = make_variants(compiled=args.compile_probe) if only & stages else []
     if variants:
         result["prompt_tokens"] = [
             variants[0].engine.count_tokens(p, tools=TOOLS) for p in turn_prompts()
@@ -1115,7 +1132,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log("replay")
         result["replay"] = replay(variants, repeats)
         result["replay"]["ratios"] = {
-            label: ratios(result["replay"], label) for label in ROUTED_CACHED
+            label: ratios(result["replay"], label)
+            for label in (*ROUTED_CACHED, COMPILED_REPLAY)
+            if label in result["replay"]["rows"]
         }
         args.figures.mkdir(parents=True, exist_ok=True)
         plot(result["replay"], args.figures / FIGURE)

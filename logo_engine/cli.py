@@ -191,6 +191,7 @@ def _serve(args: argparse.Namespace) -> int:
         routing = _routing(engine, args)  # the server's routing defaults: flags over the library's
         engine._validate_routing(routing)
         engine.routing = routing
+        engine.warm_up()  # --probe-compile: compile now, while /healthz says "loading"
         return engine
 
     return serve(load, config, host=args.host, port=args.port, log_level=args.log_level)

@@ -405,6 +405,25 @@ class LoGoEngine(BaseEngine):
         self._probe_cache.invalidate()
         self._prefill_cache.invalidate()
 
+    def warm_up(self, routing: RoutingConfig | None = None) -> None:
+        """Compile the probe for ``routing``'s probe target (default: the engine's) now.
+
+        With ``probe_compile=True`` the probe compiles at the first calls of each shape (one row
+        or several, over an empty or a cached prefix): minutes on a CPU. A server or an agent
+        calls this before taking requests (``logo serve --probe-compile`` does, while its
+        ``/healthz`` answers 503). The prefix caches are left as they were. Without
+        ``probe_compile``, or with no adapters to route to, there is nothing to do.
+        """
+        self._check_open()
+        library = self._library
+        if not self.probe_compile or len(library) == 0:
+            return
+        routing = self._routing(routing)
+        layer, module = self._probe_target(routing, library)
+        start = time.perf_counter()
+        self._prober.warm_up(layer, module, routing.probe_input)
+        logger.info("compiled the probe in %.0f s", time.perf_counter() - start)
+
     def prefix_cache_stats(self) -> dict[str, PrefixCacheStats]:
         """Size and counters of the prefix caches: ``{"probe": ..., "prefill": ...}``."""
         return {"probe": self._probe_cache.stats(), "prefill": self._prefill_cache.stats()}

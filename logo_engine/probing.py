@@ -137,6 +137,20 @@ class BlockLoop:
         self._check()
         self._pass = compiler(self._blocks)
 
+    @staticmethod
+    def fit(hit: PrefixHit | None, n_tokens: int) -> PrefixHit | None:
+        """``hit`` trimmed to the shapes :meth:`Prober.warm_up` compiles for.
+
+        A compiled graph specializes a size of 1 (a batch of one row, one cached token, one new
+        token): each such shape would compile anew, for minutes, in the middle of serving. So a
+        partial hit keeps at least 2 cached and 2 new tokens, or is dropped; a whole-prompt hit
+        runs nothing and is kept.
+        """
+        if hit is None or hit.length == n_tokens:
+            return hit
+        length = min(hit.length, n_tokens - 2)
+        return PrefixHit(hit.entry, length) if length >= 2 else None
+
     def supports(self, layer: int, module: nn.Module | None) -> bool:
         """Whether the loop reads ``module``'s input in block ``layer`` (None: block input)."""
         if module is None:
@@ -228,6 +242,27 @@ class BlockLoop:
             )
 
 
+@dataclass(frozen=True)
+class _Store:
+    """Where a probe pass stores its rows: a cache, the probe setting's space, the epoch read."""
+
+    cache: PrefixCache
+    space: Hashable
+    epoch: int
+
+    def put(
+        self,
+        row: Sequence[int],
+        keys: tuple[torch.Tensor, ...],
+        values: tuple[torch.Tensor, ...],
+        captured: torch.Tensor,
+    ) -> None:
+        entry = PrefixEntry(
+            tokens=torch.tensor(row, dtype=torch.long), keys=keys, values=values, captured=captured
+        )
+        self.cache.insert(self.space, entry, epoch=self.epoch)
+
+
 class Prober:
     """Runs probe passes on one model, through a probe prefix cache.
 
@@ -275,6 +310,29 @@ class Prober:
                 "tensor (route with one of those, or use an engine without probe_compile)"
             )
 
+    def warm_up(self, layer: int, module: str, probe_input: str) -> None:
+        """Compile the loop for this probe target now rather than at the first calls.
+
+        Runs each shape class a call meets (one row and two rows, over an empty and over a cached
+        prefix) on made-up tokens, through a cache of its own: the prober's cache is untouched.
+        No-op for a prober that is not compiled.
+        """
+        if self.loop is None:
+            return
+        self.check_target(layer, module, probe_input)
+        vocab = int(self.model.config.vocab_size)
+        for n_rows in (1, 2):
+            scratch = PrefixCache(2**26)  # its own per batch size: no row is found cached
+            # unequal rows (padding), and no two sizes alike: compiling with sizes that happen
+            # to be equal would specialize the graph to them
+            lengths = [27 + 4 * i for i in range(n_rows)]
+            rows = [[(11 * i + 7 * j + 3) % vocab for j in range(n)] for i, n in enumerate(lengths)]
+            for cut in (10, None):  # a first pass, then one extending it
+                ids = [row[:cut] for row in rows]
+                self.capture(
+                    ids, layer=layer, module=module, probe_input=probe_input, cache=scratch
+                )
+
     def capture(
         self,
         ids: Sequence[Sequence[int]],
@@ -283,27 +341,32 @@ class Prober:
         module: str,
         probe_input: str,
         use_cache: bool = True,
+        cache: PrefixCache | None = None,
     ) -> ProbeCapture:
         """The probed input at every prompt token of every row.
 
         A row whose every token is cached (a repeat, or the start of a longer cached prompt)
         runs nothing: the probed input at token j depends on tokens 0..j only. The other rows
         run their new tokens in one pass, and are stored. ``use_cache=False`` neither reads
-        nor stores (calibration's many one-off prompts would only evict conversations).
+        nor stores (calibration's many one-off prompts would only evict conversations);
+        ``cache`` replaces the prober's own cache for this call (:meth:`warm_up`).
         """
+        cache = self.cache if cache is None else cache
         ctx = ForwardContext()
         if probe_input == "residual":
             ctx.probe_layer = self.layers[layer]
         else:
             ctx.probe_module = module
-        epoch = self.cache.epoch
+        epoch = cache.epoch
         rows: list[torch.Tensor | None] = [None] * len(ids)  # per row: (len(row), in)
         reused = [0] * len(ids)
         space: Hashable | None = None  # None: neither read nor store
         hits: list[PrefixHit | None] = [None] * len(ids)
-        if use_cache and self.cache.enabled:
+        if use_cache and cache.enabled:
             space = (probe_input, layer, module if probe_input == "module" else "")
-            hits = [self.cache.lookup(space, row, epoch=epoch, limit=len(row)) for row in ids]
+            hits = [cache.lookup(space, row, epoch=epoch, limit=len(row)) for row in ids]
+            if self.loop is not None:
+                hits = [BlockLoop.fit(hit, len(row)) for row, hit in zip(ids, hits, strict=True)]
             for i, (row, hit) in enumerate(zip(ids, hits, strict=True)):
                 if hit is not None and hit.length == len(row) and hit.entry.captured is not None:
                     rows[i] = hit.entry.captured[: len(row)]  # probed before: nothing to run
@@ -313,7 +376,8 @@ class Prober:
             todo_ids, todo_hits = [ids[i] for i in todo], [hits[i] for i in todo]
             if self.loop is not None:
                 self.check_target(layer, module, probe_input)
-            ran = self._run(ctx, module, todo_ids, todo_hits, space, epoch, layer=layer)
+            store = None if space is None else _Store(cache, space, epoch)
+            ran = self._run(ctx, module, todo_ids, todo_hits, store, layer=layer)
             for i, (row_captured, n) in zip(todo, ran, strict=True):
                 rows[i], reused[i] = row_captured, n
         width = max(len(r) for r in ids)
@@ -334,17 +398,16 @@ class Prober:
         module: str,
         ids: Sequence[Sequence[int]],
         hits: Sequence[PrefixHit | None],
-        space: Hashable | None,
-        epoch: int,
+        store: _Store | None,
         *,
         layer: int,
     ) -> list[tuple[torch.Tensor, int]]:
         """Probe ``ids`` over their cached prefixes and store them; per row (captured, reused).
 
-        ``space`` None: store nothing (an uncached probe).
+        ``store`` None: store nothing (an uncached probe).
         """
         if self.loop is None and packs_rows(self.model, len(ids)):
-            return self._run_packed(ctx, module, ids, hits, space, epoch)
+            return self._run_packed(ctx, module, ids, hits, store)
         batch = prefix_batch(
             ids,
             hits,
@@ -369,9 +432,9 @@ class Prober:
                 full = new[j, new.shape[1] - n_new :]  # (n_new, in)
                 full = self._full(full, hit, copy=len(ids) > 1)
                 out.append((full, batch.reused[j]))
-                if depth > 0 and space is not None:  # block 0: no KV below it to reuse
+                if depth > 0 and store is not None:  # block 0: no KV below it to reuse
                     keys, values = row_kv(batch.cache, batch.mask, j, len(row), depth)
-                    self._store(space, row, keys, values, full, epoch)
+                    store.put(row, keys, values, full)
         return out
 
     def _run_packed(
@@ -380,8 +443,7 @@ class Prober:
         module: str,
         ids: Sequence[Sequence[int]],
         hits: Sequence[PrefixHit | None],
-        space: Hashable | None,
-        epoch: int,
+        store: _Store | None,
     ) -> list[tuple[torch.Tensor, int]]:
         """:meth:`_run` as one packed pass (see :mod:`logo_engine.packing`): no padding."""
         packed = ctx.packed = PackedPass(ids, hits, device=self.device)
@@ -395,9 +457,9 @@ class Prober:
                 start, end = packed.bounds[j]
                 full = self._full(new[0, start:end], hit, copy=True)
                 out.append((full, packed.reused[j]))
-                if depth > 0 and space is not None:  # block 0: no KV below it to reuse
+                if depth > 0 and store is not None:  # block 0: no KV below it to reuse
                     keys, values = packed.row_kv(j, depth)
-                    self._store(space, row, keys, values, full, epoch)
+                    store.put(row, keys, values, full)
         return out
 
     @staticmethod
@@ -409,23 +471,6 @@ class Prober:
         if hit is not None and hit.entry.captured is not None:
             return torch.cat([hit.entry.captured[: hit.length], new])
         return new.clone() if copy else new
-
-    def _store(
-        self,
-        space: Hashable,
-        row: Sequence[int],
-        keys: tuple[torch.Tensor, ...],
-        values: tuple[torch.Tensor, ...],
-        captured: torch.Tensor,
-        epoch: int,
-    ) -> None:
-        entry = PrefixEntry(
-            tokens=torch.tensor(row, dtype=torch.long),
-            keys=keys,
-            values=values,
-            captured=captured,
-        )
-        self.cache.insert(space, entry, epoch=epoch)
 
     def _forward(
         self,

@@ -71,13 +71,23 @@ def test_the_loop_reads_what_the_hooked_probe_reads(
     for prompt in ["abc de 123 + hello world", *[conversation(n) for n in (1, 2, 3)]]:
         got, want = looped.route(prompt, routing=routing), engine.route(prompt, routing=routing)
         assert got.scores == pytest.approx(want.scores, rel=1e-5, abs=1e-7)
-        assert (got.adapters, got.probe_cached_tokens) == (want.adapters, want.probe_cached_tokens)
+        assert got.adapters == want.adapters
+        assert got.probe_cached_tokens == _fitted(looped, prompt, want.probe_cached_tokens)
     batch = ["x y", conversation(4), "abc de 123 hello"]
     got_rows = looped.route_batch(batch, routing=routing)
     want_rows = engine.route_batch(batch, routing=routing)
-    for got, want in zip(got_rows, want_rows, strict=True):
+    for prompt, got, want in zip(batch, got_rows, want_rows, strict=True):
         assert got.scores == pytest.approx(want.scores, rel=1e-5, abs=1e-7)
-        assert got.probe_cached_tokens == want.probe_cached_tokens
+        assert got.probe_cached_tokens == _fitted(looped, prompt, want.probe_cached_tokens)
+
+
+def _fitted(engine: LoGoEngine, prompt, reused: int) -> int:
+    """The tokens a compiled probe reuses where the hooked one reuses ``reused``: a partial
+    hit keeps 2 cached and 2 new tokens or is dropped (``BlockLoop.fit``)."""
+    n = len(engine._prepare(prompt, None, None).input_ids)
+    if reused in (0, n):
+        return reused
+    return min(reused, n - 2) if min(reused, n - 2) >= 2 else 0
 
 
 def test_scores_are_the_hand_computed_ones(looped, adapter_dir):
@@ -126,6 +136,7 @@ def test_the_compiled_probe_routes_and_generates_like_the_hooked_one(
     whole graphs (a graph break would leave most of the pass eager)."""
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # compiled code is shared by same-shaped models: start from none
     counters.clear()
     compiled = LoGoEngine(tiny.tiny_model(), tokenizer, adapters=adapter_dir, probe_compile=True)
     try:
@@ -258,3 +269,40 @@ def test_cli_probe_compile(eager_loop, adapter_dir, tmp_path, tokenizer):
             assert (engine._prober.loop is not None) is compiled
         finally:
             engine.close()
+
+
+def test_warm_up_compiles_every_shape_class_and_leaves_the_caches_alone(tokenizer, adapter_dir):
+    """After ``warm_up``, conversations and batches compile nothing more."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # compiled code is shared by same-shaped models: start from none
+    counters.clear()
+    eng = LoGoEngine(tiny.tiny_model(), tokenizer, adapters=adapter_dir, probe_compile=True)
+    try:
+        eng.warm_up()
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs == 4  # one and two rows, over an empty and over a cached prefix
+        assert eng.prefix_cache_stats()["probe"].entries == 0
+        for n in (1, 2, 3):
+            eng.route(conversation(n))
+        eng.route_batch(["abc", "what is 2 + 3 and then 4"])
+        eng.route_batch([conversation(4), "what is 2 + 3 and then 4 + 5"])
+        assert eng.prefix_cache_stats()["probe"].entries > 0
+        assert counters["stats"]["unique_graphs"] == graphs
+        assert not counters["graph_break"]
+    finally:
+        eng.close()
+
+
+def test_warm_up_without_compilation_does_nothing(engine):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    engine.warm_up()
+    assert not counters["stats"]["unique_graphs"]
+    assert engine.prefix_cache_stats()["probe"].entries == 0
+
+
+def test_warm_up_refuses_a_target_the_loop_cannot_read(looped):
+    with pytest.raises(RoutingConfigError, match="probe_compile=True probes the input"):
+        looped.warm_up(RoutingConfig(probe_module="o_proj"))

@@ -103,6 +103,7 @@ class LoGoDeployment:
             backend=backend,
             backend_options=backend_options,
         )
+        self.engine.warm_up()  # probe_compile: compiled before the replica takes requests
         self.config = ServeConfig(
             api_key=api_key,
             max_batch_size=max_batch_size,
