@@ -10,11 +10,15 @@ adapter's weight, and the median ``route`` time of each (the two engines alterna
 prompt). Then each engine routes the same prompts in batches of 8: how far does a row's routing
 depend on its batch? (Not at all in float32, up to rounding.)
 
-    HF_HUB_OFFLINE=1 python -m benchmarks.probe_dtype
+    HF_HUB_OFFLINE=1 python -m benchmarks.probe_dtype [--compile]
+
+``--compile`` adds a third engine, a compiled bfloat16 probe (``probe_compile=True``), compiled
+before the prompts, and compares every pair of engines.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -56,32 +60,53 @@ def weight_gap(a: Selection, b: Selection) -> float | None:
     return max((abs(wa[k] - wb[k]) for k in wa), default=0.0)
 
 
-def main() -> None:
+def agreement(a: list[Selection], b: list[Selection]) -> str:
+    pairs = list(zip(a, b, strict=True))
+    gaps = [g for g in (weight_gap(x, y) for x, y in pairs) if g is not None]
+    return (
+        f"same top adapter {sum(top(x) == top(y) for x, y in pairs)}/{len(pairs)}, "
+        f"same selected set {len(gaps)}/{len(pairs)}, largest weight difference where the set "
+        f"is the same {max(gaps, default=0.0):.4f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also a compiled bfloat16 probe (probe_compile=True; compiled first, minutes)",
+    )
+    args = parser.parse_args(argv)
     prompts = hand_written()
     messages = [[{"role": "user", "content": prompt}] for _, prompt in prompts]
     engines = {
         "float32": LoGoEngine.from_pretrained(),
         "bfloat16 probe": LoGoEngine.from_pretrained(probe_dtype=torch.bfloat16),
     }
+    if args.compile:
+        compiled = LoGoEngine.from_pretrained(probe_dtype=torch.bfloat16, probe_compile=True)
+        start = time.perf_counter()
+        compiled.warm_up()
+        print(f"compiled the probe in {time.perf_counter() - start:.0f} s", flush=True)
+        engines["compiled bfloat16 probe"] = compiled
     times: dict[str, list[float]] = {name: [] for name in engines}
     alone: dict[str, list[Selection]] = {name: [] for name in engines}
     for i, message in enumerate(messages):
         order = list(engines.items())
-        for name, engine in order if i % 2 else order[::-1]:
+        k = i % len(order)
+        for name, engine in order[k:] + order[:k]:
             engine.clear_prefix_caches()
             start = time.perf_counter()
             alone[name].append(engine.route(message))
             times[name].append(time.perf_counter() - start)
     n, n_tasks = len(prompts), sum(task is not None for task, _ in prompts)
-    pairs = list(zip(alone["float32"], alone["bfloat16 probe"], strict=True))
-    gaps = [g for g in (weight_gap(a, b) for a, b in pairs) if g is not None]
     print(f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{n} hand-written prompts ({n_tasks} with a task adapter)")
-    print(
-        f"same top adapter: {sum(top(a) == top(b) for a, b in pairs)}/{n}; "
-        f"same selected set: {len(gaps)}/{n}"
-    )
-    print(f"largest weight difference where the set is the same: {max(gaps):.4f}")
+    names = list(engines)
+    for i, name in enumerate(names[1:], 1):
+        for other in names[:i]:
+            print(f"{name} against {other}: {agreement(alone[name], alone[other])}")
     for name, engine in engines.items():
         chosen = zip(prompts, alone[name], strict=True)
         hits = sum(task is not None and top(s) == task for (task, _), s in chosen)
@@ -96,7 +121,7 @@ def main() -> None:
             f"{name:>14}: task adapter on top {hits}/{n_tasks}, "
             f"route median {statistics.median(times[name]) * 1000:.0f} ms; in batches of "
             f"{BATCH}: same set as alone {len(same)}/{n}, largest weight difference "
-            f"{max(same):.2g}"
+            f"{max(same, default=0.0):.2g}"
         )
 
 

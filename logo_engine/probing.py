@@ -94,9 +94,9 @@ class BlockLoop:
     ``model`` must carry no LoGo hook (a :func:`cast_copy`). Built only if the model is one this
     loop reproduces: a decoder (``get_decoder()``) with ``embed_tokens``, ``rotary_emb`` and
     blocks that take the block input through ``input_layernorm`` into ``self_attn``, with full
-    causal attention in every block; the loop's block inputs are then checked against the ones
-    transformers returns (``output_hidden_states``) on a few tokens. Otherwise
-    :class:`InvalidRequestError` says what is missing.
+    causal attention in every block; the loop's block inputs are then checked against the
+    model's own forward on a few tokens. Otherwise :class:`InvalidRequestError` says what is
+    missing or that the two differ.
     """
 
     def __init__(
@@ -141,10 +141,10 @@ class BlockLoop:
     def fit(hit: PrefixHit | None, n_tokens: int) -> PrefixHit | None:
         """``hit`` trimmed to the shapes :meth:`Prober.warm_up` compiles for.
 
-        A compiled graph specializes a size of 1 (a batch of one row, one cached token, one new
-        token): each such shape would compile anew, for minutes, in the middle of serving. So a
-        partial hit keeps at least 2 cached and 2 new tokens, or is dropped; a whole-prompt hit
-        runs nothing and is kept.
+        A compiled graph specializes a size of 1 (one row, one cached token, one new token):
+        each such shape compiles a graph of its own, for minutes, and ``warm_up`` compiles one
+        row but not the other two. So a partial hit keeps at least 2 cached and 2 new tokens, or
+        is dropped; a whole-prompt hit runs nothing and is kept.
         """
         if hit is None or hit.length == n_tokens:
             return hit

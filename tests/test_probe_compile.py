@@ -18,16 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaModel
 from logo_engine import InvalidRequestError, LoGoEngine, RoutingConfig, RoutingConfigError, probing
 from logo_engine.types import PrefixCacheConfig
 
-TURNS = ["hi there 1", "what is 2 + 3", "and 40 + 2?", "reverse abc please"]
-
-
-def conversation(n: int) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": "you are terse, digits 0 1 2 3"}]
-    for i, text in enumerate(TURNS[:n]):
-        messages.append({"role": "user", "content": text})
-        if i < n - 1:
-            messages.append({"role": "assistant", "content": f"ok {i}"})
-    return messages
+TURNS, conversation = tiny.TURNS, tiny.conversation
 
 
 def _logo_hooks(model: torch.nn.Module) -> int:
@@ -103,16 +94,7 @@ def test_scores_are_the_hand_computed_ones(looped, adapter_dir):
 
 def _gemma() -> GemmaForCausalLM:
     torch.manual_seed(0)
-    config = GemmaConfig(
-        vocab_size=400,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-    )
-    return GemmaForCausalLM(config).eval()
+    return GemmaForCausalLM(GemmaConfig(**tiny.tiny_config(), head_dim=16)).eval()
 
 
 @pytest.mark.parametrize("make", [lambda: tiny.tiny_model("qwen2"), _gemma], ids=["qwen2", "gemma"])
@@ -207,15 +189,7 @@ def test_a_target_the_loop_cannot_read_is_refused(looped, probe_module, probe_in
 
 def test_a_sliding_window_model_is_refused(eager_loop, tokenizer):
     config = Qwen2Config(
-        vocab_size=400,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_sliding_window=True,
-        sliding_window=4,
-        max_window_layers=1,
+        **tiny.tiny_config(), use_sliding_window=True, sliding_window=4, max_window_layers=1
     )
     model = type(tiny.tiny_model("qwen2"))(config).eval()
     with pytest.raises(InvalidRequestError, match="full attention in every block"):

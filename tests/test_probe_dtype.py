@@ -12,16 +12,7 @@ from logo_engine.mixture import HookSet
 from logo_engine.probing import cast_copy
 
 BF16 = torch.bfloat16
-TURNS = ["hi there 1", "what is 2 + 3", "and 40 + 2?", "reverse abc please"]
-
-
-def conversation(n: int) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": "you are terse, digits 0 1 2 3"}]
-    for i, text in enumerate(TURNS[:n]):
-        messages.append({"role": "user", "content": text})
-        if i < n - 1:
-            messages.append({"role": "assistant", "content": f"ok {i}"})
-    return messages
+TURNS, conversation = tiny.TURNS, tiny.conversation
 
 
 @pytest.fixture()

@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -106,9 +107,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 400) -> PreTrainedModel:
-    torch.manual_seed(seed)
-    common = dict(
+def tiny_config(vocab_size: int = 400) -> dict[str, Any]:
+    """The tiny models' config fields (shapes and special tokens), for any decoder config."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -121,8 +122,26 @@ def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 400) -> Pre
         eos_token_id=2,
         tie_word_embeddings=False,
     )
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 400) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    common = tiny_config(vocab_size)
     config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+TURNS = ["hi there 1", "what is 2 + 3", "and 40 + 2?", "reverse abc please"]
+
+
+def conversation(n: int) -> list[dict[str, str]]:
+    """A terse chat of ``n`` user turns (the last one unanswered), for prefix-cache tests."""
+    messages = [{"role": "system", "content": "you are terse, digits 0 1 2 3"}]
+    for i, text in enumerate(TURNS[:n]):
+        messages.append({"role": "user", "content": text})
+        if i < n - 1:
+            messages.append({"role": "assistant", "content": f"ok {i}"})
+    return messages
 
 
 def random_adapter(
