@@ -119,11 +119,12 @@ class LoGoEngine(BaseEngine):
             gives the same weights.
         probe_compile: run the probe as a ``torch.compile``d loop over the decoder's blocks
             (Llama-style decoders; probe targets q_proj, k_proj, v_proj or the residual stream).
-            On this project's 2-core CPU it took 0.6-0.75x the eager probe's time, after minutes
-            of compilation at the first calls of each shape (empty cache, cached prefix, batch
-            sizes): worth it in a long-lived server or agent, not in a script
-            (docs/benchmarks.md). The prober then runs on a hook-free copy of the model that
-            shares its weights (or the ``probe_dtype`` copy), with rows padded, not packed.
+            On this project's 2-core CPU a compiled bfloat16 probe took 0.73-0.80x the eager
+            one's time and routed alike (docs/benchmarks.md, "A compiled probe"), after 4-8
+            minutes of compilation (:meth:`warm_up`, or the first calls of each shape): worth it
+            in a long-lived server or agent, not in a script. The prober then runs on a
+            hook-free copy of the model that shares its weights (or the ``probe_dtype`` copy),
+            with rows padded, not packed.
 
     Several engines may share one model object (their hooks are shared, see
     :class:`~logo_engine.mixture.HookSet`); :meth:`close` an engine that is no longer needed.
