@@ -11,7 +11,10 @@ system prompt); greedy.
 
     HF_HUB_OFFLINE=1 python -m benchmarks.served_phases [--clients 8] [--requests-per-client 4]
         [--workload tasks|open] [--max-tokens 32] [--dtype bfloat16] [--probe-dtype bfloat16]
-        [--json out.json]
+        [--probe-compile] [--json out.json]
+
+``--probe-compile`` builds the engine with ``probe_compile=True`` and compiles its probe
+(``engine.warm_up()``, minutes) before anything is timed: both paths then probe compiled.
 
 This tells why a workload gains what it gains from batching: decoding steps batch well (a step
 of 8 rows costs about twice a step of one on 2 cores), while probe and prompt passes are
@@ -69,10 +72,18 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the model's dtype")
     parser.add_argument("--probe-dtype", choices=DTYPES, help="default: --dtype")
+    parser.add_argument("--probe-compile", action="store_true", help="a compiled probe")
     parser.add_argument("--json", help="also write the summary to this file")
     args = parser.parse_args()
     n = args.clients * args.requests_per_client
-    engine = LoGoEngine.from_pretrained(dtype=parse_dtype(args.dtype), probe_dtype=args.probe_dtype)
+    engine = LoGoEngine.from_pretrained(
+        dtype=parse_dtype(args.dtype),
+        probe_dtype=args.probe_dtype,
+        probe_compile=args.probe_compile,
+    )
+    start = time.perf_counter()
+    engine.warm_up()  # with --probe-compile: the compilation, before anything is timed
+    warm_up_s = time.perf_counter() - start
     pool = WORKLOADS[args.workload](2 * n + 2)
     alone, served, warm = pool[:n], pool[n : 2 * n], pool[2 * n :]
     engine.generate(warm[0], max_new_tokens=2)
@@ -121,6 +132,8 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "dtype": args.dtype,
         "probe_dtype": args.probe_dtype or args.dtype,
+        "probe_compile": args.probe_compile,
+        "warm_up_s": warm_up_s,
         "clients": args.clients,
         "requests": n,
         "one_by_one": one_by_one,
