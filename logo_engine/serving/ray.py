@@ -91,7 +91,7 @@ class LoGoDeployment:
     ) -> None:
         from logo_engine.engine import LoGoEngine
 
-        self.engine: BaseEngine = LoGoEngine.from_pretrained(
+        engine = LoGoEngine.from_pretrained(
             base_model,
             adapters=adapters,
             gguf_file=gguf_file,
@@ -103,7 +103,8 @@ class LoGoDeployment:
             backend=backend,
             backend_options=backend_options,
         )
-        self.engine.warm_up()  # probe_compile: compiled before the replica takes requests
+        engine.warm_up()  # probe_compile: compiled before the replica takes requests
+        self.engine: BaseEngine = engine
         self.config = ServeConfig(
             api_key=api_key,
             max_batch_size=max_batch_size,
