@@ -19,15 +19,14 @@ context from a ``ContextVar``, and ``torch.compile`` breaks its graph at both, i
 A compiled prober runs :class:`BlockLoop` instead: the same modules (embedding, rotary
 embedding, causal mask, the blocks below the probed one, then the probed block's input norm)
 called by a loop of its own on a hook-free copy of the model, which compiles to one graph. It
-applies to Llama-style decoders (checked against transformers' own hidden states when built)
-and to the probe targets that read a block's input: ``q_proj``, ``k_proj``, ``v_proj`` or the
+applies to Llama-style decoders (checked against the model's own forward when built) and to
+the probe targets that read a block's input: ``q_proj``, ``k_proj``, ``v_proj`` or the
 residual stream.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,8 +47,6 @@ from logo_engine.prefix_cache import (
     prefix_batch,
     row_kv,
 )
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -301,9 +298,15 @@ class Prober:
             self.hooks.attach_linears(self._linears, modules)
 
     def check_target(self, layer: int, module: str, probe_input: str) -> None:
-        """Refuse a probe target a compiled prober cannot read (see :class:`BlockLoop`)."""
+        """Refuse a probe target a compiled prober cannot read (see :class:`BlockLoop`).
+
+        The engine calls this wherever it resolves a probe target (``_probe_target``: every
+        probe, ``warm_up``), so the prober's own passes do not check again.
+        """
+        if self.loop is None:
+            return
         target = None if probe_input == "residual" else self._linears[module]
-        if self.loop is not None and not self.loop.supports(layer, target):
+        if not self.loop.supports(layer, target):
             raise RoutingConfigError(
                 f"probe_compile=True probes the input of a block: probe_module 'q_proj', "
                 f"'k_proj' or 'v_proj', or probe_input='residual'; {module!r} reads another "
@@ -315,11 +318,10 @@ class Prober:
 
         Runs each shape class a call meets (one row and two rows, over an empty and over a cached
         prefix) on made-up tokens, through a cache of its own: the prober's cache is untouched.
-        No-op for a prober that is not compiled.
+        No-op for a prober that is not compiled. The target is one :meth:`check_target` passed.
         """
         if self.loop is None:
             return
-        self.check_target(layer, module, probe_input)
         vocab = int(self.model.config.vocab_size)
         for n_rows in (1, 2):
             scratch = PrefixCache(2**26)  # its own per batch size: no row is found cached
@@ -374,8 +376,6 @@ class Prober:
         todo = [i for i, r in enumerate(rows) if r is None]
         if todo:
             todo_ids, todo_hits = [ids[i] for i in todo], [hits[i] for i in todo]
-            if self.loop is not None:
-                self.check_target(layer, module, probe_input)
             store = None if space is None else _Store(cache, space, epoch)
             ran = self._run(ctx, module, todo_ids, todo_hits, store, layer=layer)
             for i, (row_captured, n) in zip(todo, ran, strict=True):
