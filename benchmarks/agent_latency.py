@@ -37,12 +37,17 @@ measures, in one run, variants interleaved, medians over repeats, ratios within 
    prompt pass and the rest, for the base model with its prefix cache and the agent
    configuration with a float32 and a bfloat16 probe (at least 6 repeats); with
    ``--compile-probe`` also with a compiled bfloat16 probe (``probe_compile=True``).
+8. ``paired``: calls 2-6 of the agent configuration (bfloat16 and, with ``--compile-probe``,
+   compiled bfloat16 probe; each without and with ``prefill_ahead``, the prompt pass started
+   beside the probe) each timed back to back with the base model's
+   same call: the median paired ratio per call, its 95% bootstrap interval and the share of
+   pairs above 1.2x (at least 8 repeats), and a figure of every pair.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python -m benchmarks.agent_latency --quick --repeats 3
         # the measured run: 33 min on 2 shared cores
     HF_HUB_OFFLINE=1 python -m benchmarks.agent_latency           # full run
     options: --repeats N, --threads N, --device cuda, --compile-probe,
-    --only replay outputs budget single langchain sticky split,
+    --only replay outputs budget single langchain sticky split paired,
     --json FILE, --figures DIR, --doc docs/benchmarks.md (write the tables there),
     --replot FILE (redraw the figure and, with --doc, the tables from a --json file)
 
@@ -80,7 +85,9 @@ MiB = 2**20
 STICKY_MARGIN = 1.0
 MARGIN_UNIT = {"prototype": 0.1}  # any other signal: z-score units (the zoo is calibrated)
 FIGURE = "agent_ttft_per_turn.png"
-STAGES = ("replay", "outputs", "budget", "single", "langchain", "sticky", "split")  # --only
+STAGES = ("replay", "outputs", "budget", "single", "langchain", "sticky", "split", "paired")
+PAIRED_FIGURE = "agent_paired_ratios.png"
+GOAL = 1.2  # issue 15: routed TTFT <= 1.2x the base model's (with its prefix cache), calls 2-6
 BF16 = torch.bfloat16  # the probe_dtype of the "bf16 probe" variants (float32 generation)
 
 SYSTEM = (
@@ -239,12 +246,14 @@ def load_engine(
     cache: PrefixCacheConfig | None = None,
     probe_dtype: torch.dtype | None = None,
     probe_compile: bool = False,
+    prefill_ahead: bool | None = None,
 ) -> LoGoEngine:
     """The embedded default model with the shipped zoo (and its calibration), on ``DEVICE``."""
     return LoGoEngine.from_pretrained(
         prefix_cache=cache or PrefixCacheConfig(),
         probe_dtype=probe_dtype,
         probe_compile=probe_compile,
+        prefill_ahead=prefill_ahead,
         device=DEVICE,
     )
 
@@ -843,6 +852,111 @@ def call_split(repeats: int, call: int = SPLIT_CALL, compiled: bool = False) -> 
     return {"call": call, "repeats": repeats, "rows": rows}
 
 
+# ---------------------------------------------------------------------------- 8. paired ratios
+def paired(repeats: int, compiled: bool, seed: int = 0) -> dict[str, Any]:
+    """Calls 2-6: each routed call timed right after (or before) the base model's same call.
+
+    The replay's medians come from variants timed seconds apart and reduced one by one, so the
+    machine's drift (up to 2x within minutes here) enters their ratio. Here each repeat replays
+    the transcript from empty caches, and at every call the base model with its prefix cache and
+    the agent configuration (bfloat16 probe, and with ``compiled`` a compiled bfloat16 probe,
+    compiled by ``warm_up()`` first; each without and with ``prefill_ahead``) answer back to
+    back, in an order that rotates; each routed time is divided by the base time of its own
+    repeat and call. Per call and variant: the median paired ratio, a 95% bootstrap interval of
+    that median (2000 resamples), and the share of pairs above the goal (1.2).
+    """
+    prompts = turn_prompts()
+    base = load_engine()
+    routing = sticky(scoped(base.routing))
+    variants = [Variant("base + prefix cache", base, adapters={})]
+    for ahead in (False, True):
+        suffix = ", prefill ahead" if ahead else ""
+        engine = load_engine(probe_dtype=BF16, prefill_ahead=ahead)
+        variants.append(
+            Variant("agent configuration, bf16 probe" + suffix, engine, routing=routing)
+        )
+        if compiled:
+            engine = load_engine(probe_dtype=BF16, probe_compile=True, prefill_ahead=ahead)
+            start = time.perf_counter()
+            engine.warm_up(routing)
+            log(f"paired: compiled the probe in {time.perf_counter() - start:.0f} s")
+            variants.append(Variant(COMPILED + suffix, engine, routing=routing))
+    for v in variants:  # untimed: first calls of every engine
+        v.generate("Hello!", 1)
+    times: dict[str, list[list[float]]] = {v.label: [[] for _ in prompts] for v in variants}
+    for rep in range(repeats):
+        for v in variants:
+            v.engine.clear_prefix_caches()
+        for call, prompt in enumerate(prompts):
+            k = (rep + call) % len(variants)
+            for v in [*variants[k:], *variants[:k]]:
+                start = time.perf_counter()
+                v.generate(prompt, 1)
+                times[v.label][call].append(time.perf_counter() - start)
+        log(f"paired: repeat {rep + 1}/{repeats} done")
+    rng = random.Random(seed)
+    base_times = times["base + prefix cache"]
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for v in variants[1:]:
+        rows[v.label] = []
+        for call in range(1, len(prompts)):  # calls 2-6
+            pairs = [r / b for r, b in zip(times[v.label][call], base_times[call], strict=True)]
+            low, high = bootstrap_median(pairs, rng)
+            rows[v.label].append(
+                {
+                    "call": call + 1,
+                    "ratios": pairs,
+                    "median": med(pairs),
+                    "ci95": [low, high],
+                    "above_goal": sum(r > GOAL for r in pairs) / len(pairs),
+                }
+            )
+        log(
+            f"  paired {v.label:34s} median ratio per call "
+            + " ".join(
+                f"{r['median']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" for r in rows[v.label]
+            )
+        )
+    return {"repeats": repeats, "goal": GOAL, "rows": rows, "seconds": times}
+
+
+def bootstrap_median(xs: Sequence[float], rng: random.Random, n: int = 2000) -> tuple[float, float]:
+    """A 95% percentile-bootstrap interval of the median of ``xs``."""
+    medians = sorted(med(rng.choices(xs, k=len(xs))) for _ in range(n))
+    return medians[int(0.025 * n)], medians[int(0.975 * n) - 1]
+
+
+def plot_paired(result: dict[str, Any], path: Path) -> None:
+    """Every paired ratio per call and variant, its median, and the goal line."""
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    width = 0.8 / len(rows)
+    colors = ["tab:pink", "black", "tab:purple", "tab:orange", "tab:green"]
+    for i, (label, per_call) in enumerate(rows.items()):
+        for j, r in enumerate(per_call):
+            x = j + (i - (len(rows) - 1) / 2) * width
+            xs = [x + width * 0.3 * ((n % 5) - 2) / 2 for n in range(len(r["ratios"]))]
+            ax.scatter(xs, r["ratios"], s=9, color=colors[i % len(colors)], alpha=0.45)
+            ax.plot(
+                [x - width * 0.4, x + width * 0.4],
+                [r["median"]] * 2,
+                color=colors[i % len(colors)],
+                linewidth=2.5,
+                label=label if j == 0 else None,
+            )
+    calls = [r["call"] for r in next(iter(rows.values()))]
+    ax.axhline(result["goal"], color="tab:red", linestyle="--", linewidth=1, label="goal (1.2x)")
+    ax.axhline(1.0, color="tab:gray", linewidth=0.8)
+    ax.set_xticks(range(len(calls)), [f"call {c}" for c in calls])
+    ax.set_ylabel("routed TTFT / base TTFT (same repeat)")
+    ax.set_title(f"Agent transcript: paired TTFT ratios, {result['repeats']} repeats (CPU)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7.5, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------- report
 def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -1039,6 +1153,30 @@ def markdown(result: dict[str, Any]) -> str:
                 ],
             ),
         ]
+    if "paired" in result:
+        pr = result["paired"]
+        calls = [r["call"] for r in next(iter(pr["rows"].values()))]
+        out += [
+            "",
+            f"**Paired TTFT ratios** (routed over base with its prefix cache, each pair timed back "
+            f"to back; median of {pr['repeats']} repeats, [95% bootstrap interval], share of "
+            f"pairs above {pr['goal']}x)",
+            "",
+            md_table(
+                ["variant", *[f"call {c}" for c in calls]],
+                [
+                    [
+                        label,
+                        *[
+                            f"{r['median']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}], "
+                            f"{100 * r['above_goal']:.0f}%"
+                            for r in per_call
+                        ],
+                    ]
+                    for label, per_call in pr["rows"].items()
+                ],
+            ),
+        ]
     return "\n".join(out)
 
 
@@ -1102,6 +1240,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data = json.loads(args.replot.read_text())
         if "replay" in data:
             plot(data["replay"], args.figures / FIGURE)
+        if "paired" in data:
+            plot_paired(data["paired"], args.figures / PAIRED_FIGURE)
         if args.doc:
             update_doc(args.doc, markdown(data))
         return data
@@ -1164,6 +1304,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"split of call {SPLIT_CALL}")
         result["split"] = call_split(max(repeats, 6), compiled=args.compile_probe)
         save()
+    if "paired" in only:
+        log("paired ratios, calls 2-6")
+        result["paired"] = paired(max(repeats, 8), compiled=args.compile_probe)
+        args.figures.mkdir(parents=True, exist_ok=True)
+        plot_paired(result["paired"], args.figures / PAIRED_FIGURE)
+        save()
     if args.doc:
         update_doc(args.doc, markdown(result))
     print(json.dumps(headline(result), default=str))
@@ -1186,6 +1332,11 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
         row = result["single"]["rows"]["LoGo + caches"]
         out["single-shot ttft/base"] = round(row["ttft_over_base"], 2)
         out["single-shot decode/base"] = round(row["decode_over_base"], 2)
+    if "paired" in result:
+        for label, per_call in result["paired"]["rows"].items():
+            out[f"{label}: paired ttft/base_cached (calls 2-6, worst median)"] = round(
+                max(r["median"] for r in per_call), 2
+            )
     if "langchain" in result:
         out["langchain cached transcript identical"] = result["langchain"][
             "cached_transcript_identical"

@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, Union
+from typing import Any, Protocol, TypeVar, Union
 
 from logo_engine.chat import ParsedAnswer, Prompt, ToolChoice, parse_answer
 from logo_engine.errors import (
@@ -105,6 +105,13 @@ class SamplingParams:
             seed=seed,
             stop=stops,
         )
+
+
+class WorkAhead(Protocol):
+    """Work an engine started for a call before routing it (see ``BaseEngine._select_ahead``)."""
+
+    def discard(self) -> None:
+        """Stop the work; its result will not be used."""
 
 
 @dataclass
@@ -230,12 +237,21 @@ class _Run:
         return self._inbox is not None
 
     def _iterate(self) -> Generator[None, None, None]:
-        self.selections = self.engine._select(self.requests, self.mixtures, self.routing)
+        self.selections, ahead = self.engine._select_ahead(
+            self.requests, self.mixtures, self.routing
+        )
         # the rows decoded from the start (rows that join later come through the inbox)
         requests, selections, rows = list(self.requests), list(self.selections), list(self.rows)
-        yield  # the selection is known before the first token
-        joins = {} if self._inbox is None else {"joins": self._take_joins}
-        yield from self.engine._decode(requests, selections, self.params, rows, **joins)  # type: ignore[arg-type]
+        try:
+            yield  # the selection is known before the first token
+        except GeneratorExit:
+            if ahead is not None:
+                ahead.discard()
+            raise
+        extra: dict[str, Any] = {} if self._inbox is None else {"joins": self._take_joins}
+        if ahead is not None:
+            extra["ahead"] = ahead
+        yield from self.engine._decode(requests, selections, self.params, rows, **extra)
         for row in self.rows:
             row.finish("length")
 
@@ -706,6 +722,17 @@ class BaseEngine(ABC):
     def _validate_routing(self, routing: RoutingConfig) -> None:
         """Refuse a routing config that cannot run on this engine (engines add their checks)."""
         check_top_k(routing, len(self.adapter_names))
+
+    def _select_ahead(
+        self, requests: list[Request], mixtures: list[Mixture | None], routing: RoutingConfig
+    ) -> tuple[list[Selection], WorkAhead | None]:
+        """:meth:`_select`, and work an engine started before the selection was known.
+
+        That work (e.g. a prompt pass under the mixture the call will probably keep) goes to
+        :meth:`_decode` as ``ahead``, which takes it or discards it; engines that start none
+        return None here and never get an ``ahead``.
+        """
+        return self._select(requests, mixtures, routing), None
 
     def _select(
         self, requests: list[Request], mixtures: list[Mixture | None], routing: RoutingConfig

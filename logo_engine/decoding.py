@@ -9,7 +9,9 @@ text into one :class:`~logo_engine.base.RowState` per row and yielding once per 
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -126,13 +128,28 @@ class JoinGroup:
     """Rows to decode, already routed: a run's first rows, or rows that join it later.
 
     ``plan`` holds these rows' mixtures (row order as ``input_ids``); ``prefill`` the prefill
-    cache and each row's space in it (None: no prefill cache).
+    cache and each row's space in it (None: no prefill cache). ``ahead``: the group's prompt
+    pass (:meth:`TransformersDecoder.prompt_pass`), started in another thread before the group
+    was routed; the decoder takes its result instead of running the pass.
     """
 
     input_ids: Sequence[Sequence[int]]
     plan: MixturePlan | None
     rows: list[RowState]
     prefill: CacheUse | None = None
+    ahead: Future[PromptPass] | None = None  # this group's prompt pass, started earlier
+
+
+@dataclass(frozen=True)
+class PromptPass:
+    """A group's prompts run over their cached prefixes: what its first decoding step needs."""
+
+    logits: torch.Tensor  # (B, V) each row's last logits, float32
+    mask: torch.Tensor  # (B, T) real positions of the cache
+    pos: torch.Tensor  # (B, 1+) positions of the last tokens fed
+    cache: DynamicCache  # T positions
+    reused: Sequence[int]  # prompt tokens each row took from the prefill cache
+    prefill: CacheUse | None  # the prefill cache in use (None: none, or disabled)
 
 
 @dataclass
@@ -231,46 +248,56 @@ class TransformersDecoder:
 
     def _prefill(self, group: JoinGroup, params: SamplingParams) -> tuple[_Batch, torch.Tensor]:
         """A batch of ``group``'s rows, their prompts run: the batch and its logits (B, V)."""
-        prefill, hits = self._lookup(group)
-        if packs_rows(self.model, len(group.rows)):
-            packed = PackedPass(group.input_ids, hits, device=self.device)
-            logits = self._packed_forward(group.plan, packed)
-            mask, cache = packed.padded(self.model.config)
-            pos, reused = packed.last_positions, packed.reused
-        else:
-            if prefill is not None:
-                built = prefix_batch(
-                    group.input_ids,
-                    hits,
-                    pad_id=self.tokenizer.pad_token_id,
-                    config=self.model.config,
-                    device=self.device,
-                )
-                ids, mask, pos, cache = built.input_ids, built.mask, built.positions, built.cache
-                reused = built.reused
-            else:
-                ids, mask = left_pad(self.tokenizer, group.input_ids, self.device)
-                pos = positions(mask)
-                cache = DynamicCache(config=self.model.config)
-                reused = [0] * len(group.rows)
-            logits = self.forward(ForwardContext(plan=group.plan), ids, mask, pos, cache)
+        done = group.ahead.result() if group.ahead is not None else self.prompt_pass(group)
         batch = _Batch(
-            live=self._live_rows(group, params, prefill, reused),
+            live=self._live_rows(group, params, done.prefill, done.reused),
             ctx=ForwardContext(plan=group.plan),
-            mask=mask,
-            pos=pos,
-            cache=cache,
+            mask=done.mask,
+            pos=done.pos,
+            cache=done.cache,
             generators=make_generators(params, len(group.rows), self.device),
-            prefill=prefill,
+            prefill=done.prefill,
         )
-        return batch, logits
+        return batch, done.logits
+
+    def prompt_pass(self, group: JoinGroup, cancel: threading.Event | None = None) -> PromptPass:
+        """Run ``group``'s prompts (over their cached prefixes) with its plan installed.
+
+        It reads only the group's token ids, plan and prefill cache, not its rows, so it may run
+        before the rows exist (see :class:`JoinGroup`'s ``ahead``). ``cancel``: set it to stop
+        the pass at its next adapted module (:class:`~logo_engine.mixture.PassCancelled`).
+        """
+        prefill, hits = self._lookup(group)
+        if packs_rows(self.model, len(group.input_ids)):
+            packed = PackedPass(group.input_ids, hits, device=self.device)
+            logits = self._packed_forward(group.plan, packed, cancel)
+            mask, cache = packed.padded(self.model.config)
+            return PromptPass(logits, mask, packed.last_positions, cache, packed.reused, prefill)
+        if prefill is not None:
+            built = prefix_batch(
+                group.input_ids,
+                hits,
+                pad_id=self.tokenizer.pad_token_id,
+                config=self.model.config,
+                device=self.device,
+            )
+            ids, mask, pos, cache = built.input_ids, built.mask, built.positions, built.cache
+            reused = built.reused
+        else:
+            ids, mask = left_pad(self.tokenizer, group.input_ids, self.device)
+            pos = positions(mask)
+            cache = DynamicCache(config=self.model.config)
+            reused = [0] * len(group.input_ids)
+        ctx = ForwardContext(plan=group.plan, cancel=cancel)
+        logits = self.forward(ctx, ids, mask, pos, cache)
+        return PromptPass(logits, mask, pos, cache, reused, prefill)
 
     @staticmethod
     def _lookup(group: JoinGroup) -> tuple[CacheUse | None, list[PrefixHit | None]]:
         """The group's prefill cache (None: none, or disabled) and each row's cached prefix."""
         prefill = group.prefill
         if prefill is None or not prefill.cache.enabled:
-            return None, [None] * len(group.rows)
+            return None, [None] * len(group.input_ids)
         hits = [
             prefill.cache.lookup(space, row, epoch=prefill.epoch)
             for space, row in zip(prefill.spaces, group.input_ids, strict=True)
@@ -301,9 +328,11 @@ class TransformersDecoder:
             for row, row_ids, space in zip(group.rows, group.input_ids, spaces, strict=True)
         ]
 
-    def _packed_forward(self, plan: MixturePlan | None, packed: PackedPass) -> torch.Tensor:
+    def _packed_forward(
+        self, plan: MixturePlan | None, packed: PackedPass, cancel: threading.Event | None = None
+    ) -> torch.Tensor:
         """One packed pass (see :mod:`logo_engine.packing`); each row's last logits (B, V)."""
-        ctx = ForwardContext(plan=plan, packed=packed)
+        ctx = ForwardContext(plan=plan, packed=packed, cancel=cancel)
         return self.forward(
             ctx, packed.input_ids, packed.mask, packed.positions, None, keep=packed.last
         )

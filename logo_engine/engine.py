@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from logo_engine import calibration as calib
+from logo_engine.ahead import Ahead, AheadPool, idle_cores
 from logo_engine.backends import GenerationBackend, make_backend
 from logo_engine.base import (
     BaseEngine,
@@ -125,6 +126,11 @@ class LoGoEngine(BaseEngine):
             in a long-lived server or agent, not in a script. The prober then runs on a
             hook-free copy of the model that shares its weights (or the ``probe_dtype`` copy),
             with rows padded, not packed.
+        prefill_ahead: with sticky routing, start a conversation's prompt pass under its
+            mixture in a worker thread while the probe runs, and use it when routing keeps that
+            mixture (see :mod:`logo_engine.ahead`; outputs are unchanged). ``None`` (default):
+            only on a CPU with cores torch leaves idle (``torch.get_num_threads()`` below the
+            cores), where it runs beside the probe instead of sharing its cores.
 
     Several engines may share one model object (their hooks are shared, see
     :class:`~logo_engine.mixture.HookSet`); :meth:`close` an engine that is no longer needed.
@@ -150,8 +156,15 @@ class LoGoEngine(BaseEngine):
         prefix_cache: PrefixCacheConfig | None = None,
         probe_dtype: torch.dtype | str | None = None,
         probe_compile: bool = False,
+        prefill_ahead: bool | None = None,
     ) -> None:
         self._backend = make_backend(backend, backend_options)
+        if prefill_ahead is not None and not isinstance(prefill_ahead, bool):
+            raise InvalidRequestError(
+                f"prefill_ahead must be True, False or None (auto), got {prefill_ahead!r}"
+            )
+        self.prefill_ahead = prefill_ahead
+        self._ahead_pool = AheadPool()
         if adapter_memory_budget is not None and (
             isinstance(adapter_memory_budget, bool)
             or not isinstance(adapter_memory_budget, int)
@@ -244,6 +257,7 @@ class LoGoEngine(BaseEngine):
         prefix_cache: PrefixCacheConfig | None = None,
         probe_dtype: torch.dtype | str | None = None,
         probe_compile: bool = False,
+        prefill_ahead: bool | None = None,
     ) -> LoGoEngine:
         """Load a base model and an adapter library.
 
@@ -285,6 +299,7 @@ class LoGoEngine(BaseEngine):
             prefix_cache=prefix_cache,
             probe_dtype=probe_dtype,
             probe_compile=probe_compile,
+            prefill_ahead=prefill_ahead,
         )
         if library_dir is not None:
             engine.load_calibrations(library_dir / CALIBRATION_NAME, missing_ok=True)
@@ -396,6 +411,7 @@ class LoGoEngine(BaseEngine):
         backend unloads its adapters, stops the vLLM it started and deletes its default cache.
         """
         super().close()
+        self._ahead_pool.close()
         self._release_hooks()
         self.clear_prefix_caches()
         if self._backend is not None:
@@ -881,6 +897,52 @@ class LoGoEngine(BaseEngine):
         selections = super()._select(requests, mixtures, routing)
         return selections if self._backend is None else self._backend.serve(selections)
 
+    def _select_ahead(
+        self, requests: list[Request], mixtures: list[Mixture | None], routing: RoutingConfig
+    ) -> tuple[list[Selection], Ahead | None]:
+        ahead = self._start_ahead(requests, mixtures, routing)
+        try:
+            return self._select(requests, mixtures, routing), ahead
+        except BaseException:
+            if ahead is not None:
+                ahead.discard()
+            raise
+
+    def _start_ahead(
+        self, requests: list[Request], mixtures: list[Mixture | None], routing: RoutingConfig
+    ) -> Ahead | None:
+        """Start a sticky conversation's prompt pass under its mixture, in a worker thread.
+
+        Only for one routed call that continues a conversation the prefill cache holds (see
+        :mod:`logo_engine.ahead`); None when nothing was started.
+        """
+        wanted = self.prefill_ahead if self.prefill_ahead is not None else idle_cores(self._device)
+        if (
+            not wanted
+            or routing.sticky_margin is None
+            or len(requests) != 1
+            or mixtures[0] is not None
+            or self._backend is not None
+            or not self._prefill_cache.enabled
+        ):
+            return None
+        epoch = self._prefill_cache.epoch  # before the library: see prefix_cache.py
+        library = self._library
+        mixture = self._conversation_mixture(requests[0], epoch)
+        if not mixture or not set(mixture) <= set(library.names):
+            return None
+        expected = Selection(adapters=list(mixture), weights=list(mixture.values()))
+        key = mixture_key(expected)
+        group = JoinGroup(
+            [requests[0].input_ids],
+            MixturePlan.build(library, [expected]),
+            rows=[],
+            prefill=CacheUse(self._prefill_cache, epoch, [key]),
+        )
+        cancel = threading.Event()
+        future = self._ahead_pool.get().submit(self._decoder.prompt_pass, group, cancel)
+        return Ahead(key, library, epoch, future, cancel)
+
     def _decode(
         self,
         requests: list[Request],
@@ -888,10 +950,11 @@ class LoGoEngine(BaseEngine):
         params: SamplingParams,
         rows: list[RowState],
         joins: Callable[[], list[Joining]] | None = None,
+        ahead: Ahead | None = None,
     ) -> Iterator[None]:
         if self._backend is not None:
             return self._backend.decode(requests, selections, params, rows)
-        first = self._join_group(requests, selections, rows)
+        first = self._join_group(requests, selections, rows, ahead)
         take = None
         if joins is not None:
 
@@ -906,13 +969,27 @@ class LoGoEngine(BaseEngine):
         return self._backend is None and self._plain_kv
 
     def _join_group(
-        self, requests: list[Request], selections: list[Selection], rows: list[RowState]
+        self,
+        requests: list[Request],
+        selections: list[Selection],
+        rows: list[RowState],
+        ahead: Ahead | None = None,
     ) -> JoinGroup:
-        """Rows for the decoder: token ids, mixtures (cat form) and prefill-cache use."""
+        """Rows for the decoder: token ids, mixtures (cat form) and prefill-cache use.
+
+        ``ahead``: the prompt pass started before routing; the group takes it when it ran under
+        the selected mixture, else it is stopped.
+        """
         epoch = self._prefill_cache.epoch  # before the library: see prefix_cache.py
-        plan = MixturePlan.build(self._library, selections)
+        library = self._library
+        future = None
+        if ahead is not None and len(selections) == 1:
+            future = ahead.take(selections[0], library, epoch)
+        elif ahead is not None:
+            ahead.discard()
+        plan = MixturePlan.build(library, selections)
         prefill = CacheUse(self._prefill_cache, epoch, [mixture_key(s) for s in selections])
-        return JoinGroup([r.input_ids for r in requests], plan, rows, prefill)
+        return JoinGroup([r.input_ids for r in requests], plan, rows, prefill, ahead=future)
 
     # ------------------------------------------------------------------ helpers
     def _probe_target(self, routing: RoutingConfig, library: AdapterLibrary) -> tuple[int, str]:

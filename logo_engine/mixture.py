@@ -259,6 +259,10 @@ class ProbeDone(Exception):
     """Raised by a hook to stop the probe forward once the probed input is captured."""
 
 
+class PassCancelled(LoGoError):
+    """Raised by a hook to stop a forward whose ``ForwardContext.cancel`` was set."""
+
+
 @dataclass
 class ForwardContext:
     """What the hooks do during one model forward of one call."""
@@ -268,6 +272,7 @@ class ForwardContext:
     probe_layer: nn.Module | None = None  # or capture this decoder block's input (residual)
     captured: torch.Tensor | None = field(default=None, repr=False)
     packed: PackedPass | None = field(default=None, repr=False)  # rows end to end, see packing
+    cancel: threading.Event | None = field(default=None, repr=False)  # set: stop the forward
 
 
 _CURRENT: ContextVar[ForwardContext | None] = ContextVar("logo_forward_context", default=None)
@@ -293,6 +298,8 @@ def _linear_hook(name: str) -> Any:
         ctx = _CURRENT.get()
         if ctx is None:
             return None
+        if ctx.cancel is not None and ctx.cancel.is_set():
+            raise PassCancelled
         if ctx.probe_module == name:
             ctx.captured = args[0]
             raise ProbeDone

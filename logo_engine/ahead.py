@@ -1,0 +1,82 @@
+"""Prefill ahead: a sticky conversation's next prompt pass runs while the probe does.
+
+With sticky routing (``RoutingConfig(sticky_margin=...)``) the next call of a conversation usually
+keeps the conversation's mixture, and then its prompt pass runs under that mixture over the
+conversation's cached keys and values. Only the probe can tell whether it keeps it, and the probe
+runs first: the selection is known before the first token. Where torch leaves CPU cores idle
+(fewer torch threads than cores), the engine starts that prompt pass in a worker thread before
+the probe, under the mixture it expects. When routing keeps the mixture, the decoder takes the
+pass's result and the call's time to first token loses most of the probe's; when routing moves
+to another mixture, the pass stops at its next adapted module and the prompt runs again under
+the new one (nothing of the stopped pass is kept). Either way the call computes what it would
+have without it: the same mixture over the same cached prefix, through the same ops.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from logo_engine.decoding import PromptPass
+from logo_engine.library import AdapterLibrary
+from logo_engine.sticky import mixture_key
+from logo_engine.types import Selection
+
+
+@dataclass
+class Ahead:
+    """A prompt pass started before its call was routed, under the mixture it expects."""
+
+    key: tuple[tuple[str, float], ...]  # the expected mixture (``mixture_key``)
+    library: AdapterLibrary  # the library its plan was built from
+    epoch: int  # the prefill cache's epoch its lookups read
+    future: Future[PromptPass]
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def take(
+        self, selection: Selection, library: AdapterLibrary, epoch: int
+    ) -> Future[PromptPass] | None:
+        """The pass, if it computed what ``selection`` needs now; else it is stopped (None)."""
+        if mixture_key(selection) == self.key and library is self.library and epoch == self.epoch:
+            return self.future
+        self.discard()
+        return None
+
+    def discard(self) -> None:
+        """Stop the pass at its next adapted module (or before it starts); its result is lost."""
+        self.cancel.set()
+        self.future.cancel()
+
+
+def idle_cores(device: torch.device) -> bool:
+    """Whether torch leaves CPU cores this process may use idle (a pass beside the probe's)."""
+    if device.type != "cpu":
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return torch.get_num_threads() < (cores or 1)
+
+
+class AheadPool:
+    """The worker threads of one engine's passes ahead, started on first use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def get(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=os.cpu_count() or 1, thread_name_prefix="logo-prefill-ahead"
+                )
+            return self._pool
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
