@@ -216,3 +216,22 @@ def test_close_stops_the_workers(tokenizer, adapter_dir):
     assert engine._ahead_pool._pool is None
     with pytest.raises(RuntimeError):
         pool.submit(int)
+
+
+def test_a_pass_ahead_is_not_taken_across_a_library_or_cache_change(pair, adapter_dir):
+    ahead, _ = pair
+    ahead.generate(tiny.conversation(2), routing=STICKY, max_new_tokens=3)
+    request = ahead._prepare(tiny.conversation(3), None, "auto")
+    epoch = ahead._prefill_cache.epoch
+    started = ahead._start_ahead([request], [None], STICKY)
+    assert started is not None
+    selection = Selection(adapters=[n for n, _ in started.key], weights=[w for _, w in started.key])
+    assert started.take(selection, ahead.library, epoch) is started.future
+    other = Selection(adapters=["a"], weights=[1.0])
+    for args in ((other, ahead.library, epoch), (selection, ahead.library, epoch + 1)):
+        again = ahead._start_ahead([request], [None], STICKY)
+        assert again.take(*args) is None and again.cancel.is_set()
+    ahead.load_adapters({"a2": adapter_dir / "a"})  # a new library (and the caches cleared)
+    assert started.library is not ahead.library
+    assert started.take(selection, ahead.library, ahead._prefill_cache.epoch) is None
+    assert ahead._start_ahead([request], [None], STICKY) is None  # nothing cached to continue
