@@ -10,14 +10,23 @@ pass's result and the call's time to first token loses most of the probe's; when
 to another mixture, the pass stops at its next adapted module and the prompt runs again under
 the new one (nothing of the stopped pass is kept). Either way the call computes what it would
 have without it: the same mixture over the same cached prefix, through the same ops.
+
+The integrations route first (``engine.route``, so the selection is in the run's metadata
+before the run starts) and then generate with the routed mixture pinned. So ``route`` starts
+the pass too, and when routing keeps the mixture it parks the pass (:class:`Parked`) for the
+``generate`` of the same prompt with that mixture that follows.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -80,3 +89,54 @@ class AheadPool:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Parked:
+    """Passes that ``route`` started, kept for the ``generate`` of the same prompt and mixture.
+
+    At most ``size`` passes (each holds its prompt's keys and values), each for ``ttl`` seconds:
+    the integrations generate right after they route. A pass pushed out is discarded.
+    """
+
+    def __init__(self, size: int = 2, ttl: float = 30.0) -> None:
+        self.size, self.ttl = size, ttl
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple[tuple[int, ...], Any], tuple[float, Ahead]] = OrderedDict()
+
+    def park(self, input_ids: Sequence[int], selection: Selection, ahead: Ahead) -> None:
+        """Keep ``ahead`` if it runs under ``selection``'s mixture; discard it otherwise."""
+        if mixture_key(selection) != ahead.key:
+            ahead.discard()
+            return
+        key = (tuple(input_ids), ahead.key)
+        with self._lock:
+            dropped = [a for _, a in self._expire()]
+            old = self._items.pop(key, None)
+            if old is not None:
+                dropped.append(old[1])
+            self._items[key] = (time.monotonic(), ahead)
+            while len(self._items) > self.size:
+                dropped.append(self._items.popitem(last=False)[1][1])
+        for stale in dropped:
+            stale.discard()
+
+    def take(self, input_ids: Sequence[int], selection: Selection) -> Ahead | None:
+        """The pass parked for this prompt under ``selection``'s mixture, if any (removed)."""
+        with self._lock:
+            dropped = self._expire()
+            found = self._items.pop((tuple(input_ids), mixture_key(selection)), None)
+        for _, stale in dropped:
+            stale.discard()
+        return found[1] if found is not None else None
+
+    def clear(self) -> None:
+        with self._lock:
+            items, self._items = list(self._items.values()), OrderedDict()
+        for _, ahead in items:
+            ahead.discard()
+
+    def _expire(self) -> list[tuple[float, Ahead]]:
+        """Remove (and return) the passes older than ``ttl``; the lock is held."""
+        now = time.monotonic()
+        old = [k for k, (t, _) in self._items.items() if now - t > self.ttl]
+        return [self._items.pop(k) for k in old]

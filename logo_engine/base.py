@@ -536,7 +536,7 @@ class BaseEngine(ABC):
         cancel = _CANCEL.get()
         if cancel is not None and cancel.is_set():
             raise _Cancelled
-        selections = self._route(requests, routing)
+        selections = self._route_for_caller(requests, routing)
         self._check_open()  # closed during the probe: its scores may be wrong
         return selections
 
@@ -722,6 +722,10 @@ class BaseEngine(ABC):
     def _validate_routing(self, routing: RoutingConfig) -> None:
         """Refuse a routing config that cannot run on this engine (engines add their checks)."""
         check_top_k(routing, len(self.adapter_names))
+
+    def _route_for_caller(self, requests: list[Request], routing: RoutingConfig) -> list[Selection]:
+        """:meth:`_route` for :meth:`route` (engines may start work for a generate to follow)."""
+        return self._route(requests, routing)
 
     def _select_ahead(
         self, requests: list[Request], mixtures: list[Mixture | None], routing: RoutingConfig

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from logo_engine import calibration as calib
-from logo_engine.ahead import Ahead, AheadPool, idle_cores
+from logo_engine.ahead import Ahead, AheadPool, Parked, idle_cores
 from logo_engine.backends import GenerationBackend, make_backend
 from logo_engine.base import (
     BaseEngine,
@@ -130,7 +130,9 @@ class LoGoEngine(BaseEngine):
             mixture in a worker thread while the probe runs, and use it when routing keeps that
             mixture (see :mod:`logo_engine.ahead`; outputs are unchanged). ``None`` (default):
             only on a CPU with cores torch leaves idle (``torch.get_num_threads()`` below the
-            cores), where it runs beside the probe instead of sharing its cores.
+            cores), where it runs beside the probe instead of sharing its cores. :meth:`route`
+            starts it too, and parks it for a :meth:`generate` of the same prompt with the
+            routed mixture pinned (what ``ChatLoGo`` and ``LoGoLLM`` do: they route first).
 
     Several engines may share one model object (their hooks are shared, see
     :class:`~logo_engine.mixture.HookSet`); :meth:`close` an engine that is no longer needed.
@@ -165,6 +167,7 @@ class LoGoEngine(BaseEngine):
             )
         self.prefill_ahead = prefill_ahead
         self._ahead_pool = AheadPool()
+        self._parked = Parked()  # passes route() started, for the generate that follows
         if adapter_memory_budget is not None and (
             isinstance(adapter_memory_budget, bool)
             or not isinstance(adapter_memory_budget, int)
@@ -411,6 +414,7 @@ class LoGoEngine(BaseEngine):
         backend unloads its adapters, stops the vLLM it started and deletes its default cache.
         """
         super().close()
+        self._parked.clear()
         self._ahead_pool.close()
         self._release_hooks()
         self.clear_prefix_caches()
@@ -421,6 +425,7 @@ class LoGoEngine(BaseEngine):
         """Drop every entry of the probe and prefill caches (done when the library changes)."""
         self._probe_cache.invalidate()
         self._prefill_cache.invalidate()
+        self._parked.clear()
 
     def warm_up(self, routing: RoutingConfig | None = None) -> None:
         """Compile the probe for ``routing``'s probe target (default: the engine's) now.
@@ -902,11 +907,28 @@ class LoGoEngine(BaseEngine):
     ) -> tuple[list[Selection], Ahead | None]:
         ahead = self._start_ahead(requests, mixtures, routing)
         try:
-            return self._select(requests, mixtures, routing), ahead
+            selections = self._select(requests, mixtures, routing)
         except BaseException:
             if ahead is not None:
                 ahead.discard()
             raise
+        if ahead is None and len(requests) == 1 and mixtures[0] is not None:
+            # a mixture pinned from a route() of this prompt (the integrations route first)
+            ahead = self._parked.take(requests[0].input_ids, selections[0])
+        return selections, ahead
+
+    def _route_for_caller(self, requests: list[Request], routing: RoutingConfig) -> list[Selection]:
+        """Route; a pass started ahead is parked for a ``generate`` with the routed mixture."""
+        ahead = self._start_ahead(requests, [None] * len(requests), routing)
+        try:
+            selections = self._route(requests, routing)
+        except BaseException:
+            if ahead is not None:
+                ahead.discard()
+            raise
+        if ahead is not None:
+            self._parked.park(requests[0].input_ids, selections[0], ahead)
+        return selections
 
     def _start_ahead(
         self, requests: list[Request], mixtures: list[Mixture | None], routing: RoutingConfig

@@ -8,6 +8,7 @@ pass started ahead was taken (routing kept the mixture) or stopped (routing move
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -120,6 +121,9 @@ def test_a_moved_mixture_stops_the_pass_and_runs_the_prompt_again(pair):
     assert not got.selection.sticky and got.selection.adapters[0] != last
     assert got.text == want.text and got.usage == want.usage
     # One pass ahead under the old mixture (finished or stopped), then the caller's own.
+    deadline = time.monotonic() + 10
+    while len(spy.calls) < 2 and time.monotonic() < deadline:  # the stopped one may still run
+        time.sleep(0.01)
     assert sorted(spy.threads()) == ["caller", "worker"]
     assert [s for n, s in spy.calls if not n.startswith("logo-prefill-ahead")] == ["done"]
 
@@ -235,3 +239,106 @@ def test_a_pass_ahead_is_not_taken_across_a_library_or_cache_change(pair, adapte
     assert started.library is not ahead.library
     assert started.take(selection, ahead.library, ahead._prefill_cache.epoch) is None
     assert ahead._start_ahead([request], [None], STICKY) is None  # nothing cached to continue
+
+
+def test_a_langchain_conversation_takes_the_pass_started_ahead(pair):
+    """ChatLoGo over an engine with prefill ahead: same answers and metadata as without it."""
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    from logo_integrations.langchain import ChatLoGo
+
+    spy = PassSpy(pair[0])
+    transcripts = []
+    for engine in pair:
+        llm = ChatLoGo(engine=engine, routing=STICKY, max_tokens=4)
+        messages: list = [SystemMessage("you are terse, digits 0 1 2 3")]
+        answers = []
+        for turn in tiny.TURNS[:3]:
+            messages.append(HumanMessage(turn))
+            answer = llm.invoke(messages)
+            messages.append(answer)
+            selection = dict(answer.response_metadata["logo_selection"])
+            selection.pop("probe_ms")  # a duration
+            answers.append((answer.content, selection, answer.usage_metadata))
+        transcripts.append(answers)
+    assert transcripts[0] == transcripts[1]
+    assert [sel["sticky"] for _, sel, _ in transcripts[0]] == [False, True, True]
+    assert spy.threads() == ["caller", "worker", "worker"]
+
+
+def test_route_then_a_pinned_generate_takes_the_parked_pass(pair):
+    """The integrations' order: route first, then generate with the routed mixture pinned."""
+    ahead, plain = pair
+    for engine in pair:
+        engine.generate(tiny.conversation(1), routing=STICKY, max_new_tokens=3)
+    spy = PassSpy(ahead)
+    selection = ahead.route(tiny.conversation(2), routing=STICKY)
+    assert selection.sticky
+    got = ahead.generate(tiny.conversation(2), adapters=selection.mixture, max_new_tokens=5)
+    assert spy.threads() == ["worker"]  # no pass of its own: it took the parked one
+    want_selection = plain.route(tiny.conversation(2), routing=STICKY)
+    want = plain.generate(tiny.conversation(2), adapters=want_selection.mixture, max_new_tokens=5)
+    assert got.text == want.text and got.usage == want.usage
+    # Another mixture, or another prompt, does not take a parked pass.
+    third = ahead.route(tiny.conversation(3), routing=STICKY)
+    spy.clear()
+    ahead.generate(tiny.conversation(3), adapters={"b": 1.0}, max_new_tokens=2)
+    ahead.generate(tiny.conversation(2), adapters=selection.mixture, max_new_tokens=2)
+    assert spy.threads().count("caller") == 2  # each ran its own pass
+    request = ahead._prepare(tiny.conversation(3), None, None)
+    assert ahead._parked.take(request.input_ids, third) is not None  # still parked
+
+
+def test_parked_passes_are_bounded_in_number_and_time(engine, monkeypatch):
+    parked = ahead_mod.Parked(size=2, ttl=30.0)
+    pool = ThreadPoolExecutor(1)
+    selection = Selection(adapters=["a"], weights=[1.0])
+    passes = [
+        ahead_mod.Ahead(mixture_key(selection), engine.library, 0, pool.submit(int))
+        for _ in range(4)
+    ]
+    for i, p in enumerate(passes[:3]):
+        parked.park([i], selection, p)
+    assert passes[0].cancel.is_set()  # pushed out by the third
+    assert parked.take([1], selection) is passes[1] and not passes[1].cancel.is_set()
+    assert parked.take([1], selection) is None  # taken once
+    now = ahead_mod.time.monotonic()
+    monkeypatch.setattr(ahead_mod.time, "monotonic", lambda: now + 31.0)
+    assert parked.take([2], selection) is None and passes[2].cancel.is_set()  # expired
+    other = Selection(adapters=["b"], weights=[1.0])
+    parked.park([3], other, passes[3])  # not the mixture it runs under
+    assert passes[3].cancel.is_set() and parked.take([3], other) is None
+
+
+def test_clearing_the_caches_discards_parked_passes(pair):
+    ahead, _ = pair
+    ahead.generate(tiny.conversation(1), routing=STICKY, max_new_tokens=3)
+    selection = ahead.route(tiny.conversation(2), routing=STICKY)
+    request = ahead._prepare(tiny.conversation(2), None, None)
+    ahead.clear_prefix_caches()
+    assert ahead._parked.take(request.input_ids, selection) is None
+
+
+def test_a_llama_index_conversation_takes_the_pass_started_ahead(pair):
+    """LoGoLLM over an engine with prefill ahead: same answers and metadata as without it."""
+    from llama_index.core.llms import ChatMessage
+
+    from logo_integrations.llama_index import LoGoLLM
+
+    spy = PassSpy(pair[0])
+    transcripts = []
+    for engine in pair:
+        llm = LoGoLLM(engine=engine, routing=STICKY, max_tokens=4)
+        messages = [ChatMessage(role="system", content="you are terse, digits 0 1 2 3")]
+        answers = []
+        for turn in tiny.TURNS[:3]:
+            messages.append(ChatMessage(role="user", content=turn))
+            response = llm.chat(messages)
+            messages.append(response.message)
+            selection = dict(response.raw["logo_selection"])
+            selection.pop("probe_ms")  # a duration
+            answers.append((response.message.content, selection, response.raw["usage"]))
+        transcripts.append(answers)
+    assert transcripts[0] == transcripts[1]
+    assert [sel["sticky"] for _, sel, _ in transcripts[0]] == [False, True, True]
+    assert spy.threads() == ["caller", "worker", "worker"]
