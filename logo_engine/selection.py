@@ -22,11 +22,17 @@ def check_top_k(config: RoutingConfig, n_adapters: int) -> None:
         )
 
 
+NORMALISED = 1e-9  # weights summing to 1 within this are a normalised mixture already
+
+
 def pinned_selection(mixture: Mapping[str, float], names: Sequence[str]) -> Selection:
     """Validate a caller's ``{adapter: weight}`` mixture and normalise it to sum 1.
 
     ``{}`` is the base model. Weights must be finite and >= 0 with a positive sum; zero weights
-    are dropped.
+    are dropped. Weights that already sum to 1 (within 1e-9, as a routed selection's do) are
+    kept as given: dividing by their sum would move their last digits, and a routed mixture
+    pinned again (as the integrations do: route, then generate) must stay the same mixture, the
+    key its cached keys and values are stored under (``sticky.mixture_key``).
     """
     if not isinstance(mixture, Mapping):
         raise InvalidRequestError(
@@ -54,9 +60,14 @@ def pinned_selection(mixture: Mapping[str, float], names: Sequence[str]) -> Sele
         raise InvalidRequestError(
             f"the pinned mixture's weights are all zero ({dict(mixture)}); they must sum to > 0"
         )
-    scaled = {n: float(w) / largest for n, w in mixture.items() if w > 0}
-    total = math.fsum(scaled.values())
-    kept = sorted(((n, w / total) for n, w in scaled.items()), key=lambda p: -p[1])
+    given = {n: float(w) for n, w in mixture.items() if w > 0}
+    if abs(math.fsum(given.values()) - 1.0) <= NORMALISED:
+        normalised = given
+    else:
+        scaled = {n: w / largest for n, w in given.items()}
+        total = math.fsum(scaled.values())
+        normalised = {n: w / total for n, w in scaled.items()}
+    kept = sorted(normalised.items(), key=lambda p: -p[1])
     return Selection(
         adapters=[n for n, _ in kept],
         weights=[w for _, w in kept],

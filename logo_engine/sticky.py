@@ -28,17 +28,20 @@ from logo_engine.types import Selection
 # unrelated short prompts share only the chat template's opening.
 STICKY_SHARE = 0.5
 
-MIXTURE_DIGITS = 12  # weights equal to 1e-12 are one mixture (pinning renormalises the last bits)
+MIXTURE_DIGITS = 12  # weights equal to 1e-12 are one mixture
 
 
 def mixture_key(selection: Selection) -> tuple[tuple[str, float], ...]:
     """A selection's mixture as the prefill cache keys it: names and rounded weights.
 
     Weights that differ by less than 1e-12 change the model's outputs far less than the float
-    error of a cached prefill itself (~1e-7 relative), so they share cached KV.
+    error of a cached prefill itself (~1e-7 relative), so they share cached KV. An adapter whose
+    weight rounds to 0 is left out: pinning a mixture drops zero weights, and the conversation's
+    mixture (read back from this key) would otherwise name an adapter its next call drops.
     """
     pairs = zip(selection.adapters, selection.weights, strict=True)
-    return tuple((n, round(w, MIXTURE_DIGITS)) for n, w in pairs)
+    rounded = ((n, round(w, MIXTURE_DIGITS)) for n, w in pairs)
+    return tuple((n, w) for n, w in rounded if w != 0.0)
 
 
 def rank_value(selection: Selection, name: str) -> float:

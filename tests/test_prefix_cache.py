@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from logo_engine import InvalidRequestError, LoGoEngine, RoutingConfig, RoutingConfigError
 from logo_engine.prefix_cache import PrefixCache, PrefixEntry, cacheable
+from logo_engine.selection import pinned_selection
 from logo_engine.sticky import mixture_key, sticky_selection
 from logo_engine.types import PrefixCacheConfig, Selection, Usage
 
@@ -445,6 +446,40 @@ def test_mixture_key_ignores_last_bit_renormalisation():
     b = Selection(adapters=["x", "y"], weights=[0.7, 0.3])
     c = Selection(adapters=["x", "y"], weights=[0.71, 0.29])
     assert mixture_key(a) == mixture_key(b) != mixture_key(c)
+
+
+def test_a_routed_mixture_pinned_again_keeps_its_key():
+    """Route, then generate pinned (the integrations' order): the key must not move.
+
+    These are a real call-2 selection of the agent transcript, read back from the prefill
+    cache's key (12 digits): renormalised, they would round to ...893 and miss the cache.
+    """
+    names = ["capital", "date_format", "sentiment"]
+    kept = dict(zip(names, [0.998995284892, 0.000826284307, 0.0001784308], strict=True))
+    pinned = pinned_selection(kept, names)
+    assert pinned.weights == list(kept.values())
+    assert mixture_key(pinned) == tuple(kept.items())
+    # Weights that do not sum to 1 are still normalised.
+    assert pinned_selection({"capital": 3.0, "sentiment": 1.0}, names).weights == [0.75, 0.25]
+
+
+def test_mixture_key_leaves_out_weights_that_round_to_zero():
+    tiny_weight = Selection(adapters=["x", "y"], weights=[1.0 - 1e-14, 1e-14])
+    assert mixture_key(tiny_weight) == (("x", 1.0),)
+    assert mixture_key(pinned_selection(dict(mixture_key(tiny_weight)), ["x", "y"])) == (
+        ("x", 1.0),
+    )
+
+
+def test_a_conversation_through_route_then_pinned_generate_reuses_every_prefill(engine):
+    """Each call routes first and generates the routed mixture pinned, as ChatLoGo does."""
+    routing = RoutingConfig(top_k=3, sticky_margin=1e6)
+    for n in range(1, len(TURNS) + 1):
+        selection = engine.route(conversation(n), routing=routing)
+        out = engine.generate(conversation(n), adapters=selection.mixture, max_new_tokens=3)
+        if n > 1:
+            assert selection.sticky
+            assert out.usage.cached_tokens >= engine.count_tokens(conversation(n - 1))
 
 
 # ---------------------------------------------------------------------------- visibility
