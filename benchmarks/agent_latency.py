@@ -41,13 +41,14 @@ measures, in one run, variants interleaved, medians over repeats, ratios within 
    compiled bfloat16 probe; each without and with ``prefill_ahead``, the prompt pass started
    beside the probe) each timed back to back with the base model's
    same call: the median paired ratio per call, its 95% bootstrap interval and the share of
-   pairs above 1.2x (at least 8 repeats), and a figure of every pair.
+   pairs above 1.2x (at least 8 repeats), and a figure of every pair. ``paired_langchain``:
+   the same, each call through ``ChatLoGo(...).bind_tools(TOOLS).invoke`` (max_tokens=1).
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python -m benchmarks.agent_latency --quick --repeats 3
         # the measured run: 33 min on 2 shared cores
     HF_HUB_OFFLINE=1 python -m benchmarks.agent_latency           # full run
     options: --repeats N, --threads N, --device cuda, --compile-probe,
-    --only replay outputs budget single langchain sticky split paired,
+    --only replay outputs budget single langchain sticky split paired paired_langchain,
     --json FILE, --figures DIR, --doc docs/benchmarks.md (write the tables there),
     --replot FILE (redraw the figure and, with --doc, the tables from a --json file)
 
@@ -85,8 +86,21 @@ MiB = 2**20
 STICKY_MARGIN = 1.0
 MARGIN_UNIT = {"prototype": 0.1}  # any other signal: z-score units (the zoo is calibrated)
 FIGURE = "agent_ttft_per_turn.png"
-STAGES = ("replay", "outputs", "budget", "single", "langchain", "sticky", "split", "paired")
-PAIRED_FIGURE = "agent_paired_ratios.png"
+STAGES = (
+    "replay",
+    "outputs",
+    "budget",
+    "single",
+    "langchain",
+    "sticky",
+    "split",
+    "paired",
+    "paired_langchain",
+)
+PAIRED_FIGURES = {
+    "paired": "agent_paired_ratios.png",
+    "paired_langchain": "agent_paired_ratios_langchain.png",
+}
 GOAL = 1.2  # issue 15: routed TTFT <= 1.2x the base model's (with its prefix cache), calls 2-6
 BF16 = torch.bfloat16  # the probe_dtype of the "bf16 probe" variants (float32 generation)
 
@@ -853,7 +867,7 @@ def call_split(repeats: int, call: int = SPLIT_CALL, compiled: bool = False) -> 
 
 
 # ---------------------------------------------------------------------------- 8. paired ratios
-def paired(repeats: int, compiled: bool, seed: int = 0) -> dict[str, Any]:
+def paired(repeats: int, compiled: bool, through: str = "engine", seed: int = 0) -> dict[str, Any]:
     """Calls 2-6: each routed call timed right after (or before) the base model's same call.
 
     The replay's medians come from variants timed seconds apart and reduced one by one, so the
@@ -864,6 +878,11 @@ def paired(repeats: int, compiled: bool, seed: int = 0) -> dict[str, Any]:
     back, in an order that rotates; each routed time is divided by the base time of its own
     repeat and call. Per call and variant: the median paired ratio, a 95% bootstrap interval of
     that median (2000 resamples), and the share of pairs above the goal (1.2).
+
+    ``through="langchain"``: every call is ``ChatLoGo(...).bind_tools(TOOLS).invoke(messages)``
+    with ``max_tokens=1`` over the same engines (the base model as ``mixture={}``): LangChain's
+    own work, and the integration's order (route first, then generate the routed mixture), are
+    in both times.
     """
     prompts = turn_prompts()
     base = load_engine()
@@ -881,19 +900,37 @@ def paired(repeats: int, compiled: bool, seed: int = 0) -> dict[str, Any]:
             engine.warm_up(routing)
             log(f"paired: compiled the probe in {time.perf_counter() - start:.0f} s")
             variants.append(Variant(COMPILED + suffix, engine, routing=routing))
+    answer = (lambda v, i: v.generate(prompts[i], 1)) if through == "engine" else None
+    if through == "langchain":
+        from langchain_core.messages import convert_to_messages
+
+        from logo_integrations.langchain import ChatLoGo
+
+        chats = [convert_to_messages(p) for p in prompts]
+        llms = {
+            v.label: ChatLoGo(
+                engine=v.engine, routing=v.routing, mixture=v.adapters, max_tokens=1
+            ).bind_tools(TOOLS)
+            for v in variants
+        }
+
+        def answer(v: Variant, i: int) -> Any:
+            return llms[v.label].invoke(chats[i])
+
+    assert answer is not None, through
     for v in variants:  # untimed: first calls of every engine
         v.generate("Hello!", 1)
     times: dict[str, list[list[float]]] = {v.label: [[] for _ in prompts] for v in variants}
     for rep in range(repeats):
         for v in variants:
             v.engine.clear_prefix_caches()
-        for call, prompt in enumerate(prompts):
+        for call in range(len(prompts)):
             k = (rep + call) % len(variants)
             for v in [*variants[k:], *variants[:k]]:
                 start = time.perf_counter()
-                v.generate(prompt, 1)
+                answer(v, call)
                 times[v.label][call].append(time.perf_counter() - start)
-        log(f"paired: repeat {rep + 1}/{repeats} done")
+        log(f"paired ({through}): repeat {rep + 1}/{repeats} done")
     rng = random.Random(seed)
     base_times = times["base + prefix cache"]
     rows: dict[str, list[dict[str, Any]]] = {}
@@ -917,7 +954,7 @@ def paired(repeats: int, compiled: bool, seed: int = 0) -> dict[str, Any]:
                 f"{r['median']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" for r in rows[v.label]
             )
         )
-    return {"repeats": repeats, "goal": GOAL, "rows": rows, "seconds": times}
+    return {"repeats": repeats, "through": through, "goal": GOAL, "rows": rows, "seconds": times}
 
 
 def bootstrap_median(xs: Sequence[float], rng: random.Random, n: int = 2000) -> tuple[float, float]:
@@ -949,7 +986,8 @@ def plot_paired(result: dict[str, Any], path: Path) -> None:
     ax.axhline(1.0, color="tab:gray", linewidth=0.8)
     ax.set_xticks(range(len(calls)), [f"call {c}" for c in calls])
     ax.set_ylabel("routed TTFT / base TTFT (same repeat)")
-    ax.set_title(f"Agent transcript: paired TTFT ratios, {result['repeats']} repeats (CPU)")
+    via = " through ChatLoGo" if result.get("through") == "langchain" else ""
+    ax.set_title(f"Agent transcript{via}: paired TTFT ratios, {result['repeats']} repeats (CPU)")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7.5, loc="upper left")
     fig.tight_layout()
@@ -1153,14 +1191,16 @@ def markdown(result: dict[str, Any]) -> str:
                 ],
             ),
         ]
-    if "paired" in result:
-        pr = result["paired"]
+    for stage in PAIRED_FIGURES:
+        if stage not in result:
+            continue
+        pr = result[stage]
         calls = [r["call"] for r in next(iter(pr["rows"].values()))]
         out += [
             "",
-            f"**Paired TTFT ratios** (routed over base with its prefix cache, each pair timed back "
-            f"to back; median of {pr['repeats']} repeats, [95% bootstrap interval], share of "
-            f"pairs above {pr['goal']}x)",
+            f"**Paired TTFT ratios, through {pr.get('through', 'engine')}** (routed over base "
+            f"with its prefix cache, each pair timed back to back; median of {pr['repeats']} "
+            f"repeats, [95% bootstrap interval], share of pairs above {pr['goal']}x)",
             "",
             md_table(
                 ["variant", *[f"call {c}" for c in calls]],
@@ -1240,8 +1280,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data = json.loads(args.replot.read_text())
         if "replay" in data:
             plot(data["replay"], args.figures / FIGURE)
-        if "paired" in data:
-            plot_paired(data["paired"], args.figures / PAIRED_FIGURE)
+        for stage, name in PAIRED_FIGURES.items():
+            if stage in data:
+                plot_paired(data[stage], args.figures / name)
         if args.doc:
             update_doc(args.doc, markdown(data))
         return data
@@ -1304,12 +1345,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"split of call {SPLIT_CALL}")
         result["split"] = call_split(max(repeats, 6), compiled=args.compile_probe)
         save()
-    if "paired" in only:
-        log("paired ratios, calls 2-6")
-        result["paired"] = paired(max(repeats, 8), compiled=args.compile_probe)
-        args.figures.mkdir(parents=True, exist_ok=True)
-        plot_paired(result["paired"], args.figures / PAIRED_FIGURE)
-        save()
+    for stage, through in (("paired", "engine"), ("paired_langchain", "langchain")):
+        if stage in only:
+            log(f"paired ratios, calls 2-6, through {through}")
+            result[stage] = paired(max(repeats, 8), compiled=args.compile_probe, through=through)
+            args.figures.mkdir(parents=True, exist_ok=True)
+            plot_paired(result[stage], args.figures / PAIRED_FIGURES[stage])
+            save()
     if args.doc:
         update_doc(args.doc, markdown(result))
     print(json.dumps(headline(result), default=str))
@@ -1332,9 +1374,9 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
         row = result["single"]["rows"]["LoGo + caches"]
         out["single-shot ttft/base"] = round(row["ttft_over_base"], 2)
         out["single-shot decode/base"] = round(row["decode_over_base"], 2)
-    if "paired" in result:
-        for label, per_call in result["paired"]["rows"].items():
-            out[f"{label}: paired ttft/base_cached (calls 2-6, worst median)"] = round(
+    for stage in PAIRED_FIGURES:
+        for label, per_call in result.get(stage, {}).get("rows", {}).items():
+            out[f"{stage} {label}: ttft/base_cached (calls 2-6, worst median)"] = round(
                 max(r["median"] for r in per_call), 2
             )
     if "langchain" in result:
