@@ -4,8 +4,10 @@ With sticky routing (``RoutingConfig(sticky_margin=...)``) the next call of a co
 keeps the conversation's mixture, and then its prompt pass runs under that mixture over the
 conversation's cached keys and values. Only the probe can tell whether it keeps it, and the probe
 runs first: the selection is known before the first token. Where torch leaves CPU cores idle
-(fewer torch threads than cores), the engine starts that prompt pass in a worker thread before
-the probe, under the mixture it expects. When routing keeps the mixture, the decoder takes the
+(fewer torch threads than cores), and the probe has new tokens to run (a call whose probed
+tokens are all in the probe cache, such as a tool step under ``probe_scope="last_user_turn"``,
+probes in a few milliseconds), the engine starts that prompt pass in a worker thread before the
+probe, under the mixture it expects. When routing keeps the mixture, the decoder takes the
 pass's result and the call's time to first token loses most of the probe's; when routing moves
 to another mixture, the pass stops at its next adapted module and the prompt runs again under
 the new one (nothing of the stopped pass is kept). Either way the call computes what it would

@@ -935,8 +935,8 @@ class LoGoEngine(BaseEngine):
     ) -> Ahead | None:
         """Start a sticky conversation's prompt pass under its mixture, in a worker thread.
 
-        Only for one routed call that continues a conversation the prefill cache holds (see
-        :mod:`logo_engine.ahead`); None when nothing was started.
+        Only for one routed call that continues a conversation the prefill cache holds, and whose
+        probe has new tokens to run (see :mod:`logo_engine.ahead`); None when nothing started.
         """
         wanted = self.prefill_ahead if self.prefill_ahead is not None else idle_cores(self._device)
         if (
@@ -953,6 +953,12 @@ class LoGoEngine(BaseEngine):
         mixture = self._conversation_mixture(requests[0], epoch)
         if not mixture or not set(mixture) <= set(library.names):
             return None
+        layer, module = self._probe_target(routing, library)
+        probe_ids = self._probe_ids(requests[0], routing)
+        if self._prober.has_probed(
+            probe_ids, layer=layer, module=module, probe_input=routing.probe_input
+        ):
+            return None  # the probe runs nothing: there is nothing to hide the pass behind
         expected = Selection(adapters=list(mixture), weights=list(mixture.values()))
         key = mixture_key(expected)
         group = JoinGroup(

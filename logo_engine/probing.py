@@ -335,6 +335,15 @@ class Prober:
                     ids, layer=layer, module=module, probe_input=probe_input, cache=scratch
                 )
 
+    def has_probed(self, row: Sequence[int], *, layer: int, module: str, probe_input: str) -> bool:
+        """Whether the probe of ``row`` would run nothing (every token's input is cached)."""
+        cache = self.cache
+        if not cache.enabled:
+            return False
+        space = (probe_input, layer, module if probe_input == "module" else "")
+        hit = cache.lookup(space, row, epoch=cache.epoch, limit=len(row))
+        return hit is not None and hit.length == len(row) and hit.entry.captured is not None
+
     def capture(
         self,
         ids: Sequence[Sequence[int]],

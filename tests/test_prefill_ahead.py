@@ -342,3 +342,16 @@ def test_a_llama_index_conversation_takes_the_pass_started_ahead(pair):
     assert transcripts[0] == transcripts[1]
     assert [sel["sticky"] for _, sel, _ in transcripts[0]] == [False, True, True]
     assert spy.threads() == ["caller", "worker", "worker"]
+
+
+def test_no_pass_ahead_when_the_probe_runs_nothing(pair):
+    """A call whose probed tokens are all cached probes in a few ms: nothing to hide behind."""
+    ahead, _ = pair
+    spy = PassSpy(ahead)
+    ahead.generate(tiny.conversation(1), routing=STICKY, max_new_tokens=3)
+    ahead.generate(tiny.conversation(2), routing=STICKY, max_new_tokens=3)
+    assert spy.threads() == ["caller", "worker"]
+    spy.clear()
+    again = ahead.generate(tiny.conversation(2), routing=STICKY, max_new_tokens=3)
+    assert again.selection.probe_cached_tokens == again.usage.prompt_tokens  # probed before
+    assert spy.threads() == ["caller"]
