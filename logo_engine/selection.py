@@ -61,7 +61,7 @@ def pinned_selection(mixture: Mapping[str, float], names: Sequence[str]) -> Sele
             f"the pinned mixture's weights are all zero ({dict(mixture)}); they must sum to > 0"
         )
     given = {n: float(w) for n, w in mixture.items() if w > 0}
-    if abs(math.fsum(given.values()) - 1.0) <= NORMALISED:
+    if largest <= 1.0 and abs(math.fsum(given.values()) - 1.0) <= NORMALISED:  # no overflow
         normalised = given
     else:
         scaled = {n: w / largest for n, w in given.items()}
