@@ -241,25 +241,55 @@ def test_a_pass_ahead_is_not_taken_across_a_library_or_cache_change(pair, adapte
     assert ahead._start_ahead([request], [None], STICKY) is None  # nothing cached to continue
 
 
-def test_a_langchain_conversation_takes_the_pass_started_ahead(pair):
-    """ChatLoGo over an engine with prefill ahead: same answers and metadata as without it."""
+def langchain_chat(engine):
+    """A chat through ChatLoGo: ``say(text)`` -> (answer, selection JSON, usage)."""
     from langchain_core.messages import HumanMessage, SystemMessage
 
     from logo_integrations.langchain import ChatLoGo
 
+    llm = ChatLoGo(engine=engine, routing=STICKY, max_tokens=4)
+    messages: list = [SystemMessage("you are terse, digits 0 1 2 3")]
+
+    def say(text):
+        messages.append(HumanMessage(text))
+        answer = llm.invoke(messages)
+        messages.append(answer)
+        return answer.content, answer.response_metadata["logo_selection"], answer.usage_metadata
+
+    return say
+
+
+def llama_index_chat(engine):
+    """A chat through LoGoLLM: ``say(text)`` -> (answer, selection JSON, usage)."""
+    from llama_index.core.llms import ChatMessage
+
+    from logo_integrations.llama_index import LoGoLLM
+
+    llm = LoGoLLM(engine=engine, routing=STICKY, max_tokens=4)
+    messages = [ChatMessage(role="system", content="you are terse, digits 0 1 2 3")]
+
+    def say(text):
+        messages.append(ChatMessage(role="user", content=text))
+        response = llm.chat(messages)
+        messages.append(response.message)
+        raw = response.raw
+        return response.message.content, raw["logo_selection"], raw["usage"]
+
+    return say
+
+
+@pytest.mark.parametrize("chat", [langchain_chat, llama_index_chat], ids=["langchain", "llama"])
+def test_an_integration_conversation_takes_the_pass_started_ahead(pair, chat):
+    """Same answers, selections and usage with and without it; taken from the second call."""
     spy = PassSpy(pair[0])
     transcripts = []
     for engine in pair:
-        llm = ChatLoGo(engine=engine, routing=STICKY, max_tokens=4)
-        messages: list = [SystemMessage("you are terse, digits 0 1 2 3")]
+        say = chat(engine)
         answers = []
         for turn in tiny.TURNS[:3]:
-            messages.append(HumanMessage(turn))
-            answer = llm.invoke(messages)
-            messages.append(answer)
-            selection = dict(answer.response_metadata["logo_selection"])
-            selection.pop("probe_ms")  # a duration
-            answers.append((answer.content, selection, answer.usage_metadata))
+            text, selection, usage = say(turn)
+            selection = {k: v for k, v in selection.items() if k != "probe_ms"}  # a duration
+            answers.append((text, selection, usage))
         transcripts.append(answers)
     assert transcripts[0] == transcripts[1]
     assert [sel["sticky"] for _, sel, _ in transcripts[0]] == [False, True, True]
@@ -317,31 +347,6 @@ def test_clearing_the_caches_discards_parked_passes(pair):
     request = ahead._prepare(tiny.conversation(2), None, None)
     ahead.clear_prefix_caches()
     assert ahead._parked.take(request.input_ids, selection) is None
-
-
-def test_a_llama_index_conversation_takes_the_pass_started_ahead(pair):
-    """LoGoLLM over an engine with prefill ahead: same answers and metadata as without it."""
-    from llama_index.core.llms import ChatMessage
-
-    from logo_integrations.llama_index import LoGoLLM
-
-    spy = PassSpy(pair[0])
-    transcripts = []
-    for engine in pair:
-        llm = LoGoLLM(engine=engine, routing=STICKY, max_tokens=4)
-        messages = [ChatMessage(role="system", content="you are terse, digits 0 1 2 3")]
-        answers = []
-        for turn in tiny.TURNS[:3]:
-            messages.append(ChatMessage(role="user", content=turn))
-            response = llm.chat(messages)
-            messages.append(response.message)
-            selection = dict(response.raw["logo_selection"])
-            selection.pop("probe_ms")  # a duration
-            answers.append((response.message.content, selection, response.raw["usage"]))
-        transcripts.append(answers)
-    assert transcripts[0] == transcripts[1]
-    assert [sel["sticky"] for _, sel, _ in transcripts[0]] == [False, True, True]
-    assert spy.threads() == ["caller", "worker", "worker"]
 
 
 def test_no_pass_ahead_when_the_probe_runs_nothing(pair):
