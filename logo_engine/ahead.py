@@ -25,8 +25,9 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,17 @@ class Ahead:
         """Stop the pass at its next adapted module (or before it starts); its result is lost."""
         self.cancel.set()
         self.future.cancel()
+
+
+@contextmanager
+def discarded_on_error(ahead: Ahead | None) -> Iterator[None]:
+    """Discard ``ahead`` if the block raises (the routing it was started beside failed)."""
+    try:
+        yield
+    except BaseException:
+        if ahead is not None:
+            ahead.discard()
+        raise
 
 
 def idle_cores(device: torch.device) -> bool:

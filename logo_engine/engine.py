@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from logo_engine import calibration as calib
-from logo_engine.ahead import Ahead, AheadPool, Parked, idle_cores
+from logo_engine.ahead import Ahead, AheadPool, Parked, discarded_on_error, idle_cores
 from logo_engine.backends import GenerationBackend, make_backend
 from logo_engine.base import (
     BaseEngine,
@@ -906,12 +906,8 @@ class LoGoEngine(BaseEngine):
         self, requests: list[Request], mixtures: list[Mixture | None], routing: RoutingConfig
     ) -> tuple[list[Selection], Ahead | None]:
         ahead = self._start_ahead(requests, mixtures, routing)
-        try:
+        with discarded_on_error(ahead):
             selections = self._select(requests, mixtures, routing)
-        except BaseException:
-            if ahead is not None:
-                ahead.discard()
-            raise
         if ahead is None and len(requests) == 1 and mixtures[0] is not None:
             # a mixture pinned from a route() of this prompt (the integrations route first)
             ahead = self._parked.take(requests[0].input_ids, selections[0])
@@ -920,12 +916,8 @@ class LoGoEngine(BaseEngine):
     def _route_for_caller(self, requests: list[Request], routing: RoutingConfig) -> list[Selection]:
         """Route; a pass started ahead is parked for a ``generate`` with the routed mixture."""
         ahead = self._start_ahead(requests, [None] * len(requests), routing)
-        try:
+        with discarded_on_error(ahead):
             selections = self._route(requests, routing)
-        except BaseException:
-            if ahead is not None:
-                ahead.discard()
-            raise
         if ahead is not None:
             self._parked.park(requests[0].input_ids, selections[0], ahead)
         return selections

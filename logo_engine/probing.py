@@ -340,9 +340,8 @@ class Prober:
         cache = self.cache
         if not cache.enabled:
             return False
-        space = (probe_input, layer, module if probe_input == "module" else "")
-        hit = cache.lookup(space, row, epoch=cache.epoch, limit=len(row))
-        return hit is not None and hit.length == len(row) and hit.entry.captured is not None
+        space = _probe_space(layer, module, probe_input)
+        return _whole(cache.lookup(space, row, epoch=cache.epoch, limit=len(row)), row) is not None
 
     def capture(
         self,
@@ -374,13 +373,14 @@ class Prober:
         space: Hashable | None = None  # None: neither read nor store
         hits: list[PrefixHit | None] = [None] * len(ids)
         if use_cache and cache.enabled:
-            space = (probe_input, layer, module if probe_input == "module" else "")
+            space = _probe_space(layer, module, probe_input)
             hits = [cache.lookup(space, row, epoch=epoch, limit=len(row)) for row in ids]
             if self.loop is not None:
                 hits = [BlockLoop.fit(hit, len(row)) for row, hit in zip(ids, hits, strict=True)]
             for i, (row, hit) in enumerate(zip(ids, hits, strict=True)):
-                if hit is not None and hit.length == len(row) and hit.entry.captured is not None:
-                    rows[i] = hit.entry.captured[: len(row)]  # probed before: nothing to run
+                whole = _whole(hit, row)
+                if whole is not None:
+                    rows[i] = whole  # probed before: nothing to run
                     reused[i] = len(row)
         todo = [i for i, r in enumerate(rows) if r is None]
         if todo:
@@ -508,3 +508,15 @@ class Prober:
         if ctx.captured is None:
             raise GenerationError(f"the probe never reached {module!r}")
         return ctx.captured
+
+
+def _probe_space(layer: int, module: str, probe_input: str) -> Hashable:
+    """The probe cache's space of a probe target (a residual probe reads no module)."""
+    return (probe_input, layer, module if probe_input == "module" else "")
+
+
+def _whole(hit: PrefixHit | None, row: Sequence[int]) -> torch.Tensor | None:
+    """The probed input of every token of ``row``, if ``hit`` holds it (nothing to run)."""
+    if hit is None or hit.length != len(row) or hit.entry.captured is None:
+        return None
+    return hit.entry.captured[: len(row)]  # (len(row), in)
