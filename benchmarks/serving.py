@@ -128,6 +128,7 @@ def start_server(
     dtype: str = "float32",
     probe_dtype: str | None = None,
     device: str = "cpu",
+    lanes: int | None = None,
 ) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable,
@@ -143,6 +144,7 @@ def start_server(
         "--log-level",
         "warning",
         *([] if continuous else ["--no-continuous-batching"]),
+        *([] if lanes is None else ["--lanes", str(lanes)]),
         "--dtype",
         dtype,
         "--device",
@@ -254,6 +256,9 @@ def main() -> None:
     parser.add_argument(
         "--device", default="cpu", help="the model's torch device, both sides (cuda, ...)"
     )
+    parser.add_argument(
+        "--lanes", type=int, help="the server's --lanes (default: the server's own default)"
+    )
     parser.add_argument("--json", help="also write the summary to this file")
     parser.add_argument("--plot", nargs="+", metavar="JSON", help="plot these runs, then exit")
     parser.add_argument("--out", default="serving.png", help="the figure --plot writes")
@@ -294,6 +299,7 @@ def main() -> None:
         args.dtype,
         args.probe_dtype,
         args.device,
+        args.lanes,
     )
     client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=3600)
     served = client.models.list().data[0].id
@@ -359,8 +365,9 @@ def main() -> None:
         f"{statistics.mean(completion_tokens.values()):.1f} tokens), greedy, "
         f"{engine.model_name} + {len(engine.adapter_names)} adapters, "
         f"torch threads {torch.get_num_threads()}, "
-        f"{'continuous' if args.continuous else 'static'} batching, {args.dtype}"
-        + (f", {args.probe_dtype} probe" if args.probe_dtype else "")
+        f"{'continuous' if args.continuous else 'static'} batching, "
+        f"{args.lanes or 'default'} lane(s), "
+        f"{args.dtype}" + (f", {args.probe_dtype} probe" if args.probe_dtype else "")
     )
     print(f"server overhead at 1 client (median of paired ratios - 1): {overhead * 100:+.1f}%")
     print(
@@ -383,6 +390,7 @@ def main() -> None:
         "max_tokens": max_tokens,
         "mean_completion_tokens": statistics.mean(completion_tokens.values()),
         "continuous_batching": args.continuous,
+        "lanes": args.lanes or "default",
         "dtype": args.dtype,
         "probe_dtype": args.probe_dtype or args.dtype,
         "overhead_1_client": overhead,

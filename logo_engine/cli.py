@@ -156,6 +156,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run each batch as it started (requests arriving meanwhile wait for it to end)",
     )
     serve.add_argument(
+        "--lanes",
+        type=int,
+        help="batches run side by side, splitting the CPU threads (default: 2 on a CPU with "
+        "2+ threads, else 1)",
+    )
+    serve.add_argument(
         "--served-model-name", help="model name clients use (default: the base model's name)"
     )
     serve.add_argument(
@@ -173,8 +179,11 @@ def _serve(args: argparse.Namespace) -> int:
         raise LoGoError(
             f"logo serve needs the [serve] extra (pip install 'logo-lora[serve]'): {exc}"
         ) from exc
-    if args.max_batch_size < 1 or args.batch_wait_ms < 0 or args.max_body_bytes < 1:
-        raise LoGoError("--max-batch-size and --max-body-bytes must be >= 1, --batch-wait-ms >= 0")
+    lanes = 1 if args.lanes is None else args.lanes
+    if min(args.max_batch_size, args.max_body_bytes, lanes) < 1 or args.batch_wait_ms < 0:
+        raise LoGoError(
+            "--max-batch-size, --lanes and --max-body-bytes must be >= 1, --batch-wait-ms >= 0"
+        )
     if backend_options(args.backend_options) and args.backend == "transformers":
         raise LoGoError("--backend-option needs --backend vllm (transformers takes no options)")
     config = ServeConfig(
@@ -182,6 +191,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,
         continuous_batching=args.continuous_batching,
+        lanes=args.lanes,
         served_model_name=args.served_model_name,
         max_body_bytes=args.max_body_bytes,
     )

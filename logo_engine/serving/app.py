@@ -39,7 +39,7 @@ from logo_engine.chat import Prompt, has_chat_template
 from logo_engine.errors import InvalidRequestError, LoGoError, RemoteError
 from logo_engine.selection import pinned_selection
 from logo_engine.serving import openai_api as oa
-from logo_engine.serving.batcher import Batcher, Failed, Finished, Job, Selected
+from logo_engine.serving.batcher import Batcher, Failed, Finished, Job, Lanes, Selected
 from logo_engine.serving.metrics import CONTENT_TYPE, Metrics
 from logo_engine.serving.protocol import (
     ADAPTERS_HEADER,
@@ -85,6 +85,7 @@ class ServeConfig:
     max_batch_size: int = 8  # rows per engine batch
     batch_wait_ms: float = 10.0  # how long a batch waits for more rows after its first arrived
     continuous_batching: bool = True  # rows may join a running batch (engines that allow it)
+    lanes: int | None = None  # batches side by side (batcher.Lanes); None: engine.serving_lanes
     served_model_name: str | None = None  # the routed model's name (default: engine.model_name)
     max_body_bytes: int = MAX_BODY_BYTES  # larger request bodies get a 413
 
@@ -118,14 +119,19 @@ RunnerFactory = Callable[[BaseEngine, ServerState], JobRunner]
 
 
 def local_runner(engine: BaseEngine, state: ServerState) -> JobRunner:
-    """The default job runner: one :class:`Batcher` thread in this process."""
-    return Batcher(
-        engine,
-        max_batch_size=state.config.max_batch_size,
-        batch_wait_ms=state.config.batch_wait_ms,
+    """The default job runner: :class:`Batcher` threads in this process (``lanes`` of them)."""
+    config = state.config
+    options: dict[str, Any] = dict(
+        max_batch_size=config.max_batch_size,
+        batch_wait_ms=config.batch_wait_ms,
         observer=state.metrics,
-        continuous=state.config.continuous_batching,
+        continuous=config.continuous_batching,
     )
+    lanes = engine.serving_lanes if config.lanes is None else config.lanes
+    logger.info("serving with %d lane(s)", lanes)
+    if lanes > 1:
+        return Lanes(engine, lanes=lanes, **options)
+    return Batcher(engine, **options)
 
 
 def create_app(

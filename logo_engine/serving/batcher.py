@@ -38,6 +38,8 @@ from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Union
 
+import torch
+
 from logo_engine.base import BaseEngine, Mixture, Request, RowState, SamplingParams, _Run
 from logo_engine.types import Generation, RoutingConfig, Selection
 
@@ -144,6 +146,8 @@ class Batcher:
         continuous: bool = True,
         join_ratio: float = 0.3,
         max_join_wait_steps: int = 8,
+        threads: ThreadShare | None = None,
+        name: str = "logo-batcher",
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -160,7 +164,8 @@ class Batcher:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._deferred: deque[Job] = deque()  # jobs that did not fit the last batch's key
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="logo-batcher", daemon=True)
+        self._threads = threads  # torch threads shared with other lanes (see :class:`Lanes`)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
@@ -229,15 +234,23 @@ class Batcher:
             self.observer.batch_started(len(jobs), [started - j.enqueued_at for j in jobs])
         key = jobs[0].key
         self._join_wait = 0
+        share = self._threads
+        if share is not None:
+            share.enter()
+            share.apply()
+
+        def refill(live: int) -> list[Job]:
+            if share is not None:
+                share.apply()  # before the next step: lanes may have started or ended batches
+            return self._joiners(key, live)
+
         try:
-            run_batch(
-                self.engine,
-                jobs,
-                self.observer,
-                refill=(lambda live: self._joiners(key, live)) if self.continuous else None,
-            )
+            run_batch(self.engine, jobs, self.observer, refill=refill if self.continuous else None)
         except Exception:  # run_batch reports errors to the jobs; this is a bug of ours
             logger.exception("a batch failed outside the engine")
+        finally:
+            if share is not None:
+                share.leave()
 
     def _joiners(self, key: Hashable, live: int) -> list[Job]:
         """Waiting jobs with ``key`` that join a running batch of ``live`` rows now.
@@ -273,6 +286,71 @@ class Batcher:
         self._deferred = deque(j for j in waiting if j not in joiners)
         self._join_wait = 0
         return joiners
+
+
+class ThreadShare:
+    """The process's torch threads, split evenly between the lanes that are running a batch.
+
+    Each lane sets its own thread's count (``torch.set_num_threads`` is per thread) when its
+    batch starts and before each of its steps, so a lone lane uses every thread and two busy
+    lanes one half each, never more threads than cores for long.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = max(1, total)
+        self._busy = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self._lock:
+            self._busy += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._busy -= 1
+
+    def apply(self) -> int:
+        """Set the calling lane's torch threads to its share now; returns it."""
+        share = max(1, self.total // max(1, self._busy))
+        if torch.get_num_threads() != share:
+            torch.set_num_threads(share)
+        return share
+
+
+class Lanes:
+    """``lanes`` batchers side by side, each request sent to the lane with fewest unfinished.
+
+    On a CPU, two small batches on one core each decode and prefill more tokens per second than
+    one batch on both cores: the model's matrices at these sizes use a second thread poorly
+    (``benchmarks/serving.py``; docs/serving.md). The lanes share the engine (its weights, caches
+    and adapters) and split the torch threads (:class:`ThreadShare`); a lone busy lane uses all
+    of them, so one client is served as fast as with one lane.
+    """
+
+    def __init__(self, engine: BaseEngine, *, lanes: int = 2, **batcher: Any) -> None:
+        if lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {lanes}")
+        share = ThreadShare(torch.get_num_threads()) if lanes > 1 else None
+        self.lanes = [
+            Batcher(engine, threads=share, name=f"logo-batcher-{i}", **batcher)
+            for i in range(lanes)
+        ]
+        self._jobs: list[list[Job]] = [[] for _ in self.lanes]
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job`` on the lane with the fewest unfinished jobs (called from one thread)."""
+        for jobs in self._jobs:
+            jobs[:] = [j for j in jobs if not (j.over or j.cancelled)]
+        lane = min(range(len(self.lanes)), key=lambda i: len(self._jobs[i]))
+        self.lanes[lane].submit(job)
+        self._jobs[lane].append(job)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        for lane in self.lanes:
+            lane._stopping = True
+            lane._queue.put(None)
+        for lane in self.lanes:
+            lane._thread.join(timeout)
 
 
 def run_batch(
