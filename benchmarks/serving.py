@@ -20,6 +20,7 @@ real requests do.
     HF_HUB_OFFLINE=1 python -m benchmarks.serving --quick    # R = 1
     HF_HUB_OFFLINE=1 python -m benchmarks.serving --workload open --max-tokens 128
     HF_HUB_OFFLINE=1 python -m benchmarks.serving --device cuda --dtype bfloat16   # on a GPU
+    HF_HUB_OFFLINE=1 python -m benchmarks.serving --levels 8 --lanes 1   # the server with one lane
     python -m benchmarks.serving --plot docs/serving_runs/*.json --out docs/figures/serving.png
 
 Two workloads: ``tasks`` (default), the zoo's task prompts, whose answers are short (about a
@@ -28,7 +29,8 @@ decoding; ``open``, open questions written by hand that ask for explanations, wh
 to the token limit, so decoding (where batching pays most) dominates.
 
 The last line printed is one JSON object with the figures (``--json PATH`` also writes it to a
-file); ``--plot`` draws the speedup per client count of such files, one line per run.
+file); ``--plot`` draws the speedup per client count of such files, one line per run (dashed:
+one lane, i.e. ``--lanes 1`` or a run from before lanes).
 """
 
 from __future__ import annotations
@@ -204,13 +206,26 @@ def plot(paths: list[str], out: str) -> None:
         with open(path) as f:
             run = json.load(f)
         workload = run.get("workload", "tasks")
+        lanes = run.get("lanes", 1)  # runs before lanes existed had one
         clients = [level["clients"] for level in run["levels"]]
         speedup = [level["speedup_vs_one_by_one"] for level in run["levels"]]
         label = None
-        if workload not in labelled:
-            labelled.add(workload)
-            label = f"{workload}: answers of ~{run['mean_completion_tokens']:.0f} tokens"
-        ax.plot(clients, speedup, marker="o", color=colors.get(workload), alpha=0.8, label=label)
+        if (workload, lanes) not in labelled:
+            labelled.add((workload, lanes))
+            label = (
+                f"{workload}: answers of ~{run['mean_completion_tokens']:.0f} tokens, "
+                f"{lanes} lane{'s' if lanes > 1 else ''}"
+            )
+        style = "-" if lanes > 1 else "--"
+        ax.plot(
+            clients,
+            speedup,
+            marker="o",
+            linestyle=style,
+            color=colors.get(workload),
+            alpha=0.8,
+            label=label,
+        )
     ax.axhline(3.0, color="grey", linestyle="--", linewidth=1, label="goal at 8 clients: 3x")
     ax.axhline(1.0, color="black", linewidth=0.5)
     ax.set_xscale("log", base=2)
@@ -360,13 +375,14 @@ def main() -> None:
         server.terminate()
         server.wait(30)
 
+    lanes = args.lanes or engine.serving_lanes  # the server's default is the engine's
     print(
         f"\nworkload {args.workload}, max_tokens={max_tokens} (mean answer "
         f"{statistics.mean(completion_tokens.values()):.1f} tokens), greedy, "
         f"{engine.model_name} + {len(engine.adapter_names)} adapters, "
         f"torch threads {torch.get_num_threads()}, "
         f"{'continuous' if args.continuous else 'static'} batching, "
-        f"{args.lanes or 'default'} lane(s), "
+        f"{lanes} lane(s), "
         f"{args.dtype}" + (f", {args.probe_dtype} probe" if args.probe_dtype else "")
     )
     print(f"server overhead at 1 client (median of paired ratios - 1): {overhead * 100:+.1f}%")
@@ -390,7 +406,7 @@ def main() -> None:
         "max_tokens": max_tokens,
         "mean_completion_tokens": statistics.mean(completion_tokens.values()),
         "continuous_batching": args.continuous,
-        "lanes": args.lanes or "default",
+        "lanes": lanes,
         "dtype": args.dtype,
         "probe_dtype": args.probe_dtype or args.dtype,
         "overhead_1_client": overhead,

@@ -75,9 +75,20 @@ def discarded_on_error(ahead: Ahead | None) -> Iterator[None]:
         raise
 
 
+_lane = threading.local()
+
+
+def share_cores(sharing: bool) -> None:
+    """Say whether the calling thread computes beside others on the same cores (serving lanes).
+
+    While it does, the cores its own torch threads leave are the others', not idle.
+    """
+    _lane.sharing = sharing
+
+
 def idle_cores(device: torch.device) -> bool:
     """Whether torch leaves CPU cores this process may use idle (a pass beside the probe's)."""
-    if device.type != "cpu":
+    if device.type != "cpu" or getattr(_lane, "sharing", False):
         return False
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return torch.get_num_threads() < (cores or 1)

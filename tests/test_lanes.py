@@ -7,6 +7,7 @@ per-thread count (``torch.get_num_threads()`` read inside each lane), and the ba
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ import torch
 from openai import OpenAI
 
 from logo_engine import LoGoEngine
+from logo_engine.ahead import idle_cores
 from logo_engine.base import SamplingParams
 from logo_engine.serving.app import ServeConfig
 from logo_engine.serving.batcher import Finished, Job, Lanes, ThreadShare
@@ -118,7 +120,42 @@ def test_busy_lanes_split_the_threads_and_a_lone_lane_takes_them_all():
     for t in threads:
         t.join(10)
     assert seen == {"a": [2, 2], "b": [2, 2, 4, 4]}
+
     assert torch.get_num_threads() == main_threads  # per thread: this one is untouched
+
+
+def test_a_lane_beside_a_busy_lane_sees_no_idle_cores_for_a_pass_ahead():
+    """One thread per lane leaves cores torch does not use, but the other lane uses them."""
+    share = ThreadShare(1)
+    both_busy, a_left = threading.Barrier(2), threading.Event()
+    spare: dict[str, list[bool]] = {"a": [], "b": []}
+
+    def lane(name: str) -> None:
+        share.enter()
+        both_busy.wait()
+        share.apply()
+        spare[name].append(idle_cores(torch.device("cpu")))
+        both_busy.wait()
+        if name == "b":
+            share.apply()  # "a" is still busy
+            spare[name].append(idle_cores(torch.device("cpu")))
+        both_busy.wait()
+        if name == "a":
+            share.leave()
+            a_left.set()
+        else:
+            a_left.wait()
+            share.apply()  # alone now: torch's one thread leaves the other cores idle
+            spare[name].append(idle_cores(torch.device("cpu")))
+            share.leave()
+
+    threads = [threading.Thread(target=lane, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert spare == {"a": [False], "b": [False, False, (cores or 1) > 1]}
 
 
 async def test_each_job_goes_to_the_lane_with_fewest_unfinished_and_lanes_run_side_by_side(

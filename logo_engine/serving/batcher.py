@@ -40,6 +40,7 @@ from typing import Any, Protocol, Union
 
 import torch
 
+from logo_engine.ahead import share_cores
 from logo_engine.base import BaseEngine, Mixture, Request, RowState, SamplingParams, _Run
 from logo_engine.types import Generation, RoutingConfig, Selection
 
@@ -311,9 +312,11 @@ class ThreadShare:
 
     def apply(self) -> int:
         """Set the calling lane's torch threads to its share now; returns it."""
-        share = max(1, self.total // max(1, self._busy))
+        busy = max(1, self._busy)
+        share = max(1, self.total // busy)
         if torch.get_num_threads() != share:
             torch.set_num_threads(share)
+        share_cores(busy > 1)  # no pass ahead on the other lanes' cores
         return share
 
 
