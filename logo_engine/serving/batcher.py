@@ -177,9 +177,14 @@ class Batcher:
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Stop after the running batch; queued jobs fail with an error."""
-        self._stopping = True
-        self._queue.put(None)
+        self.stop()
         self._thread.join(timeout)
+
+    def stop(self) -> None:
+        """Take no more jobs; the worker ends after its running batch (``close`` waits for it)."""
+        if not self._stopping:
+            self._stopping = True
+            self._queue.put(None)
 
     # ------------------------------------------------------------------ worker thread
     def _loop(self) -> None:
@@ -349,11 +354,11 @@ class Lanes:
         self._jobs[lane].append(job)
 
     def close(self, timeout: float | None = 30.0) -> None:
+        """Stop every lane after its running batch; queued jobs fail with an error."""
         for lane in self.lanes:
-            lane._stopping = True
-            lane._queue.put(None)
+            lane.stop()  # all at once: the lanes' running batches end side by side
         for lane in self.lanes:
-            lane._thread.join(timeout)
+            lane.close(timeout)
 
 
 def run_batch(
