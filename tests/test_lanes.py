@@ -22,9 +22,10 @@ from openai import OpenAI
 from logo_engine import LoGoEngine
 from logo_engine.ahead import idle_cores
 from logo_engine.base import SamplingParams
-from logo_engine.serving.app import ServeConfig
-from logo_engine.serving.batcher import Finished, Job, Lanes, ThreadShare
+from logo_engine.serving.app import ServeConfig, ServerState, local_runner
+from logo_engine.serving.batcher import Batcher, Finished, Job, Lanes, ThreadShare
 from logo_engine.serving.server import BackgroundServer
+from logo_engine.testing import ScriptedEngine
 
 PROMPTS = [p for t in tiny.TASKS.values() for p in t.prompts(3, seed=13)]
 
@@ -242,3 +243,27 @@ def test_the_cli_refuses_lanes_below_one(capsys):
 
     assert main(["serve", "--lanes", "0"]) == 2
     assert "--lanes" in capsys.readouterr().err
+
+
+def test_the_default_runner_has_two_lanes_on_a_multicore_cpu_and_one_elsewhere(
+    tokenizer, adapter_dir, four_threads
+):
+    engine = LoGoEngine(tiny.tiny_model(), tokenizer, adapters=adapter_dir, name="tiny-llama")
+    scripted = ScriptedEngine(["w"], adapter_names=("x",))
+    cases = [
+        (engine, ServeConfig(), 2),  # a CPU, 4 torch threads
+        (engine, ServeConfig(lanes=1), 1),
+        (engine, ServeConfig(lanes=3), 3),
+        (scripted, ServeConfig(), 1),  # an engine that computes nothing here keeps one
+    ]
+    for eng, config, want in cases:
+        runner = local_runner(eng, ServerState(config))
+        try:
+            got = len(runner.lanes) if isinstance(runner, Lanes) else 1
+            assert isinstance(runner, Lanes if want > 1 else Batcher)
+            assert got == want
+        finally:
+            runner.close()
+    torch.set_num_threads(1)  # one thread: nothing to split
+    assert engine.serving_lanes == 1
+    engine.close()
