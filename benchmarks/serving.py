@@ -20,7 +20,7 @@ real requests do.
     HF_HUB_OFFLINE=1 python -m benchmarks.serving --quick    # R = 1
     HF_HUB_OFFLINE=1 python -m benchmarks.serving --workload open --max-tokens 128
     HF_HUB_OFFLINE=1 python -m benchmarks.serving --device cuda --dtype bfloat16   # on a GPU
-    HF_HUB_OFFLINE=1 python -m benchmarks.serving --levels 8 --lanes 1   # the server with one lane
+    HF_HUB_OFFLINE=1 python -m benchmarks.serving --levels 8 --lanes 2   # two lanes (CPU)
     python -m benchmarks.serving --plot docs/serving_runs/*.json --out docs/figures/serving.png
 
 Two workloads: ``tasks`` (default), the zoo's task prompts, whose answers are short (about a
@@ -130,7 +130,7 @@ def start_server(
     dtype: str = "float32",
     probe_dtype: str | None = None,
     device: str = "cpu",
-    lanes: int | None = None,
+    lanes: int = 1,
 ) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable,
@@ -146,7 +146,8 @@ def start_server(
         "--log-level",
         "warning",
         *([] if continuous else ["--no-continuous-batching"]),
-        *([] if lanes is None else ["--lanes", str(lanes)]),
+        "--lanes",
+        str(lanes),
         "--dtype",
         dtype,
         "--device",
@@ -271,9 +272,7 @@ def main() -> None:
     parser.add_argument(
         "--device", default="cpu", help="the model's torch device, both sides (cuda, ...)"
     )
-    parser.add_argument(
-        "--lanes", type=int, help="the server's --lanes (default: the server's own default)"
-    )
+    parser.add_argument("--lanes", type=int, default=1, help="the server's --lanes (default 1)")
     parser.add_argument("--json", help="also write the summary to this file")
     parser.add_argument("--plot", nargs="+", metavar="JSON", help="plot these runs, then exit")
     parser.add_argument("--out", default="serving.png", help="the figure --plot writes")
@@ -375,14 +374,13 @@ def main() -> None:
         server.terminate()
         server.wait(30)
 
-    lanes = args.lanes or engine.serving_lanes  # the server's default is the engine's
     print(
         f"\nworkload {args.workload}, max_tokens={max_tokens} (mean answer "
         f"{statistics.mean(completion_tokens.values()):.1f} tokens), greedy, "
         f"{engine.model_name} + {len(engine.adapter_names)} adapters, "
         f"torch threads {torch.get_num_threads()}, "
         f"{'continuous' if args.continuous else 'static'} batching, "
-        f"{lanes} lane(s), "
+        f"{args.lanes} lane(s), "
         f"{args.dtype}" + (f", {args.probe_dtype} probe" if args.probe_dtype else "")
     )
     print(f"server overhead at 1 client (median of paired ratios - 1): {overhead * 100:+.1f}%")
@@ -406,7 +404,7 @@ def main() -> None:
         "max_tokens": max_tokens,
         "mean_completion_tokens": statistics.mean(completion_tokens.values()),
         "continuous_batching": args.continuous,
-        "lanes": lanes,
+        "lanes": args.lanes,
         "dtype": args.dtype,
         "probe_dtype": args.probe_dtype or args.dtype,
         "overhead_1_client": overhead,

@@ -486,11 +486,6 @@ class BaseEngine(ABC):
         """Whether rows can join a running batch of this engine (continuous batching)."""
         return False
 
-    @property
-    def serving_lanes(self) -> int:
-        """How many batches a server runs side by side on this engine by default (``Lanes``)."""
-        return 1
-
     # ----------------------------------------------------------------------- life cycle
     @property
     def closed(self) -> bool:

@@ -158,8 +158,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--lanes",
         type=int,
-        help="batches run side by side, splitting the CPU threads (default: 2 on a CPU with "
-        "2+ threads, else 1)",
+        default=1,
+        help="batches decoded side by side, the CPU threads split between them (default 1; 2 "
+        "serves short answers faster on a CPU, long ones slower: docs/serving.md)",
     )
     serve.add_argument(
         "--served-model-name", help="model name clients use (default: the base model's name)"
@@ -179,8 +180,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise LoGoError(
             f"logo serve needs the [serve] extra (pip install 'logo-lora[serve]'): {exc}"
         ) from exc
-    lanes = 1 if args.lanes is None else args.lanes
-    if min(args.max_batch_size, args.max_body_bytes, lanes) < 1 or args.batch_wait_ms < 0:
+    if min(args.max_batch_size, args.max_body_bytes, args.lanes) < 1 or args.batch_wait_ms < 0:
         raise LoGoError(
             "--max-batch-size, --lanes and --max-body-bytes must be >= 1, --batch-wait-ms >= 0"
         )

@@ -988,17 +988,6 @@ class LoGoEngine(BaseEngine):
         """Rows can join a running batch on the engine's own decoder (plain KV caches only)."""
         return self._backend is None and self._plain_kv
 
-    @property
-    def serving_lanes(self) -> int:
-        """2 on a CPU with 2+ torch threads (own decoder), else 1 (``serving.batcher.Lanes``).
-
-        At a decoding step's few rows, or a prompt of a few dozen tokens, the model's matrix
-        products gain little from a second thread (docs/serving.md, "Lanes"), so two batches on
-        half the threads each serve more requests per second than one batch on all of them.
-        """
-        cpu = self._device.type == "cpu" and self._backend is None
-        return 2 if cpu and torch.get_num_threads() >= 2 else 1
-
     def _join_group(
         self,
         requests: list[Request],

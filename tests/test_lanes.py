@@ -25,7 +25,6 @@ from logo_engine.base import SamplingParams
 from logo_engine.serving.app import ServeConfig, ServerState, local_runner
 from logo_engine.serving.batcher import Batcher, Finished, Job, Lanes, ThreadShare
 from logo_engine.serving.server import BackgroundServer
-from logo_engine.testing import ScriptedEngine
 
 PROMPTS = [p for t in tiny.TASKS.values() for p in t.prompts(3, seed=13)]
 
@@ -160,12 +159,20 @@ def test_a_lane_beside_a_busy_lane_sees_no_idle_cores_for_a_pass_ahead():
     assert spare == {"a": [False], "b": [False, False, (cores or 1) > 1]}
 
 
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "static"])
 async def test_each_job_goes_to_the_lane_with_fewest_unfinished_and_lanes_run_side_by_side(
-    slow, four_threads
+    slow, four_threads, continuous
 ):
     loop = asyncio.get_running_loop()
     observer = Observer()
-    lanes = Lanes(slow, lanes=2, max_batch_size=4, batch_wait_ms=300, observer=observer)
+    lanes = Lanes(
+        slow,
+        lanes=2,
+        max_batch_size=4,
+        batch_wait_ms=300,
+        observer=observer,
+        continuous=continuous,
+    )
     try:
         jobs = [job(slow, p, loop, 16) for p in PROMPTS[:4]]
         for j in jobs:
@@ -245,25 +252,13 @@ def test_the_cli_refuses_lanes_below_one(capsys):
     assert "--lanes" in capsys.readouterr().err
 
 
-def test_the_default_runner_has_two_lanes_on_a_multicore_cpu_and_one_elsewhere(
-    tokenizer, adapter_dir, four_threads
-):
+def test_the_server_runs_one_lane_unless_told_otherwise(tokenizer, adapter_dir):
     engine = LoGoEngine(tiny.tiny_model(), tokenizer, adapters=adapter_dir, name="tiny-llama")
-    scripted = ScriptedEngine(["w"], adapter_names=("x",))
-    cases = [
-        (engine, ServeConfig(), 2),  # a CPU, 4 torch threads
-        (engine, ServeConfig(lanes=1), 1),
-        (engine, ServeConfig(lanes=3), 3),
-        (scripted, ServeConfig(), 1),  # an engine that computes nothing here keeps one
-    ]
-    for eng, config, want in cases:
-        runner = local_runner(eng, ServerState(config))
+    for config, want in [(ServeConfig(), 1), (ServeConfig(lanes=1), 1), (ServeConfig(lanes=3), 3)]:
+        runner = local_runner(engine, ServerState(config))
         try:
-            got = len(runner.lanes) if isinstance(runner, Lanes) else 1
             assert isinstance(runner, Lanes if want > 1 else Batcher)
-            assert got == want
+            assert (len(runner.lanes) if isinstance(runner, Lanes) else 1) == want
         finally:
             runner.close()
-    torch.set_num_threads(1)  # one thread: nothing to split
-    assert engine.serving_lanes == 1
     engine.close()

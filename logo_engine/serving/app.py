@@ -85,7 +85,7 @@ class ServeConfig:
     max_batch_size: int = 8  # rows per engine batch
     batch_wait_ms: float = 10.0  # how long a batch waits for more rows after its first arrived
     continuous_batching: bool = True  # rows may join a running batch (engines that allow it)
-    lanes: int | None = None  # batches side by side (batcher.Lanes); None: engine.serving_lanes
+    lanes: int = 1  # batches side by side, the CPU threads split between them (batcher.Lanes)
     served_model_name: str | None = None  # the routed model's name (default: engine.model_name)
     max_body_bytes: int = MAX_BODY_BYTES  # larger request bodies get a 413
 
@@ -127,10 +127,8 @@ def local_runner(engine: BaseEngine, state: ServerState) -> JobRunner:
         observer=state.metrics,
         continuous=config.continuous_batching,
     )
-    lanes = engine.serving_lanes if config.lanes is None else config.lanes
-    logger.info("serving with %d lane(s)", lanes)
-    if lanes > 1:
-        return Lanes(engine, lanes=lanes, **options)
+    if config.lanes > 1:
+        return Lanes(engine, lanes=config.lanes, **options)
     return Batcher(engine, **options)
 
 

@@ -244,14 +244,15 @@ class Batcher:
         if share is not None:
             share.enter()
             share.apply()
-
-        def refill(live: int) -> list[Job]:
-            if share is not None:
-                share.apply()  # before the next step: lanes may have started or ended batches
-            return self._joiners(key, live)
-
         try:
-            run_batch(self.engine, jobs, self.observer, refill=refill if self.continuous else None)
+            run_batch(
+                self.engine,
+                jobs,
+                self.observer,
+                refill=(lambda live: self._joiners(key, live)) if self.continuous else None,
+                # before each next step: the other lanes may have started or ended batches
+                between_steps=share.apply if share is not None else None,
+            )
         except Exception:  # run_batch reports errors to the jobs; this is a bug of ours
             logger.exception("a batch failed outside the engine")
         finally:
@@ -367,12 +368,14 @@ def run_batch(
     observer: BatchObserver | None = None,
     *,
     refill: Callable[[int], list[Job]] | None = None,
+    between_steps: Callable[[], object] | None = None,
 ) -> None:
     """Decode ``jobs`` (equal keys) as one engine batch, posting each row's events as they come.
 
     Runs in the calling thread, step by step. With ``refill`` (and an engine whose runs take
     joining rows), ``refill(live)`` is asked between steps for jobs of the same key to join the
-    batch of ``live`` rows. Errors end every unfinished row with :class:`Failed`; nothing is
+    batch of ``live`` rows; ``between_steps()`` is called after every step but the last (before
+    any join). Errors end every unfinished row with :class:`Failed`; nothing is
     raised; a failed join fails its own jobs only.
     """
     first = jobs[0].params
@@ -394,7 +397,7 @@ def run_batch(
     )
     jobs = list(jobs)  # grows as rows join
     try:
-        _drive(run, jobs, observer, refill if run.joinable else None)
+        _drive(run, jobs, observer, refill if run.joinable else None, between_steps)
     except Exception as exc:
         for job in jobs:
             if not job.over:
@@ -434,6 +437,7 @@ def _drive(
     jobs: list[Job],
     observer: BatchObserver | None,
     refill: Callable[[int], list[Job]] | None = None,
+    between_steps: Callable[[], object] | None = None,
 ) -> None:
     """Step ``run`` to its end, posting each row's events (rows of ``refill`` join on the way)."""
     announced = False
@@ -462,6 +466,8 @@ def _drive(
                 job.post(Finished(generation))
                 if observer is not None:
                     observer.row_finished(generation)
+        if alive and between_steps is not None:
+            between_steps()
         if alive and refill is not None and announced:
             new = refill(sum(not job.over for job in jobs))
             if new:
