@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import platform
 import threading
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 from openai import OpenAI
 
+from benchmarks import report
 from benchmarks.batcher import Phase, engine_phases
 from benchmarks.serving import WORKLOADS
 from logo_engine import LoGoEngine
@@ -154,10 +154,7 @@ def main() -> None:
             + f"  {part['other']['seconds']:5.2f} s ({part['other']['share']:3.0%})"
         )
     print(f"speedup {result['speedup']:.2f}x")
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    report(result, args.json)
 
 
 if __name__ == "__main__":

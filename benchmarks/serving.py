@@ -51,6 +51,7 @@ import httpx
 import torch
 from openai import OpenAI
 
+from benchmarks import report
 from benchmarks.zoo.tasks import LIBRARY_TASKS, TASKS
 from logo_engine import LoGoEngine
 from logo_engine.types import DTYPES, parse_dtype
@@ -411,10 +412,7 @@ def main() -> None:
         "levels": levels,
         "answers_equal": not mismatches,
     }
-    print(json.dumps(summary))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
+    report(summary, args.json)
 
 
 if __name__ == "__main__":

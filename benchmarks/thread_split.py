@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -27,17 +25,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
+from benchmarks import report
+from benchmarks.probe_floor import median_ms
 from logo_engine.models import default_model_dir
-
-
-def median_ms(fn: Callable[[], None], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def side_by_side_ms(fn: Callable[[], None], repeats: int, threads_each: int) -> float:
@@ -104,8 +94,10 @@ def main() -> None:
     for round_ in range(args.rounds):
         for name, fn in shapes.items():
             torch.set_num_threads(1)
+            fn()  # warm-up at this thread count
             one = median_ms(fn, args.repeats)
             torch.set_num_threads(every)
+            fn()
             all_ = median_ms(fn, args.repeats)
             split = side_by_side_ms(fn, args.repeats, half)
             torch.set_num_threads(every)
@@ -118,10 +110,7 @@ def main() -> None:
         "threads": every,
         "results": results,
     }
-    print(json.dumps(summary))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
+    report(summary, args.json)
 
 
 if __name__ == "__main__":
