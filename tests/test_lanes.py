@@ -10,6 +10,7 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -94,6 +95,15 @@ async def finished(j: Job) -> Any:
     return events[-1].generation
 
 
+def in_two_lanes(lane: Callable[[str], None]) -> None:
+    """Run ``lane("a")`` and ``lane("b")`` in two threads, as two lanes, until both return."""
+    threads = [threading.Thread(target=lane, args=(name,)) for name in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+
+
 def test_busy_lanes_split_the_threads_and_a_lone_lane_takes_them_all():
     share = ThreadShare(4)
     both_busy, one_left = threading.Barrier(2), threading.Event()
@@ -115,13 +125,8 @@ def test_busy_lanes_split_the_threads_and_a_lone_lane_takes_them_all():
         share.leave()
 
     main_threads = torch.get_num_threads()
-    threads = [threading.Thread(target=lane, args=(n,)) for n in "ab"]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    in_two_lanes(lane)
     assert seen == {"a": [2, 2], "b": [2, 2, 4, 4]}
-
     assert torch.get_num_threads() == main_threads  # per thread: this one is untouched
 
 
@@ -150,11 +155,7 @@ def test_a_lane_beside_a_busy_lane_sees_no_idle_cores_for_a_pass_ahead():
             spare[name].append(idle_cores(torch.device("cpu")))
             share.leave()
 
-    threads = [threading.Thread(target=lane, args=(n,)) for n in "ab"]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    in_two_lanes(lane)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert spare == {"a": [False], "b": [False, False, (cores or 1) > 1]}
 

@@ -329,11 +329,14 @@ class ThreadShare:
 class Lanes:
     """``lanes`` batchers side by side, each request sent to the lane with fewest unfinished.
 
-    On a CPU, two small batches on one core each decode and prefill more tokens per second than
-    one batch on both cores: the model's matrices at these sizes use a second thread poorly
-    (``benchmarks/serving.py``; docs/serving.md). The lanes share the engine (its weights, caches
-    and adapters) and split the torch threads (:class:`ThreadShare`); a lone busy lane uses all
-    of them, so one client is served as fast as with one lane.
+    On a CPU the model's products at serving sizes use a second thread poorly
+    (``benchmarks/thread_split.py``), so two batches on one core each get through more prompt
+    passes than one batch on both: short answers are served faster. Decoding few rows per lane
+    can be slower than one batch of all of them on both cores (long answers at 4 clients:
+    docs/serving.md, "Lanes"), which is why the server runs one lane unless told otherwise.
+    The lanes share the engine (its weights, caches and adapters) and split the torch threads
+    (:class:`ThreadShare`); a lone busy lane uses all of them, so one client is served as fast as
+    with one lane.
     """
 
     def __init__(self, engine: BaseEngine, *, lanes: int = 2, **batcher: Any) -> None:
