@@ -900,7 +900,6 @@ def paired(repeats: int, compiled: bool, through: str = "engine", seed: int = 0)
             engine.warm_up(routing)
             log(f"paired: compiled the probe in {time.perf_counter() - start:.0f} s")
             variants.append(Variant(COMPILED + suffix, engine, routing=routing))
-    answer = (lambda v, i: v.generate(prompts[i], 1)) if through == "engine" else None
     if through == "langchain":
         from langchain_core.messages import convert_to_messages
 
@@ -917,7 +916,12 @@ def paired(repeats: int, compiled: bool, through: str = "engine", seed: int = 0)
         def answer(v: Variant, i: int) -> Any:
             return llms[v.label].invoke(chats[i])
 
-    assert answer is not None, through
+    else:
+        assert through == "engine", through
+
+        def answer(v: Variant, i: int) -> Any:
+            return v.generate(prompts[i], 1)
+
     for v in variants:  # untimed: first calls of every engine
         v.generate("Hello!", 1)
     times: dict[str, list[list[float]]] = {v.label: [[] for _ in prompts] for v in variants}
