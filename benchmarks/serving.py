@@ -21,6 +21,7 @@ real requests do.
     HF_HUB_OFFLINE=1 python -m benchmarks.serving --workload open --max-tokens 128
     HF_HUB_OFFLINE=1 python -m benchmarks.serving --device cuda --dtype bfloat16   # on a GPU
     HF_HUB_OFFLINE=1 python -m benchmarks.serving --levels 8 --lanes 2   # two lanes (CPU)
+    HF_HUB_OFFLINE=1 python -m benchmarks.serving --levels 8 --lanes 2 --server-threads 1
     python -m benchmarks.serving --plot docs/serving_runs/*.json --out docs/figures/serving.png
 
 Two workloads: ``tasks`` (default), the zoo's task prompts, whose answers are short (about a
@@ -132,6 +133,7 @@ def start_server(
     probe_dtype: str | None = None,
     device: str = "cpu",
     lanes: int = 1,
+    threads: int | None = None,
 ) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable,
@@ -155,7 +157,10 @@ def start_server(
         device,
         *([] if probe_dtype is None else ["--probe-dtype", probe_dtype]),
     ]
-    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if threads is not None:  # the server's torch threads (torch reads OMP_NUM_THREADS)
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.Popen(cmd, env=env)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -274,6 +279,11 @@ def main() -> None:
         "--device", default="cpu", help="the model's torch device, both sides (cuda, ...)"
     )
     parser.add_argument("--lanes", type=int, default=1, help="the server's --lanes (default 1)")
+    parser.add_argument(
+        "--server-threads",
+        type=int,
+        help="the server's torch threads (OMP_NUM_THREADS; default: torch's, as in-process)",
+    )
     parser.add_argument("--json", help="also write the summary to this file")
     parser.add_argument("--plot", nargs="+", metavar="JSON", help="plot these runs, then exit")
     parser.add_argument("--out", default="serving.png", help="the figure --plot writes")
@@ -288,6 +298,8 @@ def main() -> None:
     levels_asked = args.levels
     if not levels_asked or min(levels_asked) < 1:
         parser.error("--levels takes client counts >= 1")
+    if args.server_threads is not None and args.server_threads < 1:
+        parser.error("--server-threads must be >= 1")
     pool = WORKLOADS[args.workload](4 + n_overhead + sum(levels_asked) * per_client)
 
     engine = LoGoEngine.from_pretrained(
@@ -315,6 +327,7 @@ def main() -> None:
         args.probe_dtype,
         args.device,
         args.lanes,
+        args.server_threads,
     )
     client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=3600)
     served = client.models.list().data[0].id
@@ -382,6 +395,7 @@ def main() -> None:
         f"torch threads {torch.get_num_threads()}, "
         f"{'continuous' if args.continuous else 'static'} batching, "
         f"{args.lanes} lane(s), "
+        f"server threads {args.server_threads or torch.get_num_threads()}, "
         f"{args.dtype}" + (f", {args.probe_dtype} probe" if args.probe_dtype else "")
     )
     print(f"server overhead at 1 client (median of paired ratios - 1): {overhead * 100:+.1f}%")
@@ -406,6 +420,7 @@ def main() -> None:
         "mean_completion_tokens": statistics.mean(completion_tokens.values()),
         "continuous_batching": args.continuous,
         "lanes": args.lanes,
+        "server_threads": args.server_threads or torch.get_num_threads(),
         "dtype": args.dtype,
         "probe_dtype": args.probe_dtype or args.dtype,
         "overhead_1_client": overhead,
