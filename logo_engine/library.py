@@ -15,7 +15,7 @@ re-exported here).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +142,7 @@ class AdapterLibrary:
         for m in modules:
             stacks[m] = _stack(m, adapters, old_stacks.get(m), len(old), dtype=dtype, device=device)
         self.stacks: dict[str, ModuleStack] = stacks
+        self._layouts = {m: _layout(s) for m, s in stacks.items()}
         self.adapters: list[Adapter] = [*old, *(a.without_weights() for a in adapters)]
         self.names = names
         self._slot = {n: i for i, n in enumerate(names)}
@@ -179,9 +180,27 @@ class AdapterLibrary:
             )
         return out
 
+    def layout(self, module: str) -> Hashable:
+        """Which adapter is where in ``module``'s stack, as a hashable key.
+
+        The key holds the bucket ranks, each slot's bucket and row, the dtype and the device;
+        modules with equal layouts take the same rows for a mixture (``MixturePlan.build``).
+        """
+        return self._layouts[module]
+
     def has_module(self, module: str) -> torch.Tensor:
         """(N,) bool: which adapters adapt ``module``."""
         return self.stacks[module].bucket_of >= 0
+
+
+def _layout(stack: ModuleStack) -> Hashable:
+    return (
+        tuple(b.rank for b in stack.buckets),
+        tuple(stack.bucket_of.tolist()),
+        tuple(stack.row_of.tolist()),
+        stack.buckets[0].lora_b.dtype,
+        stack.bucket_of.device,
+    )
 
 
 def available_memory(device: torch.device | str) -> int | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -155,8 +155,12 @@ class MixturePlan:
                 slots[b, j] = library.slot(name)
                 weights[b, j] = weight
         modules = {}
+        takes: dict[Hashable, list[_Take]] = {}  # per layout: modules alike share their takes
         for name, stack in library.stacks.items():
-            mix = _module_mixture(stack, slots, weights, shared=shared)
+            layout = library.layout(name)
+            if layout not in takes:
+                takes[layout] = _takes(stack, slots, weights)
+            mix = _module_mixture(stack, takes[layout], shared=shared)
             if mix is not None:
                 modules[name] = mix
         return cls(modules)
@@ -165,8 +169,8 @@ class MixturePlan:
 class _PlanCache:
     """Recently built shared plans, per library, bounded by bytes (LRU); thread-safe.
 
-    Building a plan costs a few torch ops per adapted module (11 to 16 ms for the zoo's 60
-    modules at 1 thread, about 3% of an agent step's time to first token; docs/benchmarks.md);
+    Building a plan costs a few torch ops per adapted module (3.5 ms for the zoo's 60 modules
+    at 1 thread, ``benchmarks/plan_build.py``; modules of one layout share the index work);
     an agent's steps and the turns of a conversation with a sticky selection reuse one mixture
     call after call. Plans are never modified once built, so one may serve several calls at
     once. A library is immutable (the engine swaps in a new one when adapters change), so its
@@ -214,42 +218,66 @@ PLAN_CACHE_BYTES = 64 * 2**20  # a plan of the zoo (k = 3, 60 modules) takes 5.3
 _PLANS = _PlanCache(PLAN_CACHE_BYTES)
 
 
-def _module_mixture(
-    stack: ModuleStack, slots: torch.Tensor, weights: torch.Tensor, *, shared: bool
-) -> ModuleMixture | None:
-    """Cat form at one module. slots, weights (B, k); slot -1 = padding.
+@dataclass(frozen=True)
+class _Take:
+    """What a plan takes from one rank bucket: the same at every module of one layout."""
 
-    Each rank bucket contributes the columns some row selects in it; a row that selects another
-    bucket (or nothing) in a column gets a zero A and a zero weight there, which adds exactly 0.
+    bucket: int  # index in the stack's buckets
+    rows: torch.Tensor  # (B, k') the row of each taken column; row 0 stands in where masked
+    weights: torch.Tensor  # (B, k') in the factors' dtype, 0 where masked
+    mask: torch.Tensor | None  # (B, k', 1, 1) 1 where a row takes the column; None: all do
+
+
+def _takes(stack: ModuleStack, slots: torch.Tensor, weights: torch.Tensor) -> list[_Take]:
+    """Each rank bucket's columns that some row selects. slots, weights (B, k); -1 = padding.
+
+    A row that selects another bucket (or nothing) in a column gets a zero A and a zero weight
+    there, which adds exactly 0. Reads only the stack's layout (``AdapterLibrary.layout``).
     """
     device = stack.bucket_of.device
+    dtype = stack.buckets[0].lora_b.dtype
     valid = (slots >= 0).to(device)  # (B, k)
     index = slots.clamp(min=0).to(device)  # (B, k)
     bucket_of = torch.where(valid, stack.bucket_of[index], -1)  # (B, k)
     row_of = stack.row_of[index]  # (B, k)
     weights = weights.to(device)
-    parts_a, parts_b = [], []
+    takes = []
     for i in bucket_of.unique().tolist():
         if i < 0:
             continue
-        bucket = stack.buckets[i]
         mask = bucket_of == i  # (B, k)
         keep = mask.any(dim=0)  # drop columns no row takes from this bucket
         m = mask[:, keep]  # (B, k')
-        rows = torch.where(m, row_of[:, keep], 0)  # (B, k'), row 0 stands in where masked
-        w = (weights[:, keep] * m).to(bucket.lora_b.dtype)  # (B, k'), 0 where masked
-        n_rows, k = rows.shape
+        takes.append(
+            _Take(
+                bucket=i,
+                rows=torch.where(m, row_of[:, keep], 0),
+                weights=(weights[:, keep] * m).to(dtype),
+                mask=None if bool(m.all()) else m[:, :, None, None].to(dtype),
+            )
+        )
+    return takes
+
+
+def _module_mixture(
+    stack: ModuleStack, takes: Sequence[_Take], *, shared: bool
+) -> ModuleMixture | None:
+    """Cat form at one module, from its layout's takes (see :func:`_takes`)."""
+    parts_a, parts_b = [], []
+    for take in takes:
+        bucket = stack.buckets[take.bucket]
+        n_rows, k = take.rows.shape
         r = bucket.rank
-        a = bucket.lora_a[rows]  # (B, k', r, in)
-        if not bool(m.all()):
-            a = a * m[:, :, None, None].to(a.dtype)
-        b = bucket.lora_b[rows] * w[:, :, None, None]  # (B, k', out, r)
+        a = bucket.lora_a[take.rows]  # (B, k', r, in)
+        if take.mask is not None:
+            a = a * take.mask
+        b = bucket.lora_b[take.rows] * take.weights[:, :, None, None]  # (B, k', out, r)
         parts_a.append(a.reshape(n_rows, k * r, stack.d_in))  # (B, k'·r, in)
         parts_b.append(b.permute(0, 2, 1, 3).reshape(n_rows, stack.d_out, k * r))  # (B, out, k'·r)
     if not parts_a:
         return None
-    a_cat = torch.cat(parts_a, dim=1)  # (B, Σ k'·r, in)
-    b_cat = torch.cat(parts_b, dim=2)  # (B, out, Σ k'·r)
+    a_cat = torch.cat(parts_a, dim=1) if len(parts_a) > 1 else parts_a[0]  # (B, Σ k'·r, in)
+    b_cat = torch.cat(parts_b, dim=2) if len(parts_b) > 1 else parts_b[0]  # (B, out, Σ k'·r)
     if shared:
         return ModuleMixture(a_cat[0].contiguous(), b_cat[0].contiguous())
     return ModuleMixture(a_cat.contiguous(), b_cat.contiguous())

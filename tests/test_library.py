@@ -18,6 +18,7 @@ from logo_engine import (
     UnsafeAdapterError,
 )
 from logo_engine.library import resolve_sources
+from logo_engine.mixture import MixturePlan
 
 
 def _copy(src, dst, edit_config=None, edit_state=None):
@@ -160,6 +161,38 @@ def test_mixed_ranks_alphas_rslora_and_targets(engine):
     assert k.bucket_of.tolist() == [-1, 0, -1]  # only "b" adapts k_proj
     assert lib.has_module("model.layers.0.self_attn.k_proj").tolist() == [False, True, False]
     assert "model.layers.0.mlp.up_proj" not in lib.stacks  # "c" only adapts layer 1
+
+
+def test_modules_alike_in_ranks_but_not_in_adapters_get_their_own_factors(tokenizer, tmp_path):
+    """Plans share their index work between modules of one layout; here two layouts differ
+    only in which adapter is where. Oracle: the factors as peft saved them (alpha / r = 2)."""
+    model = tiny.tiny_model()
+    tiny.random_adapter(model, tmp_path / "x", r=4, targets=("q_proj",), layers=[0], seed=5)
+    tiny.random_adapter(model, tmp_path / "y", r=4, targets=("q_proj",), layers=[1], seed=6)
+    engine = LoGoEngine(tiny.tiny_model(), tokenizer, adapters=tmp_path)
+    lib = engine.library
+    q0, q1 = (f"model.layers.{i}.self_attn.q_proj" for i in (0, 1))
+    assert lib.layout(q0) != lib.layout(q1)  # same ranks, other slots
+    saved = {n: load_file(tmp_path / n / "adapter_model.safetensors") for n in ("x", "y")}
+
+    def delta(name: str, module: str) -> torch.Tensor:
+        key = f"base_model.model.{module}.lora_{{}}.weight"
+        state = saved[name]
+        if key.format("A") not in state:
+            return torch.zeros(())
+        return 2.0 * state[key.format("B")] @ state[key.format("A")]
+
+    mixtures = [{"x": 0.6, "y": 0.4}, {"y": 1.0}, {}]
+    for rows in ([mixtures[0]], mixtures):  # one shared plan; one plan per row
+        plan = MixturePlan._build(lib, [tuple(m.items()) for m in rows])
+        assert set(plan.modules) == {q0, q1}
+        for module, mix in plan.modules.items():
+            for i, mixture in enumerate(rows):
+                a, b = (
+                    (mix.a_cat, mix.b_cat) if mix.a_cat.ndim == 2 else (mix.a_cat[i], mix.b_cat[i])
+                )
+                expected = sum(w * delta(n, module) for n, w in mixture.items())
+                torch.testing.assert_close(b @ a, expected + torch.zeros_like(b @ a))
 
 
 def test_one_bad_adapter_in_a_library_loads_none(tokenizer, adapter_dir, bad, tmp_path):
