@@ -1,13 +1,17 @@
-"""What building a mixture plan costs: ``MixturePlan.build`` on the shipped zoo, uncached.
+"""What mixture plans cost: ``MixturePlan.build`` and ``MixturePlan.concat`` on the shipped zoo.
 
 Every call whose mixture is not in the plan cache builds a plan (cat-form factors at each of
-the zoo's 60 adapted modules) before its prompt pass, and a server builds one per group of
-rows that join a batch. This times the build for 1 row (a shared plan), 2 rows (a typical join)
-and 8 rows (a full batch), each row a random top-3 mixture, medians over ``--repeats`` builds.
+the zoo's 60 adapted modules) before its prompt pass. A server builds one per group of rows
+that join a batch, then stacks it under the running batch's plan (``concat``). This times, as
+medians over ``--repeats``, with random top-3 mixtures:
 
-With ``--against REV``, the same builds also run on ``logo_engine/mixture.py`` as it was at git
-revision REV (loaded from ``git show``), interleaved with the current one, and every plan of
-both is checked equal, tensor for tensor.
+- the build (uncached) for 1 row (a shared plan), 2 rows (a typical join), 8 rows (a batch);
+- the stacking of a 5-row plan with a 2-row one, and of a 6-row plan with a shared one and a
+  base-only row.
+
+With ``--against REV``, each also runs on ``logo_engine/mixture.py`` as it was at git revision
+REV (loaded from ``git show``), interleaved with the current one, and every plan of both is
+checked equal, tensor for tensor.
 
     HF_HUB_OFFLINE=1 python -m benchmarks.plan_build [--threads 1] [--repeats 40] [--against REV]
 
@@ -25,17 +29,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
 from benchmarks import report
 from logo_engine import LoGoEngine
 from logo_engine import mixture as current
-from logo_engine.library import AdapterLibrary
 
-ROWS = (1, 2, 8)
+BUILD_ROWS = (1, 2, 8)
+
+Mixture = tuple[tuple[str, float], ...]
 
 
 def mixture_at(rev: str) -> ModuleType:
@@ -57,16 +64,13 @@ def mixture_at(rev: str) -> ModuleType:
     return module
 
 
-def build_ms(module: ModuleType, library: AdapterLibrary, rows: list) -> tuple[float, object]:
-    start = time.perf_counter()
-    plan = module.MixturePlan._build(library, rows)  # uncached: the build itself
-    return (time.perf_counter() - start) * 1e3, plan
-
-
-def assert_equal(a: object, b: object) -> None:
-    assert a.modules.keys() == b.modules.keys()  # type: ignore[attr-defined]
-    for name, mix in a.modules.items():  # type: ignore[attr-defined]
-        other = b.modules[name]  # type: ignore[attr-defined]
+def assert_equal(a: Any, b: Any) -> None:
+    assert (a is None) == (b is None)
+    if a is None:
+        return
+    assert a.modules.keys() == b.modules.keys()
+    for name, mix in a.modules.items():
+        other = b.modules[name]
         assert torch.equal(mix.a_cat, other.a_cat) and torch.equal(mix.b_cat, other.b_cat), name
 
 
@@ -80,43 +84,61 @@ def main() -> None:
     if args.threads < 1 or args.repeats < 1:
         parser.error("--threads and --repeats must be >= 1")
     torch.set_num_threads(args.threads)
-    engine = LoGoEngine.from_pretrained()
-    library = engine.library
+    library = LoGoEngine.from_pretrained().library
     names = list(library.names)
     rng = random.Random(0)
-
-    def mixture() -> tuple[tuple[str, float], ...]:
-        picked = rng.sample(names, 3)
-        weights = [rng.random() for _ in picked]
-        return tuple((n, w / sum(weights)) for n, w in zip(picked, weights, strict=True))
-
     other = mixture_at(args.against) if args.against else None
-    results = []
-    for n_rows in ROWS:
-        now_ms: list[float] = []
-        then_ms: list[float] = []
+
+    def mixtures(n: int) -> list[Mixture]:
+        out = []
+        for _ in range(n):
+            picked = rng.sample(names, 3)
+            weights = [rng.random() for _ in picked]
+            out.append(tuple((m, w / sum(weights)) for m, w in zip(picked, weights, strict=True)))
+        return out
+
+    def timed(label: str, make: Callable[[], Any], run: Callable[[ModuleType, Any], Any]) -> dict:
+        """Median ms of ``run(module, make())`` now (and at REV, interleaved, plans equal)."""
+        times: dict[ModuleType, list[float]] = {current: []}
+        if other is not None:
+            times[other] = []
         for i in range(args.repeats):
-            rows = [mixture() for _ in range(n_rows)]
-            if other is None:
-                now_ms.append(build_ms(current, library, rows)[0])
-                continue
-            order = [(current, now_ms), (other, then_ms)]
+            given = make()
+            order = list(times) if i % 2 == 0 else list(times)[::-1]  # alternate who goes first
             plans = []
-            for module, times in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
-                elapsed, plan = build_ms(module, library, rows)
-                times.append(elapsed)
-                plans.append(plan)
-            assert_equal(*plans)
-        row = {"rows": n_rows, "build_ms": statistics.median(now_ms)}
-        line = f"{n_rows} row(s): {row['build_ms']:.2f} ms"
-        if then_ms:
-            row["build_ms_at_rev"] = statistics.median(then_ms)
-            row["ratio"] = row["build_ms"] / row["build_ms_at_rev"]
-            line += (
-                f" (at {args.against}: {row['build_ms_at_rev']:.2f} ms, ratio {row['ratio']:.2f})"
-            )
+            for module in order:
+                start = time.perf_counter()
+                plans.append(run(module, given))
+                times[module].append((time.perf_counter() - start) * 1e3)
+            if other is not None:
+                assert_equal(*plans)
+        row: dict[str, Any] = {"what": label, "ms": statistics.median(times[current])}
+        line = f"{label}: {row['ms']:.2f} ms"
+        if other is not None:
+            row["ms_at_rev"] = statistics.median(times[other])
+            row["ratio"] = row["ms"] / row["ms_at_rev"]
+            line += f" (at {args.against}: {row['ms_at_rev']:.2f} ms, {row['ratio']:.2f}x)"
         print(line, flush=True)
-        results.append(row)
+        return row
+
+    def plan(n: int) -> Any:
+        return current.MixturePlan._build(library, mixtures(n))
+
+    def build(module: ModuleType, rows: list[Mixture]) -> Any:
+        return module.MixturePlan._build(library, rows)  # uncached: the build itself
+
+    def concat(module: ModuleType, parts: list[tuple[Any, int]]) -> Any:
+        return module.MixturePlan.concat(parts)
+
+    results = [timed(f"build, {n} row(s)", lambda n=n: mixtures(n), build) for n in BUILD_ROWS]
+    results.append(timed("concat, 5 + 2 rows", lambda: [(plan(5), 5), (plan(2), 2)], concat))
+    results.append(
+        timed(
+            "concat, 6 rows + shared + base",
+            lambda: [(plan(6), 6), (plan(1), 1), (None, 1)],
+            concat,
+        )
+    )
     report(
         {
             "benchmark": "plan_build",

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -101,25 +100,21 @@ class MixturePlan:
                 shapes.setdefault(name, (d_out, d_in, given.a_cat.dtype, given.a_cat.device))
         if not shapes:
             return None
+        total = sum(n for _, n in parts)
         modules = {}
         for name, (d_out, d_in, dtype, device) in shapes.items():
-            a_parts, b_parts = [], []
-            for plan, n in parts:
-                mix = plan.modules.get(name) if plan is not None else None
-                if mix is None:
-                    a = torch.zeros(n, 0, d_in, dtype=dtype, device=device)  # (n, 0, in)
-                    b = torch.zeros(n, d_out, 0, dtype=dtype, device=device)  # (n, out, 0)
-                elif mix.a_cat.ndim == 2:  # shared by the part's rows
-                    a = mix.a_cat.expand(n, *mix.a_cat.shape)  # (n, k·r, in)
-                    b = mix.b_cat.expand(n, *mix.b_cat.shape)  # (n, out, k·r)
-                else:
-                    a, b = mix.a_cat, mix.b_cat
-                a_parts.append(a)
-                b_parts.append(b)
-            width = max(a.shape[1] for a in a_parts)
-            a_cat = torch.cat([F.pad(a, (0, 0, 0, width - a.shape[1])) for a in a_parts])
-            b_cat = torch.cat([F.pad(b, (0, width - b.shape[2])) for b in b_parts])
-            modules[name] = ModuleMixture(a_cat.contiguous(), b_cat.contiguous())  # (B, W, in)
+            taken = [(plan.modules.get(name) if plan is not None else None, n) for plan, n in parts]
+            width = max(mix.a_cat.shape[-2] for mix, _ in taken if mix is not None)
+            a_cat = torch.zeros(total, width, d_in, dtype=dtype, device=device)  # (B, W, in)
+            b_cat = torch.zeros(total, d_out, width, dtype=dtype, device=device)  # (B, out, W)
+            start = 0
+            for mix, n in taken:
+                if mix is not None:  # shared factors (2-D) broadcast over the part's rows
+                    k = mix.a_cat.shape[-2]
+                    a_cat[start : start + n, :k] = mix.a_cat
+                    b_cat[start : start + n, :, :k] = mix.b_cat
+                start += n
+            modules[name] = ModuleMixture(a_cat, b_cat)
         return MixturePlan(modules)
 
     @property
